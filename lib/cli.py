@@ -1,0 +1,62 @@
+"""What every stage command shares: the Typer app, the --params option, error reporting, progress."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from lib.params import DEFAULT_PARAMS, ParamsError
+from lib.stores import IncompleteStoreError
+
+app = typer.Typer(
+    help="conceptrace pipeline stages. Each command reads its section of params.yaml; `dvc repro` runs them in order.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="Params file to read.")]
+DEFAULT_PARAMS_PATH = DEFAULT_PARAMS
+
+# Errors a user can fix by changing params or inputs: shown as one clear message, no traceback.
+USER_ERRORS = (ParamsError, IncompleteStoreError, ValueError, FileNotFoundError)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn a user-fixable error into a one-line red message and exit status 2."""
+    try:
+        yield
+    except USER_ERRORS as exc:
+        console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def progress() -> Progress:
+    """The progress bar every long loop uses (to stderr, so stdout stays parseable)."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def summary(stage: str, text: str) -> None:
+    """The one-line summary a stage prints when it finishes."""
+    console.print(f"[bold green]{stage}[/bold green]: {text}", highlight=False)
+
+
+@app.callback()
+def main() -> None:
+    """conceptrace pipeline stages (see README.md; `dvc repro` runs them in order)."""

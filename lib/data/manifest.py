@@ -1,0 +1,52 @@
+"""The manifest: one row per usable image (index into the stores, source, label, split)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from lib.layout import SPLITS
+
+COLUMNS = ("index", "source", "label", "split")
+
+
+def write_manifest(path: Path, frame: pd.DataFrame) -> None:
+    """Validate and write the manifest as parquet (atomically: temp file then rename)."""
+    missing = [c for c in COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"manifest is missing columns {missing}")
+    bad_splits = sorted(set(frame["split"]) - set(SPLITS))
+    if bad_splits:
+        raise ValueError(f"manifest has unknown splits {bad_splits}; allowed: {list(SPLITS)}")
+    tmp = path.with_suffix(".tmp")
+    frame.loc[:, list(COLUMNS)].reset_index(drop=True).to_parquet(tmp, index=False)
+    tmp.replace(path)
+
+
+def read_manifest(path: Path) -> pd.DataFrame:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: manifest not found; run the prepare stage first")
+    return pd.read_parquet(path)
+
+
+def split_indices(manifest: pd.DataFrame, split: str) -> np.ndarray:
+    """Store row indices of one split, sorted (so reads stay shard-aligned)."""
+    if split not in SPLITS:
+        raise ValueError(f"split '{split}' is not one of {list(SPLITS)}")
+    return np.sort(manifest.loc[manifest["split"] == split, "index"].to_numpy())
+
+
+def write_dataset_info(path: Path, info: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info, indent=2))
+    tmp.replace(path)
+
+
+def read_dataset_info(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: dataset info not found; run the prepare stage first")
+    return json.loads(path.read_text())

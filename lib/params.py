@@ -1,0 +1,271 @@
+"""The one validated schema of params.yaml: a pydantic model per stage section.
+
+Every stage reads its section through :func:`load_section`, so a bad value fails before any work
+with one message naming the file, the key, the value and what is allowed. Unknown keys are errors:
+a typo must never be silently ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors, values are immutable once validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ParamsError(ValueError):
+    """A params file that does not validate; the message lists every offending key."""
+
+
+# --------------------------------------------------------------------------------------------
+# data
+class ToyWorldParams(Section):
+    n_train: PositiveInt = 3000
+    n_val: PositiveInt = 600
+    n_test: PositiveInt = 600
+    max_objects: Annotated[int, Field(ge=1, le=3)] = 3
+
+
+class ImageFolderParams(Section):
+    """A directory tree root/<class>/<image>, or a CSV/parquet list of (path, label[, split])."""
+
+    root: str | None = None
+    list_file: str | None = None
+    val_fraction: Fraction = 0.1
+    test_fraction: Fraction = 0.1
+    on_bad_image: Literal["error", "skip"] = "error"
+    extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ImageFolderParams:
+        if (self.root is None) == (self.list_file is None):
+            raise ValueError("set exactly one of root (a class-per-folder tree) or list_file (CSV/parquet)")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must be < 1 so some images remain for train")
+        return self
+
+
+class SegFolderParams(Section):
+    """Image + mask pairs: root/images/<class>/<stem>.<ext> and root/masks/<class>/<stem>.png."""
+
+    root: str
+    test_fraction: Fraction = 1.0
+    on_bad_image: Literal["error", "skip"] = "error"
+
+
+class DataParams(Section):
+    kind: Literal["toy", "imagefolder", "segfolder"] = "toy"
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] = "toy"
+    seed: int = 0
+    image_size: Annotated[int, Field(ge=16, le=1024)] = 64
+    rows_per_shard: PositiveInt = 256
+    toy: ToyWorldParams = ToyWorldParams()
+    imagefolder: ImageFolderParams | None = None
+    segfolder: SegFolderParams | None = None
+
+    @model_validator(mode="after")
+    def _source_for_kind(self) -> DataParams:
+        if self.kind == "imagefolder" and self.imagefolder is None:
+            raise ValueError("kind 'imagefolder' needs an 'imagefolder' section (root or list_file)")
+        if self.kind == "segfolder" and self.segfolder is None:
+            raise ValueError("kind 'segfolder' needs a 'segfolder' section (root)")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# models
+class RuntimeParams(Section):
+    device: str = "auto"
+    num_workers: Annotated[int, Field(ge=0)] = 0
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value != "auto" and value.split(":")[0] not in {"cpu", "cuda", "mps"}:
+            raise ValueError("must be 'auto', 'cpu', 'cuda', 'cuda:<index>' or 'mps'")
+        return value
+
+
+class BackboneParams(Section):
+    arch: str = "toy:cnn"
+    weights: str | None = "data/toy/models/cnn.pt"
+    layer: str = "layer3"
+
+
+class ClipParams(Section):
+    model: str = "toy-clip"
+    pretrained: str | None = "local-dir:data/toy/models/clip"
+
+
+class ToyClassifierParams(Section):
+    epochs: PositiveInt = 12
+    batch_size: PositiveInt = 128
+    lr: PositiveFloat = 2e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
+    augment: bool = True
+
+
+class ToyBackboneParams(Section):
+    seed: int = 0
+    cnn: ToyClassifierParams = ToyClassifierParams()
+    bcos: ToyClassifierParams = ToyClassifierParams()
+
+
+class ToyClipParams(Section):
+    seed: int = 0
+    steps: PositiveInt = 3000
+    batch_size: PositiveInt = 128
+    lr: PositiveFloat = 1e-3
+
+
+# --------------------------------------------------------------------------------------------
+# extraction
+class FeaturesParams(Section):
+    batch_size: PositiveInt = 128
+
+
+class CirclesParams(Section):
+    grid: PositiveInt = 7
+    radius: PositiveFloat = 9.0
+    width: PositiveFloat = 2.0
+    color: tuple[int, int, int] = (255, 0, 0)
+    batch_size: PositiveInt = 32
+    autocast: bool = True
+
+    @field_validator("color")
+    @classmethod
+    def _rgb(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
+        if not all(0 <= c <= 255 for c in value):
+            raise ValueError("must be three integers in 0..255 (R, G, B)")
+        return value
+
+
+class ConceptsParams(Section):
+    file: str = "concepts/toy.txt"
+    default_template: str = "{}"
+    templates: dict[str, str] = Field(default_factory=dict)
+    max_chars: PositiveInt = 30
+    duplicate_threshold: Fraction = 0.95
+    class_similarity_threshold: Fraction = 1.0
+    min_top5_similarity: Annotated[float, Field(ge=-1, le=1)] = -1.0
+
+    @field_validator("default_template")
+    @classmethod
+    def _has_slot(cls, value: str) -> str:
+        if value.count("{}") != 1:
+            raise ValueError("must contain exactly one '{}' where the concept goes")
+        return value
+
+
+class SimilarityParams(Section):
+    materialize: bool = True
+    batch_size: PositiveInt = 256
+
+
+# --------------------------------------------------------------------------------------------
+# SALF-CBM
+class CblParams(Section):
+    seed: int = 0
+    lr: PositiveFloat = 1e-3
+    batch_size: PositiveInt = 512
+    max_steps: PositiveInt = 1000
+    eval_every: PositiveInt = 20
+    patience: PositiveInt = 10
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    cos3_threshold: Annotated[float, Field(ge=-1, le=1)] = 0.45
+
+
+class SparseParams(Section):
+    pooling: Literal["avg", "max", "softmax"] = "avg"
+    alpha: Annotated[float, Field(gt=0, le=1)] = 0.99
+    n_lambdas: PositiveInt = 40
+    lambda_min_ratio: Annotated[float, Field(gt=0, lt=1)] = 1e-3
+    target_nonzeros_per_class: PositiveFloat = 5.0
+    max_epochs: PositiveInt = 200
+    tol: PositiveFloat = 1e-5
+    batch_size: PositiveInt = 4096
+    seed: int = 0
+
+
+class ExplainParams(Section):
+    n_images: PositiveInt = 8
+    top_k: PositiveInt = 5
+    gallery_concepts: PositiveInt = 6
+    gallery_images: PositiveInt = 6
+    seed: int = 0
+
+
+class EvaluateParams(Section):
+    cam_methods: tuple[Literal["gradcam", "gradcam++", "scorecam"], ...] = ("gradcam", "gradcam++", "scorecam")
+    batch_size: PositiveInt = 64
+    seed: int = 0
+
+
+class Params(Section):
+    """The whole params.yaml."""
+
+    runtime: RuntimeParams = RuntimeParams()
+    data: DataParams = DataParams()
+    backbone: BackboneParams = BackboneParams()
+    clip: ClipParams = ClipParams()
+    toy_backbone: ToyBackboneParams = ToyBackboneParams()
+    toy_clip: ToyClipParams = ToyClipParams()
+    features: FeaturesParams = FeaturesParams()
+    circles: CirclesParams = CirclesParams()
+    concepts: ConceptsParams = ConceptsParams()
+    similarity: SimilarityParams = SimilarityParams()
+    cbl: CblParams = CblParams()
+    sparse: SparseParams = SparseParams()
+    explain: ExplainParams = ExplainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+
+def _format_errors(path: Path, error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; allowed keys are in lib/params.py)"
+        value = item.get("input")
+        shown = "" if isinstance(value, dict) else f": {value!r}"
+        lines.append(f"{key}{shown} — {message}")
+    return f"{path}: invalid params\n  " + "\n  ".join(lines)
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
+    """Read and validate the whole params file; raise :class:`ParamsError` naming every bad key."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ParamsError(_format_errors(path, exc)) from None
+
+
+def params_hash(*sections: BaseModel | dict[str, Any] | str) -> str:
+    """Stable short hash of the sections that determine an output (recorded as provenance)."""
+    payload = [s.model_dump(mode="json") if isinstance(s, BaseModel) else s for s in sections]
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

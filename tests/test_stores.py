@@ -1,0 +1,92 @@
+"""Sharded store: whole-shard writes, crash + resume equals a clean run, incomplete stores refused."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lib.stores import ArraySpec, IncompleteStoreError, ShardedWriter, dask_view, iter_blocks, open_store
+
+N, ROWS = 70, 16  # 5 shards, the last one partial
+
+
+def specs() -> list[ArraySpec]:
+    return [
+        ArraySpec("x", (N, 3, 4, 4), "float16", ("item", "c", "y", "x")),
+        ArraySpec("label", (N,), "int64", ("item",)),
+    ]
+
+
+def block(rows: slice) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(rows.start)  # content depends only on the rows, as in a real stage
+    return {"x": rng.standard_normal((rows.stop - rows.start, 3, 4, 4)), "label": np.arange(rows.start, rows.stop)}
+
+
+def write_all(path: Path, crash_after: int | None = None) -> ShardedWriter:
+    writer = ShardedWriter(path, specs(), ROWS, {"stage": "test"}, fingerprint="v1")
+    for count, shard in enumerate(writer.pending()):
+        if crash_after is not None and count == crash_after:
+            raise RuntimeError("injected crash")
+        writer.write(shard, block(writer.rows(shard)))
+    writer.finalize()
+    return writer
+
+
+def files(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_crash_then_resume_gives_identical_bytes(tmp_path: Path) -> None:
+    clean = tmp_path / "clean.zarr"
+    write_all(clean)
+    crashed = tmp_path / "crashed.zarr"
+    with pytest.raises(RuntimeError, match="injected"):
+        write_all(crashed, crash_after=2)
+    with pytest.raises(IncompleteStoreError, match="incomplete \\(2 shards finished\\)"):
+        open_store(crashed)
+    resumed = ShardedWriter(crashed, specs(), ROWS, {"stage": "test"}, fingerprint="v1")
+    assert resumed.pending() == [2, 3, 4]  # the finished shards are skipped
+    for shard in resumed.pending():
+        resumed.write(shard, block(resumed.rows(shard)))
+    resumed.finalize()
+    assert files(crashed) == files(clean)
+
+
+def test_store_layout_and_reading(tmp_path: Path) -> None:
+    path = tmp_path / "s.zarr"
+    write_all(path)
+    group = open_store(path)
+    assert group["x"].shards == (ROWS, 3, 4, 4)
+    assert group["x"].metadata.dimension_names == ("item", "c", "y", "x")
+    assert group.attrs["stage"] == "test" and group.attrs["complete"] is True
+    # one file per shard per array (+ metadata and the done markers): never one per item
+    assert len(list((path / "x").rglob("c/*"))) <= 5
+    blocks = list(iter_blocks(group["label"], 10, 50))
+    assert [(s.start, s.stop) for s, _ in blocks] == [(10, 16), (16, 32), (32, 48), (48, 50)]
+    assert np.array_equal(np.concatenate([b for _, b in blocks]), np.arange(10, 50))
+    lazy = dask_view(group["x"])
+    assert lazy.chunks[0] == (16, 16, 16, 16, 6)
+    np.testing.assert_array_equal(lazy[20:30].compute(), group["x"][20:30])
+
+
+def test_finalize_refuses_missing_shards_and_bad_blocks(tmp_path: Path) -> None:
+    writer = ShardedWriter(tmp_path / "s.zarr", specs(), ROWS, {}, fingerprint="v1")
+    writer.write(0, block(writer.rows(0)))
+    with pytest.raises(IncompleteStoreError, match="4 of 5 shards not written"):
+        writer.finalize()
+    with pytest.raises(ValueError, match="block shape"):
+        writer.write(1, {"x": np.zeros((3, 3, 4, 4)), "label": np.zeros(16)})
+    with pytest.raises(ValueError, match="expected blocks"):
+        writer.write(1, {"x": np.zeros((16, 3, 4, 4))})
+
+
+def test_changed_fingerprint_rebuilds(tmp_path: Path) -> None:
+    path = tmp_path / "s.zarr"
+    write_all(path)
+    writer = ShardedWriter(path, specs(), ROWS, {}, fingerprint="v2")
+    assert writer.pending() == [0, 1, 2, 3, 4] and not writer.complete
+
+
+def test_missing_store_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(IncompleteStoreError, match="no store here"):
+        open_store(tmp_path / "nothing.zarr")
