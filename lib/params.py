@@ -60,11 +60,13 @@ class ImageFolderParams(Section):
 
 
 class SegFolderParams(Section):
-    """Image + mask pairs: root/images/<class>/<stem>.<ext> and root/masks/<class>/<stem>.png."""
+    """Image + mask pairs: root/images/<class>/<stem>.<ext> and root/masks/<class>/<stem>.png
+    (optional root/concepts.csv: value,name,type of index-coded masks; see lib/data/segfolder.py)."""
 
     root: str
     test_fraction: Fraction = 1.0
     on_bad_image: Literal["error", "skip"] = "error"
+    extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 class DataParams(Section):
@@ -101,14 +103,15 @@ class RuntimeParams(Section):
 
 
 class BackboneParams(Section):
+    """The model to explain: "torchvision:<name>", "timm:<name>", "bcos:<name>" or "toy:cnn|bcos"."""
+
     arch: str = "toy:cnn"
-    weights: str | None = "data/toy/models/cnn.pt"
-    layer: str = "layer3"
+    weights: str | None = "models/toy/cnn.pt"  # local file, a named tag (needs network), or null
 
 
 class ClipParams(Section):
     model: str = "toy-clip"
-    pretrained: str | None = "local-dir:data/toy/models/clip"
+    pretrained: str | None = "local-dir:models/toy/clip"
 
 
 class ToyClassifierParams(Section):
@@ -135,6 +138,7 @@ class ToyClipParams(Section):
 # --------------------------------------------------------------------------------------------
 # extraction
 class FeaturesParams(Section):
+    layers: Annotated[tuple[str, ...], Field(min_length=1)] = ("layer3",)
     batch_size: PositiveInt = 128
 
 
@@ -179,13 +183,16 @@ class SimilarityParams(Section):
 # --------------------------------------------------------------------------------------------
 # SALF-CBM
 class CblParams(Section):
+    """SALF-CBM concept bottleneck (lib/salf/cbl.py); early stopping and the cos^3 filter use the val split."""
+
+    layer: str | None = None  # backbone layer (one of features.layers); None = the last of them
     seed: int = 0
     lr: PositiveFloat = 1e-3
     batch_size: PositiveInt = 512
     max_steps: PositiveInt = 1000
     eval_every: PositiveInt = 20
     patience: PositiveInt = 10
-    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1  # only when the manifest has no val split
     cos3_threshold: Annotated[float, Field(ge=-1, le=1)] = 0.45
 
 
@@ -199,6 +206,7 @@ class SparseParams(Section):
     tol: PositiveFloat = 1e-5
     batch_size: PositiveInt = 4096
     seed: int = 0
+    dense_lambda: Annotated[float, Field(ge=0)] = 1e-4  # L2 strength of the dense comparison layer
 
 
 class ExplainParams(Section):
@@ -210,8 +218,15 @@ class ExplainParams(Section):
 
 
 class EvaluateParams(Section):
+    """Scores every registered method's maps against ground-truth masks (lib/evaluate)."""
+
+    split: Literal["train", "val", "test"] = "test"
+    max_images: PositiveInt | None = None  # first N images of the split; None = all
     cam_methods: tuple[Literal["gradcam", "gradcam++", "scorecam"], ...] = ("gradcam", "gradcam++", "scorecam")
+    cam_layer: str | None = None  # None = the last of features.layers
     batch_size: PositiveInt = 64
+    steps: Annotated[int, Field(ge=2)] = 101  # top-n% grid 0..100 % of the IoU curves and NRA
+    hit_threshold: Fraction = 0.5  # a concept map "hits" when its NRA exceeds this (CE-FAM)
     seed: int = 0
 
 
@@ -232,6 +247,15 @@ class Params(Section):
     sparse: SparseParams = SparseParams()
     explain: ExplainParams = ExplainParams()
     evaluate: EvaluateParams = EvaluateParams()
+
+    @model_validator(mode="after")
+    def _cbl_layer_is_extracted(self) -> Params:
+        if self.cbl.layer is not None and self.cbl.layer not in self.features.layers:
+            raise ValueError(
+                f"cbl.layer {self.cbl.layer!r} is not extracted; it must be one of features.layers "
+                f"{list(self.features.layers)} (or null for the last of them)"
+            )
+        return self
 
 
 def _format_errors(path: Path, error: ValidationError) -> str:

@@ -81,7 +81,7 @@ def save_preview(
     cols = math.ceil(math.sqrt(count))
     rows = math.ceil(count / cols)
     caption_room = 0.55 if masks is not None else 0.0
-    fig = Figure(figsize=(2.3 * cols, (2.5 + caption_room) * rows + 0.4 * (masks is not None)))
+    fig = Figure(figsize=(2.6 * cols, (2.8 + caption_room) * rows + 0.4 * (masks is not None)))
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax in axes[count:]:
         ax.axis("off")
@@ -95,14 +95,15 @@ def save_preview(
         present = np.flatnonzero(masks[i].any(axis=(1, 2)))
         for k in present:
             _outline(ax, masks[i, k], _TYPE_OF.get(names[k], "concept"))
-        ax.set_xlabel(textwrap.fill(", ".join(names[k] for k in present), 34), fontsize=6.5)
+        ax.set_xlabel(textwrap.fill(", ".join(names[k] for k in present), 40), fontsize=7)
     if masks is not None:
         used = [t for t in (*CONCEPT_TYPES, "concept") if t in {_TYPE_OF.get(name, "concept") for name in names}]
         handles = [Line2D([], [], color=_TYPE_STYLE[t][0], linewidth=3) for t in used]
-        legend = fig.legend(handles, used, loc="lower center", ncol=len(used), fontsize=8,
+        legend = fig.legend(handles, used, loc="lower center", fontsize=8,
+                            ncol=len(used) if cols > 1 else 2,  # a one-image grid is too narrow for one row
                             facecolor="#444444", labelcolor="white", framealpha=1)
         legend.get_frame().set_edgecolor("none")
     fig.tight_layout(rect=(0, 0.04 if masks is not None else 0, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=130)

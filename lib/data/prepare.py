@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from rich.progress import Progress
 
+from lib.data import segfolder
 from lib.data.imagefolder import DecodeDataset, list_images
 from lib.data.manifest import write_dataset_info, write_manifest
 from lib.layout import SPLITS, Layout
@@ -26,23 +28,22 @@ class PrepareReport:
     bad_images: list[str] = field(default_factory=list)
 
 
-def _shard_seed(seed: int, shard: int) -> int:
-    """Independent, reproducible seed per shard, so a resumed run regenerates identical shards."""
-    return int(np.random.SeedSequence([seed, shard]).generate_state(1)[0])
+def toy_split(params: DataParams, split: str) -> toy_world.ToyWorld:
+    """The toy world's images of one split, generated from ``data.seed`` and the split name.
 
-
-def _toy_splits(params: DataParams) -> np.ndarray:
-    toy = params.toy
-    return np.repeat(np.array(SPLITS, dtype=object), [toy.n_train, toy.n_val, toy.n_test])
+    The toy model stages call this too, so they train on exactly the prepared train split
+    without depending on ``data/<name>/`` (which may hold real data).
+    """
+    n = {"train": params.toy.n_train, "val": params.toy.n_val, "test": params.toy.n_test}[split]
+    seed = int(np.random.SeedSequence([params.seed, SPLITS.index(split)]).generate_state(1)[0])
+    return toy_world.generate(n, seed, params.image_size, params.toy.max_objects)
 
 
 def prepare_toy(params: DataParams, layout: Layout, progress: Progress) -> PrepareReport:
-    """Generate the toy world shard by shard into the image and mask stores.
-
-    Each shard is generated from its own seed, so memory is bounded by one shard and an
-    interrupted run resumes to identical bytes.
-    """
-    splits = _toy_splits(params)
+    """Generate the toy world (train, val, test in that order) into the image and mask stores."""
+    worlds = [toy_split(params, split) for split in SPLITS]
+    world = toy_world.ToyWorld(**{f.name: np.concatenate([getattr(w, f.name) for w in worlds]) for f in fields(toy_world.ToyWorld)})
+    splits = np.repeat(np.array(SPLITS, dtype=object), [len(w.labels) for w in worlds])
     n, size, k = len(splits), params.image_size, len(toy_world.CONCEPTS)
     fingerprint = params_hash(params)
     provenance = {"stage": "prepare", "params_hash": fingerprint, "dataset": "toy"}
@@ -64,24 +65,19 @@ def prepare_toy(params: DataParams, layout: Layout, progress: Progress) -> Prepa
         {**provenance, "concepts": [c.name for c in toy_world.CONCEPTS], "concept_types": [c.type for c in toy_world.CONCEPTS]},
         fingerprint,
     )
-    captions: list[str] = [""] * n
-    task = progress.add_task("toy world", total=images.n_shards)
+    task = progress.add_task("write toy world", total=images.n_shards)
     for shard in range(images.n_shards):
         rows = images.rows(shard)
-        world = toy_world.generate(rows.stop - rows.start, _shard_seed(params.seed, shard), size, params.toy.max_objects)
-        # captions are cheap and small: recomputed for every shard so the table is whole on resume
-        captions[rows] = toy_captions.global_captions(world)
         if shard in images.pending():
-            images.write(shard, {"images": world.images, "labels": world.labels})
+            images.write(shard, {"images": world.images[rows], "labels": world.labels[rows]})
         if shard in masks.pending():
-            masks.write(shard, {"masks": world.concept_masks, "objects": world.objects, "background": world.background})
+            masks.write(shard, {"masks": world.concept_masks[rows], "objects": world.objects[rows], "background": world.background[rows]})
         progress.advance(task)
     images.finalize()
     masks.finalize()
 
-    labels = open_store(layout.images)["labels"][:]
-    write_manifest(layout.manifest, pd.DataFrame({"index": np.arange(n), "source": [f"toy:{i}" for i in range(n)], "label": labels, "split": splits}))
-    pd.DataFrame({"index": np.arange(n), "caption": captions}).to_parquet(layout.captions, index=False)
+    write_manifest(layout.manifest, pd.DataFrame({"index": np.arange(n), "source": [f"toy:{i}" for i in range(n)], "label": world.labels, "split": splits}))
+    pd.DataFrame({"index": np.arange(n), "caption": toy_captions.global_captions(world)}).to_parquet(layout.captions, index=False)
     write_dataset_info(
         layout.dataset_info,
         {
@@ -91,13 +87,13 @@ def prepare_toy(params: DataParams, layout: Layout, progress: Progress) -> Prepa
             "rules": toy_world.rules_table().to_dict(orient="records"),
         },
     )
-    preview_rows = slice(0, min(n, 16))
+    preview = slice(0, min(n, 16))
     save_preview(
         layout.preview,
-        open_store(layout.images)["images"][preview_rows],
-        labels[preview_rows],
+        world.images[preview],
+        world.labels[preview],
         [c.name for c in toy_world.CLASSES],
-        masks=open_store(layout.masks)["masks"][preview_rows].astype(bool),
+        masks=world.concept_masks[preview],
         concept_names=[c.name for c in toy_world.CONCEPTS],
     )
     return PrepareReport(n, {s: int((splits == s).sum()) for s in SPLITS})
@@ -153,3 +149,69 @@ def prepare_imagefolder(params: DataParams, runtime: RuntimeParams, layout: Layo
     save_preview(layout.preview, images.get_orthogonal_selection((sample,)), listing.labels[sample], listing.class_names)
     splits = listing.splits[keep]
     return PrepareReport(len(keep), {s: int((splits == s).sum()) for s in SPLITS}, [problems[i] for i in sorted(problems)])
+
+
+def prepare_segfolder(params: DataParams, runtime: RuntimeParams, layout: Layout, progress: Progress) -> PrepareReport:
+    """Decode image + mask pairs (lib/data/segfolder.py) into the image store and masks.zarr.
+
+    Masks are stored one-hot per concept, like the toy world's, so the evaluate stage reads both
+    the same way. Bad pairs are handled as bad images are for imagefolder (on_bad_image).
+    """
+    source = params.segfolder
+    pairs = segfolder.list_pairs(source, params.seed)
+    vocabulary = segfolder.read_vocabulary(Path(source.root), pairs.class_names)
+    n, size, k = len(pairs.images), params.image_size, len(vocabulary.concepts)
+    fingerprint = params_hash(params, pairs.images, vocabulary.concepts)
+    provenance = {"stage": "prepare", "params_hash": fingerprint, "dataset": "segfolder"}
+    images = ShardedWriter(
+        layout.images,
+        [
+            ArraySpec("images", (n, size, size, 3), "uint8", ("item", "y", "x", "rgb")),
+            ArraySpec("labels", (n,), "int64", ("item",)),
+            ArraySpec("ok", (n,), "uint8", ("item",)),  # 0 = bad pair, left out of the manifest
+        ],
+        params.rows_per_shard,
+        provenance,
+        fingerprint,
+    )
+    masks = ShardedWriter(
+        layout.masks, [ArraySpec("masks", (n, k, size, size), "uint8", ("item", "concept", "y", "x"))], params.rows_per_shard, provenance, fingerprint
+    )
+    task = progress.add_task("decode images and masks", total=n)
+    for shard in sorted(set(images.pending()) | set(masks.pending())):
+        rows = images.rows(shard)
+        dataset = segfolder.PairDataset(pairs, range(rows.start, rows.stop), vocabulary, size)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=runtime.num_workers, collate_fn=list)
+        rgb, ids, good, messages = zip(*(item for batch in loader for item in batch), strict=True)
+        if source.on_bad_image == "error" and not all(good):
+            raise ValueError(f"{messages[good.index(False)]} (set data.segfolder.on_bad_image: skip to leave it out)")
+        images.write(shard, {"images": np.stack(rgb), "labels": pairs.labels[rows], "ok": np.array(good)})
+        masks.write(shard, {"masks": segfolder.one_hot(np.stack(ids), k)})
+        progress.advance(task, rows.stop - rows.start)
+    images.finalize()
+    masks.finalize()
+
+    ok = images.group["ok"][:].astype(bool)
+    # re-decoding only the bad pairs recovers their messages, also for shards of an earlier run
+    bad = np.flatnonzero(~ok)
+    problems = [segfolder.PairDataset(pairs, range(i, i + 1), vocabulary, size)[0][3] for i in bad]
+    layout.bad_images.write_text("".join(f"{m}\n" for m in problems))
+    keep = np.flatnonzero(ok)
+    write_manifest(
+        layout.manifest,
+        pd.DataFrame({"index": keep, "source": [pairs.images[i] for i in keep], "label": pairs.labels[keep], "split": pairs.splits[keep]}),
+    )
+    write_dataset_info(
+        layout.dataset_info, {"kind": "segfolder", "classes": pairs.class_names, "concepts": vocabulary.concepts, "rules": vocabulary.rules}
+    )
+    sample = keep[: min(len(keep), 16)]
+    save_preview(
+        layout.preview,
+        images.group["images"].get_orthogonal_selection((sample,)),
+        pairs.labels[sample],
+        pairs.class_names,
+        masks=masks.group["masks"].get_orthogonal_selection((sample,)).astype(bool),
+        concept_names=[c["name"] for c in vocabulary.concepts],
+    )
+    splits = pairs.splits[keep]
+    return PrepareReport(len(keep), {s: int((splits == s).sum()) for s in SPLITS}, problems)

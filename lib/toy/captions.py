@@ -13,8 +13,7 @@ _SETTING = np.array([f" at {c.name}" if c.name == "night" else f" on {c.name}" f
 def _object_phrases(objects: np.ndarray) -> np.ndarray:
     """'a <color> <pattern> <shape>' for each (color, shape, pattern) id row; "" where empty."""
     color, shape, pattern = (_NAMES[objects[..., a]] for a in range(3))
-    phrase = np.strings.add(np.strings.add(np.strings.add("a ", color), " "), np.strings.add(pattern, " "))
-    return np.where(objects[..., 0] >= 0, np.strings.add(phrase, shape), "")
+    return np.where(objects[..., 0] >= 0, "a " + color + " " + pattern + " " + shape, "")
 
 
 def global_captions(world: ToyWorld) -> list[str]:
@@ -28,8 +27,8 @@ def global_captions(world: ToyWorld) -> list[str]:
     # Join slot by slot (objects fill the first `count` slots): ", " between, " and " before the last.
     for slot in range(1, phrases.shape[1]):
         separator = np.where(slot == counts - 1, " and ", np.where(slot < counts, ", ", ""))
-        caption = np.strings.add(caption, np.strings.add(separator, phrases[:, slot]))
-    return np.strings.add(caption, _SETTING[world.background]).tolist()
+        caption = caption + separator + phrases[:, slot]
+    return (caption + _SETTING[world.background]).tolist()
 
 
 def point_concepts(world: ToyWorld, index: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:

@@ -102,7 +102,7 @@ _TEXTURE_WEIGHTS = np.array([[0.35, 0.4, 0.25], [0.6, 0.0, 0.4], [0.3, 0.5, 0.2]
 _SIZE_RANGE = (0.22, 0.35)  # object side as a fraction of the image side
 _GAP = 2  # pixels kept free between object boxes so objects never touch
 _PLACEMENT_CANDIDATES = 32
-_RENDER_CHUNK = 512  # images rendered at once; bounds the float temporaries
+_RENDER_CHUNK = 256  # images rendered at once; bounds the float temporaries
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,9 @@ def _sample_scenes(rng: np.random.Generator, labels: np.ndarray, counts: np.ndar
     return objects, background
 
 
-def _sample_valid_scenes(rng: np.random.Generator, labels: np.ndarray, max_objects: int) -> tuple[np.ndarray, np.ndarray]:
+def _sample_valid_scenes(
+    rng: np.random.Generator, labels: np.ndarray, max_objects: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Scenes that satisfy exactly their own class rule: plant the rule, resample violators.
 
     Object counts are drawn once and kept, so rejection does not skew them towards one object.
@@ -160,7 +162,7 @@ def _sample_valid_scenes(rng: np.random.Generator, labels: np.ndarray, max_objec
     objects, background = _sample_scenes(rng, labels, counts)
     wanted = np.eye(len(CLASSES), dtype=bool)[labels]
     bad = (satisfied_rules(objects, background) != wanted).any(axis=1)
-    while bad.any():  # each round keeps a constant fraction of scenes, so this ends fast
+    while bad.any():  # each round accepts a fixed share of the redrawn scenes, so this ends fast
         objects[bad], background[bad] = _sample_scenes(rng, labels[bad], counts[bad])
         bad[bad] = (satisfied_rules(objects[bad], background[bad]) != wanted[bad]).any(axis=1)
     return objects, background
@@ -212,17 +214,17 @@ def _diamond(u: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 
 _STAR_INNER = 0.45  # inner-vertex radius of the 5-point star (outer radius 1)
+_STAR_TIPS = np.array(  # unit vectors to the 5 tips (u, v), the first pointing up (v grows downwards)
+    [(np.sin(a), -np.cos(a)) for a in 2 * np.pi * np.arange(5) / 5], np.float32
+)
 
 
 def _star(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    # Fold the angle into one half-spike [0, 36 deg] (tip along +axis), then test which side of the
-    # edge from the tip (1, 0) to the inner vertex the point lies on.
-    sector = 2 * np.pi / 5
-    angle = np.arctan2(u, -v)  # 0 = pointing up
-    folded = np.abs(np.mod(angle + sector / 2, sector) - sector / 2)
-    radius = np.hypot(u, v)
-    px, py = radius * np.cos(folded), radius * np.sin(folded)
-    ix, iy = _STAR_INNER * np.cos(sector / 2), _STAR_INNER * np.sin(sector / 2)
+    # Fold the point into one half-spike: px along the nearest tip (largest projection), py >= 0
+    # across it. Then test the side of the edge from the tip T = (1, 0) to the inner vertex I.
+    px = np.maximum.reduce([u * tu + v * tv for tu, tv in _STAR_TIPS])
+    py = np.sqrt(np.maximum(u * u + v * v - px * px, 0))
+    ix, iy = _STAR_INNER * np.cos(np.pi / 5), _STAR_INNER * np.sin(np.pi / 5)
     # Cross product (I - T) x (P - T) is >= 0 on the origin side of the edge T->I.
     return (ix - 1) * py - iy * (px - 1) >= 0
 
@@ -230,9 +232,14 @@ def _star(u: np.ndarray, v: np.ndarray) -> np.ndarray:
 _SHAPE_FUNCTIONS = (_square, _triangle, _cross, _diamond, _star)  # vocabulary order
 
 
+def _uniform(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Uniform noise in [-1, 1), float32."""
+    return rng.random(shape, dtype=np.float32) * 2 - 1
+
+
 def _smooth_noise(rng: np.random.Generator, n: int, image_size: int, grid: int = 5) -> np.ndarray:
     """Smooth blobs in [-1, 1]: a coarse uniform grid bilinearly upsampled, (n, S, S) float32."""
-    coarse = rng.uniform(-1, 1, (n, grid, grid)).astype(np.float32)
+    coarse = _uniform(rng, (n, grid, grid))
     # Separable linear interpolation as a matrix product: weights of the 2 nearest grid nodes.
     position = (np.arange(image_size) + 0.5) / image_size * (grid - 1)
     interp = np.maximum(0, 1 - np.abs(position[:, None] - np.arange(grid)[None, :])).astype(np.float32)
@@ -240,31 +247,60 @@ def _smooth_noise(rng: np.random.Generator, n: int, image_size: int, grid: int =
 
 
 def _render_backgrounds(rng: np.random.Generator, background: np.ndarray, image_size: int) -> np.ndarray:
-    """Textured backgrounds, float32 (n, S, S, 3)."""
+    """Textured backgrounds, uint8 (n, S, S, 3)."""
     n = len(background)
     kind = background - _OFFSET["background"]
     blobs = _smooth_noise(rng, n, image_size)
-    grain = rng.uniform(-1, 1, (n, image_size, image_size)).astype(np.float32)
-    blades = rng.uniform(-1, 1, (n, 1, image_size)).astype(np.float32)
-    phase = rng.uniform(0, 2 * np.pi, (n, 1, 1)).astype(np.float32)
+    grain = _uniform(rng, (n, image_size, image_size))
+    blades = _uniform(rng, (n, 1, image_size))
+    phase = rng.random((n, 1, 1), dtype=np.float32) * np.float32(2 * np.pi)
+    structure = np.zeros_like(blobs)
+    grass, water = kind == 0, kind == 2
+    structure[grass] = blades[grass]
     rows = np.arange(image_size, dtype=np.float32)[None, :, None]
-    waves = np.sin(2 * np.pi * rows / max(4.0, image_size / 10) + phase + 1.5 * blobs)
-    structure = np.where((kind == 0)[:, None, None], blades, np.where((kind == 2)[:, None, None], waves, 0))
+    wavelength = max(4.0, image_size / 10)
+    structure[water] = np.sin(np.float32(2 * np.pi / wavelength) * rows + phase[water] + 1.5 * blobs[water])
     w = _TEXTURE_WEIGHTS[kind][:, :, None, None]
     texture = w[:, 0] * blobs + w[:, 1] * structure + w[:, 2] * grain
     amplitude = _BACKGROUND_AMPLITUDE[kind][:, None, None, None]
-    return _BACKGROUND_RGB[kind][:, None, None, :] + amplitude * texture[..., None]
+    rgb = _BACKGROUND_RGB[kind][:, None, None, :] + amplitude * texture[..., None]
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+
+def _at_pixels(values: np.ndarray, object_map: np.ndarray) -> np.ndarray:
+    """Per-slot values (n, M, C) looked up at every pixel's object slot, (n, S, S, C).
+
+    Background pixels get slot 0's values; callers mask them with `object_map >= 0`.
+    """
+    rows = np.arange(len(values))[:, None, None]
+    return values[rows, np.maximum(object_map, 0)]
+
+
+def _draw_shapes(shapes: np.ndarray, corners: np.ndarray, sides: np.ndarray, image_size: int) -> np.ndarray:
+    """Object map int8 (n, S, S): the slot whose shape covers each pixel, -1 for background."""
+    object_map = np.full((len(shapes), image_size, image_size), -1, np.int8)
+    centre = np.arange(image_size, dtype=np.float32) + 0.5
+    for slot in range(shapes.shape[1]):
+        half = (sides[:, slot, None, None] / 2).astype(np.float32)
+        # Object-local coordinates in [-1, 1] over the object's box, at pixel centres.
+        v = (centre[None, :, None] - corners[:, slot, 0, None, None] - half) / half  # (n, S, 1)
+        u = (centre[None, None, :] - corners[:, slot, 1, None, None] - half) / half  # (n, 1, S)
+        for shape_id, shape_fn in enumerate(_SHAPE_FUNCTIONS):
+            chosen = np.flatnonzero(shapes[:, slot] == shape_id + _OFFSET["shape"])  # empty slots: none
+            inside = shape_fn(u[chosen], v[chosen])
+            object_map[chosen] = np.where(inside, slot, object_map[chosen])
+    return object_map
 
 
 def _pattern_dark(pattern: np.ndarray, ly: np.ndarray, lx: np.ndarray, image_size: int) -> np.ndarray:
-    """Where an object's darker shade goes, from object-local integer pixel coordinates."""
+    """Where the darker shade goes, from per-pixel pattern ids and object-local pixel coordinates."""
     width = max(2, image_size // 24)  # diagonal stripe width
     period = max(5, image_size // 12)  # dot spacing
     dot = max(2, period // 2)
     stripes = ((lx + ly) // width) % 2 == 1
     dots = ((lx - 1) % period < dot) & ((ly - 1) % period < dot)
-    kind = (pattern - _OFFSET["pattern"])[:, None, None]
-    return np.where(kind == 1, stripes, np.where(kind == 2, dots, False))
+    kind = pattern - _OFFSET["pattern"]
+    return np.where(kind == 1, stripes, (kind == 2) & dots)
 
 
 def _render(
@@ -274,43 +310,35 @@ def _render(
     corners: np.ndarray,
     sides: np.ndarray,
     image_size: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Draw one chunk of scenes: images uint8 (n, S, S, 3) and object_map int8 (n, S, S)."""
-    images = _render_backgrounds(rng, background, image_size)
-    object_map = np.full((len(objects), image_size, image_size), -1, np.int8)
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Draw one chunk of scenes.
+
+    Returns images uint8 (n, S, S, 3), object_map int8 (n, S, S) and the object attributes at
+    every pixel int16 (n, S, S, 3) (only meaningful where object_map >= 0).
+    """
+    object_map = _draw_shapes(objects[:, :, 1], corners, sides, image_size)
+    attributes = _at_pixels(objects, object_map)
+    corner = _at_pixels(corners, object_map)
     pixel = np.arange(image_size)
-    for slot in range(objects.shape[1]):
-        color, shape, pattern = (objects[:, slot, a] for a in range(3))
-        y0, x0 = corners[:, slot, 0, None, None], corners[:, slot, 1, None, None]
-        ly, lx = pixel[None, :, None] - y0, pixel[None, None, :] - x0  # (n, S, 1), (n, 1, S)
-        half = sides[:, slot, None, None] / 2
-        # Object-local coordinates in [-1, 1] over the box, at pixel centres.
-        v, u = (ly + 0.5 - half) / half, (lx + 0.5 - half) / half
-        inside = np.zeros(object_map.shape, bool)
-        for shape_id, shape_fn in enumerate(_SHAPE_FUNCTIONS):
-            chosen = shape == shape_id + _OFFSET["shape"]
-            if chosen.any():
-                inside[chosen] = shape_fn(u[chosen], v[chosen])
-        dark = _pattern_dark(np.where(pattern >= 0, pattern, _OFFSET["pattern"]), ly, lx, image_size)
-        hue = np.maximum(color - _OFFSET["color"], 0)  # empty slots draw nothing (inside is False)
-        rgb = np.where(dark[..., None], _DARK_RGB[hue][:, None, None], _MAIN_RGB[hue][:, None, None])
-        images = np.where(inside[..., None], rgb, images)
-        object_map[inside] = slot
-    return np.clip(np.rint(images), 0, 255).astype(np.uint8), object_map
+    ly, lx = pixel[None, :, None] - corner[..., 0], pixel[None, None, :] - corner[..., 1]
+    dark = _pattern_dark(attributes[..., 2], ly, lx, image_size)
+    hue = np.maximum(attributes[..., 0] - _OFFSET["color"], 0)
+    colour = np.where(dark[..., None], _DARK_RGB[hue], _MAIN_RGB[hue])
+    scenery = _render_backgrounds(rng, background, image_size)
+    return np.where((object_map >= 0)[..., None], colour, scenery), object_map, attributes
 
 
-def _concept_masks(object_map: np.ndarray, objects: np.ndarray, background: np.ndarray) -> np.ndarray:
-    """Exact concept masks bool (N, K, S, S) from the object map and the scene attributes."""
-    n = len(objects)
-    masks = np.zeros((n, len(CONCEPTS)) + object_map.shape[1:], bool)
-    rows = np.arange(n)
-    masks[rows, background] = object_map == -1
-    for slot in range(objects.shape[1]):
-        on_slot = object_map == slot
-        for attribute in range(objects.shape[2]):
-            ids = objects[:, slot, attribute]
-            has = ids >= 0
-            masks[rows[has], ids[has]] |= on_slot[has]
+def _concept_masks(object_map: np.ndarray, attributes: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """Exact concept masks bool (n, K, S, S) from the object map and per-pixel attributes."""
+    on_object = object_map >= 0
+    masks = np.empty((len(object_map), len(CONCEPTS)) + object_map.shape[1:], bool)
+    for kind in CONCEPT_TYPES:
+        if kind == "background":
+            ids = np.where(on_object, -1, background[:, None, None])
+        else:
+            ids = np.where(on_object, attributes[..., _OBJECT_TYPES.index(kind)], -1)
+        kind_ids = np.arange(_OFFSET[kind], _OFFSET[kind] + len(_VOCABULARY[kind]))
+        masks[:, kind_ids] = ids[:, None] == kind_ids[None, :, None, None]
     return masks
 
 
@@ -329,15 +357,17 @@ def generate(n: int, seed: int, image_size: int = 64, max_objects: int = MAX_OBJ
 
     images = np.empty((n, image_size, image_size, 3), np.uint8)
     object_map = np.empty((n, image_size, image_size), np.int8)
+    masks = np.empty((n, len(CONCEPTS), image_size, image_size), bool)
     for start in range(0, n, _RENDER_CHUNK):
         part = slice(start, start + _RENDER_CHUNK)
-        images[part], object_map[part] = _render(
+        images[part], object_map[part], attributes = _render(
             rng, objects[part], background[part], corners[part], sides[part], image_size
         )
+        masks[part] = _concept_masks(object_map[part], attributes, background[part])
     return ToyWorld(
         images=images,
         labels=labels,
-        concept_masks=_concept_masks(object_map, objects, background),
+        concept_masks=masks,
         object_map=object_map,
         objects=objects,
         background=background.astype(np.int16),

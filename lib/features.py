@@ -1,0 +1,77 @@
+"""The features stage's work: backbone feature maps of chosen layers and logits, as fp16 stores."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from rich.progress import Progress
+
+from lib.data.manifest import read_dataset_info
+from lib.distributed import Ranks, sharded_outputs
+from lib.extract import fill_stores
+from lib.layout import Layout
+from lib.models.backbones import LoadedBackbone, load_backbone
+from lib.models.layers import extract_layers, resolve_layer
+from lib.params import Params, params_hash
+from lib.stores import ArraySpec, ShardedWriter, open_store
+
+LOGITS = "logits"
+
+
+@dataclass(frozen=True)
+class FeaturesReport:
+    n_images: int
+    shapes: dict[str, tuple[int, ...]]
+    shards_written: int
+
+
+def _encoder(backbone: LoadedBackbone, layers: tuple[str, ...]):
+    def encode(images: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+        x = backbone.preprocess(images)
+        outputs = extract_layers(backbone.model, x, layers)
+        stores = {layer: {"features": outputs[layer]} for layer in layers}
+        for layer in layers:  # ViT: the CLS token is kept beside the (C, h, w) patch grid
+            if f"{layer}.cls" in outputs:
+                stores[layer]["cls"] = outputs[f"{layer}.cls"]
+        stores[LOGITS] = {LOGITS: backbone.model(x)}
+        return stores
+
+    return encode
+
+
+def extract_features(config: Params, layout: Layout, device: torch.device, ranks: Ranks, progress: Progress) -> FeaturesReport:
+    """Write ``features/<layer>.zarr`` for every configured layer and ``features/logits.zarr``."""
+    info = read_dataset_info(layout.dataset_info)
+    torch.manual_seed(0)  # weights: null means a random init; seeded so features are reproducible
+    backbone = load_backbone(config.backbone.arch, config.backbone.weights, num_classes=len(info["classes"]))
+    for layer in config.features.layers:
+        resolve_layer(backbone.model, layer)  # fails early, listing the valid names
+    backbone.model.to(device).eval()
+    images = open_store(layout.images)["images"]
+    encode = _encoder(backbone, config.features.layers)
+    with torch.inference_mode():
+        probe = encode(torch.from_numpy(images[:1]).to(device))
+    n, rows = images.shape[0], (images.shards or images.chunks)[0]
+    fingerprint = params_hash(config.backbone, config.features, config.data)
+    provenance = {"stage": "features", "params_hash": fingerprint, "model_id": backbone.model_id}
+    dims = {"features": ("item", "channel", "y", "x"), "cls": ("item", "channel"), LOGITS: ("item", "class")}
+
+    def make_writers(create: bool) -> dict[str, ShardedWriter]:
+        writers = {}
+        for key, arrays in probe.items():
+            path = layout.logits if key == LOGITS else layout.features(key)
+            # logits stay fp32: tiny, and accuracy/contribution checks compare them exactly
+            specs = [
+                ArraySpec(name, (n, *value.shape[1:]), "float32" if key == LOGITS else "float16", dims[name])
+                for name, value in arrays.items()
+            ]
+            writers[key] = ShardedWriter(path, specs, rows, {**provenance, "layer": key}, fingerprint, create=create)
+        return writers
+
+    with sharded_outputs(make_writers, ranks) as writers:
+        written = fill_stores(
+            writers, images, encode, batch_size=config.features.batch_size, device=device, ranks=ranks, progress=progress, description="features"
+        )
+    shapes = {key: tuple(value.shape[1:]) for key, arrays in probe.items() for value in arrays.values()}
+    return FeaturesReport(n, shapes, written)

@@ -1,0 +1,87 @@
+"""features stage: stored maps equal a direct forward, interrupted runs resume to identical bytes."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lib.cli import progress
+from lib.data.prepare import prepare_toy
+from lib.distributed import Ranks
+from lib.features import extract_features
+from lib.layout import Layout
+from lib.models.backbones import load_backbone
+from lib import stores
+from lib.params import Params
+from lib.stores import open_store
+
+
+@pytest.fixture(scope="module")
+def toy_layout(tmp_path_factory: pytest.TempPathFactory) -> tuple[Params, Layout]:
+    config = Params.model_validate(
+        {
+            "data": {"toy": {"n_train": 24, "n_val": 8, "n_test": 8}, "rows_per_shard": 16},
+            "backbone": {"arch": "toy:cnn", "weights": None},
+            "features": {"layers": ["layer2", "layer3"], "batch_size": 7},
+        }
+    )
+    layout = Layout(tmp_path_factory.mktemp("data") / "toy")
+    layout.root.mkdir()
+    with progress() as bar:
+        prepare_toy(config.data, layout, bar)
+    return config, layout
+
+
+def run(config: Params, layout: Layout) -> None:
+    with progress() as bar:
+        extract_features(config, layout, torch.device("cpu"), Ranks(), bar)
+
+
+def files(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_stored_features_equal_a_direct_forward(toy_layout: tuple[Params, Layout]) -> None:
+    config, layout = toy_layout
+    run(config, layout)
+    stored = open_store(layout.features("layer3"))
+    assert stored["features"].shape == (40, 128, 8, 8) and stored["features"].dtype == np.float16
+    assert stored.attrs["model_id"].startswith("toy:cnn|random") and stored.attrs["layer"] == "layer3"
+    torch.manual_seed(0)  # the stage seeds random inits the same way
+    backbone = load_backbone("toy:cnn", None, num_classes=8)
+    images = torch.from_numpy(open_store(layout.images)["images"][30:35])
+    with torch.inference_mode():
+        logits = backbone.model(backbone.preprocess(images))
+    np.testing.assert_allclose(open_store(layout.logits)["logits"][30:35], logits.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_interrupted_features_resume_to_identical_bytes(toy_layout: tuple[Params, Layout], monkeypatch: pytest.MonkeyPatch) -> None:
+    config, layout = toy_layout
+    run(config, layout)
+    clean = {p: files(p) for p in (layout.features("layer3"), layout.logits)}
+    for path in clean:  # a fresh run that crashes after the first shard of each store
+        shutil.rmtree(path)
+    original = stores.ShardedWriter.write
+    calls = {"n": 0}
+
+    def crashing_write(self, shard, blocks):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] > 3:  # three stores: the first shard of each is written, then the crash
+            raise KeyboardInterrupt
+        original(self, shard, blocks)
+
+    monkeypatch.setattr(stores.ShardedWriter, "write", crashing_write)
+    with pytest.raises(KeyboardInterrupt):
+        run(config, layout)
+    monkeypatch.setattr(stores.ShardedWriter, "write", original)
+    run(config, layout)
+    assert {p: files(p) for p in clean} == clean
+
+
+def test_unknown_layer_lists_valid_names(toy_layout: tuple[Params, Layout]) -> None:
+    config, layout = toy_layout
+    bad = config.model_copy(update={"features": config.features.model_copy(update={"layers": ("layer9",)})})
+    with pytest.raises(ValueError, match="layer9.*layer3"):
+        run(bad, layout)

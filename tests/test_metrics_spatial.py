@@ -1,0 +1,255 @@
+"""NRA, EPG, Hit Rate and the per-type summary: hand-computed answers, references, invariants."""
+
+import math
+
+import pytest
+import torch
+from sklearn.metrics import jaccard_score
+from torchmetrics.classification import BinaryJaccardIndex
+
+from lib.baselines import random_maps
+from lib.metrics.spatial import (
+    default_fractions,
+    epg,
+    hit,
+    ideal_iou_curve,
+    iou_curve,
+    nra,
+    nra_from_curves,
+    random_iou_curve,
+    summarise_by_type,
+    tie_groups,
+)
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _square_mask(batch: int = 1, size: int = 4, side: int = 2) -> torch.Tensor:
+    mask = torch.zeros(batch, size, size, dtype=torch.bool)
+    mask[:, :side, :side] = True
+    return mask
+
+
+def _ranked_map(order: list[int], size: int = 4) -> torch.Tensor:
+    """A (1, size, size) map whose flat pixel order[0] is highest, order[1] next, and so on."""
+    values = torch.zeros(size * size)
+    values[torch.tensor(order)] = torch.arange(len(order), 0, -1, dtype=torch.float32)
+    return values.reshape(1, size, size)
+
+
+def test_tie_groups_marks_runs():
+    start, end = tie_groups(torch.tensor([[5.0, 5.0, 3.0, 2.0, 2.0, 2.0]]))
+    assert start.tolist() == [[0, 0, 2, 3, 3, 3]]
+    assert end.tolist() == [[2, 2, 3, 6, 6, 6]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_iou_curve_hand_computed(device):
+    # mask = flat pixels {0, 1, 4, 5}; ranking: 0 (in), 2 (out), 1 (in), 4 (in), 5 (in), rest
+    maps = _ranked_map([0, 2, 1, 4, 5]).to(device)
+    masks = _square_mask().to(device)
+    fractions = torch.tensor([0, 1, 1.5, 2, 4, 5, 8, 16]) / 16
+    # k=1: I=1,U=4; k=1.5: I=1,U=4.5; k=2: I=1,U=5; k=4: I=3,U=5; k=5: 4/5; k=8: 4/8; k=16: 4/16
+    expected = [0, 1 / 4, 1 / 4.5, 1 / 5, 3 / 5, 4 / 5, 4 / 8, 4 / 16]
+    curve = iou_curve(maps, masks, fractions)
+    assert curve.dtype == torch.float64 and curve.device.type == device
+    torch.testing.assert_close(curve.cpu(), torch.tensor([expected], dtype=torch.float64))
+
+
+def test_iou_curve_splits_a_straddling_tie_pro_rata():
+    # top run: 8 tied pixels holding 3 of the 4 mask pixels; the other 8 pixels are 0
+    maps = torch.zeros(1, 4, 4)
+    maps.view(-1)[torch.tensor([0, 1, 4, 2, 3, 6, 7, 8])] = 1.0
+    curve = iou_curve(maps, _square_mask(), torch.tensor([0.25, 0.5, 1.0]))
+    # k=4 takes half the run: I = 1.5, U = 4 + 4 - 1.5; k=8: I = 3, U = 9; k=16: 4/16
+    torch.testing.assert_close(curve, torch.tensor([[1.5 / 6.5, 3 / 9, 4 / 16]], dtype=torch.float64))
+
+
+def test_iou_curve_matches_sklearn_and_torchmetrics_at_whole_pixel_counts():
+    maps = random_maps((6, 8, 8), seed=1)
+    masks = random_maps((6, 8, 8), seed=2) > 0.7
+    ks = [1, 5, 13, 32, 50, 64]
+    curve = iou_curve(maps, masks, torch.tensor(ks) / 64)
+    jaccard = BinaryJaccardIndex()
+    for i in range(6):
+        for j, k in enumerate(ks):
+            selected = maps[i] >= maps[i].flatten().topk(k).values[-1]
+            expected = jaccard_score(masks[i].flatten().numpy(), selected.flatten().numpy())
+            assert curve[i, j].item() == pytest.approx(expected, abs=1e-12)
+            assert curve[i, j].item() == pytest.approx(jaccard(selected, masks[i]).item(), abs=1e-6)
+
+
+def test_ties_equal_the_mean_intersection_under_random_tie_breaking():
+    maps = (random_maps((1, 6, 6), seed=3) * 3).floor()  # three values: long tied runs
+    masks = random_maps((1, 6, 6), seed=4) > 0.6
+    ks = torch.tensor([3, 10, 20, 30])
+    # break ties with tiny noise many times; average the intersection at each k
+    jittered = maps + 1e-3 * random_maps((4000, 6, 6), seed=5)
+    order = jittered.flatten(1).argsort(dim=1, descending=True)
+    inside = masks.flatten(1).expand(4000, -1).gather(1, order).cumsum(dim=1).double()
+    mean_inter = inside[:, ks - 1].mean(dim=0)
+    expected = mean_inter / (ks + masks.sum() - mean_inter)
+    torch.testing.assert_close(iou_curve(maps, masks, ks / 36)[0], expected, atol=0.01, rtol=0)
+
+
+def test_curves_do_not_depend_on_resolution():
+    maps = (random_maps((3, 5, 5), seed=6) * 4).floor()
+    masks = random_maps((3, 5, 5), seed=7) > 0.5
+    fractions = default_fractions()
+
+    def up(x: torch.Tensor) -> torch.Tensor:
+        return x.repeat_interleave(3, dim=1).repeat_interleave(3, dim=2)
+
+    torch.testing.assert_close(iou_curve(up(maps), up(masks), fractions), iou_curve(maps, masks, fractions))
+    torch.testing.assert_close(nra(up(maps), up(masks)), nra(maps, masks))
+
+
+def test_iou_curve_ignores_pixel_order():
+    maps = (random_maps((4, 6, 6), seed=8) * 3).floor()
+    masks = random_maps((4, 6, 6), seed=9) > 0.5
+    perm = torch.randperm(36, generator=torch.Generator().manual_seed(0))
+    shuffled_maps = maps.flatten(1)[:, perm].reshape(4, 6, 6)
+    shuffled_masks = masks.flatten(1)[:, perm].reshape(4, 6, 6)
+    fractions = default_fractions()
+    torch.testing.assert_close(iou_curve(shuffled_maps, shuffled_masks, fractions), iou_curve(maps, masks, fractions))
+
+
+def test_random_curve_closed_form_and_monte_carlo():
+    masks = _square_mask(size=16, side=6)  # m = 36 of N = 256
+    fractions = torch.tensor([0.0, 0.1, 0.25, 0.5, 1.0])
+    k = fractions.double() * 256
+    closed = k * 36 / 256 / (k + 36 - k * 36 / 256)
+    torch.testing.assert_close(random_iou_curve(masks, fractions)[0], closed)
+    # k = 25.6 etc. are fractional; the Monte-Carlo mean of random maps' IoU curves agrees
+    simulated = iou_curve(random_maps((3000, 16, 16), seed=10), masks.expand(3000, -1, -1), fractions)
+    torch.testing.assert_close(simulated.mean(dim=0), closed, atol=3e-3, rtol=0)
+
+
+def test_ideal_curve_hand_computed_and_reached_by_the_mask_itself():
+    masks = _square_mask()  # m = 4, N = 16
+    fractions = torch.tensor([0.0, 0.125, 0.25, 0.5, 1.0])
+    ideal = ideal_iou_curve(masks, fractions)
+    torch.testing.assert_close(ideal, torch.tensor([[0, 0.5, 1, 0.5, 0.25]], dtype=torch.float64))
+    torch.testing.assert_close(iou_curve(masks.float(), masks, fractions), ideal)
+
+
+def test_nra_hand_computed():
+    # 2x2, mask = pixel 0, map ranks pixel 1 first and pixel 0 second; k = 0..4
+    maps = torch.tensor([[[3.0, 4.0], [2.0, 1.0]]])
+    masks = torch.tensor([[[True, False], [False, False]]])
+    fractions = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])
+
+    def auc(v):  # trapezoid, step 1/4, range 1
+        return 0.25 * (v[0] / 2 + v[1] + v[2] + v[3] + v[4] / 2)
+
+    found = auc([0, 0, 1 / 2, 1 / 3, 1 / 4])
+    high = auc([0, 1, 1 / 2, 1 / 3, 1 / 4])
+    low = auc([0, 0.25 / 1.75, 0.5 / 2.5, 0.75 / 3.25, 1 / 4])
+    assert nra(maps, masks, fractions).item() == pytest.approx((found - low) / (high - low), abs=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nra_reference_points(device):
+    masks = (random_maps((8, 12, 12), seed=11) > 0.6).to(device)
+    assert torch.allclose(nra(masks.float(), masks), torch.ones(8, dtype=torch.float64, device=device))
+    assert (nra((~masks).float(), masks) < 0).all()  # mask ranked last: below chance
+    constant = torch.full((8, 12, 12), 0.3, device=device)
+    torch.testing.assert_close(nra(constant, masks), torch.zeros(8, dtype=torch.float64, device=device))
+    torch.testing.assert_close(nra(torch.zeros_like(constant), masks), torch.zeros_like(nra(constant, masks)))
+
+
+def test_random_maps_score_nra_zero_on_average():
+    sizes = torch.arange(2000) % 14 + 1  # varied mask sizes: squares of side 1..14 in 16x16
+    grid = torch.arange(16)
+    masks = (grid[None, :, None] < sizes[:, None, None]) & (grid[None, None, :] < sizes[:, None, None])
+    values = nra(random_maps((2000, 16, 16), seed=12), masks)
+    assert abs(values.mean().item()) < 0.01
+    assert values.std().item() > 0.01  # it really is noise around 0, not a constant
+
+
+def test_nra_undefined_for_empty_and_full_masks():
+    maps = random_maps((2, 4, 4), seed=13)
+    masks = torch.zeros(2, 4, 4, dtype=torch.bool)
+    masks[1] = True
+    assert nra(maps, masks).isnan().all()
+
+
+def test_epg_hand_computed_and_clipped():
+    maps = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[-1.0, 2.0], [3.0, 0.0]], [[-1.0, 2.0], [3.0, 0.0]]])
+    masks = torch.tensor(
+        [[[True, True], [False, False]], [[True, False], [False, False]], [[False, True], [False, False]]]
+    )
+    torch.testing.assert_close(epg(maps, masks), torch.tensor([3 / 10, 0 / 5, 2 / 5], dtype=torch.float64))
+
+
+def test_epg_edge_cases():
+    masks = _square_mask(batch=4)
+    masks[3] = False
+    maps = torch.stack([torch.zeros(4, 4), -torch.ones(4, 4), torch.ones(4, 4), torch.ones(4, 4)])
+    # all-zero map, all-negative map (zero energy after clipping), constant map, empty mask
+    result = epg(maps, masks)
+    assert result[[0, 1, 3]].isnan().all()
+    assert result[2].item() == pytest.approx(4 / 16)
+
+
+def test_epg_sums_fp16_maps_without_overflow():
+    maps = torch.full((1, 8, 8), 60000.0, dtype=torch.float16)  # fp16 sum would be inf
+    masks = torch.zeros(1, 8, 8, dtype=torch.bool)
+    masks[:, :4] = True
+    assert epg(maps, masks).item() == 0.5
+
+
+def test_epg_of_random_maps_is_the_mask_area_on_average():
+    masks = _square_mask(batch=2000, size=16, side=8)  # a quarter of the image
+    assert epg(random_maps((2000, 16, 16), seed=14), masks).mean().item() == pytest.approx(0.25, abs=0.005)
+
+
+def test_hit_is_strict_and_keeps_nan():
+    result = hit(torch.tensor([0.7, 0.5, 0.2, math.nan], dtype=torch.float64))
+    assert result[:3].tolist() == [1.0, 0.0, 0.0] and result[3].isnan()
+    assert hit(torch.tensor([0.7, 0.5]), threshold=0.6).tolist() == [1.0, 0.0]
+
+
+def test_summarise_by_type_averages_types_then_types():
+    values = {
+        "nra": torch.tensor([1.0, 0.0, 0.2, math.nan, 0.6, math.nan]),
+        "epg": torch.tensor([0.5, 0.5, 0.1, 0.3, 0.9, math.nan]),
+    }
+    types = ["color", "color", "shape", "shape", "pattern", "background"]
+    out = summarise_by_type(values, types)
+    assert list(out) == ["avg", "background", "color", "pattern", "shape"]
+    assert out["color"]["nra"] == pytest.approx(0.5)
+    assert out["shape"]["nra"] == pytest.approx(0.2)  # NaN ignored
+    assert math.isnan(out["background"]["nra"])  # no defined value
+    assert out["avg"]["nra"] == pytest.approx((0.5 + 0.2 + 0.6) / 3)  # not the sample mean 0.45
+    assert out["avg"]["epg"] == pytest.approx((0.5 + 0.2 + 0.9) / 3)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: nra(torch.rand(2, 4, 4), torch.ones(2, 4, 4)), "masks must be a bool"),
+        (lambda: nra(torch.rand(2, 4, 4), torch.ones(2, 4, 5, dtype=torch.bool)), "masks must be a bool"),
+        (lambda: nra(torch.rand(4, 4), torch.ones(4, 4, dtype=torch.bool)), "maps must be a float"),
+        (lambda: epg(torch.full((1, 2, 2), math.nan), torch.ones(1, 2, 2, dtype=torch.bool)), "NaN or infinite"),
+        (lambda: iou_curve(torch.rand(1, 2, 2), torch.rand(1, 2, 2) > 0, torch.tensor([0.5, 0.2])), "increasing"),
+        (lambda: random_iou_curve(torch.ones(1, 2, 2, dtype=torch.bool), torch.tensor([0.0, 1.5])), "in \\[0, 1\\]"),
+        (lambda: hit(torch.zeros(2, 2)), "nra_values must be 1-D"),
+        (lambda: summarise_by_type({"nra": torch.zeros(3)}, ["color", "shape"]), "must have shape \\(2,\\)"),
+        (lambda: summarise_by_type({"nra": torch.zeros(1)}, ["avg"]), "reserved"),
+        (lambda: summarise_by_type({}, ["color"]), "values is empty"),
+    ],
+)
+def test_bad_inputs_raise(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_nra_from_curves_equals_nra_and_checks_the_shape():
+    maps = random_maps((5, 6, 6), seed=7)
+    masks = random_maps((5, 6, 6), seed=8) > 0.6
+    fractions = default_fractions()
+    curves = iou_curve(maps, masks, fractions)
+    torch.testing.assert_close(nra_from_curves(curves, masks, fractions), nra(maps, masks), equal_nan=True)
+    with pytest.raises(ValueError, match=r"curves must have shape \(5, 101\)"):
+        nra_from_curves(curves[:, :-1], masks, fractions)

@@ -1,0 +1,165 @@
+"""SALF-CBM bottleneck: cubic cosine loss, exact val scores, training, concept filtering."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lib.salf.cbl import (
+    ConceptBottleneck,
+    concept_scores,
+    cubic_cosine_loss,
+    cubic_cosine_similarity,
+    filter_concepts,
+    train_bottleneck,
+)
+
+
+def reference_cos3(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """LF-CBM's cos_similarity_cubed_single, applied per (concept, location) in float64."""
+    out = []
+    for x in (pred.double(), target.double()):
+        x = (x - x.mean(dim=0, keepdim=True)) ** 3
+        out.append(x / x.norm(dim=0, keepdim=True))
+    return (out[0] * out[1]).sum(dim=0)
+
+
+def test_hand_computed_value():
+    # pred column [0, 1, 2] -> centred cube [-1, 0, 1]; target [0, 0, 3] -> centred [-1, -1, 2],
+    # cube [-1, -1, 8]; cos = (1 + 0 + 8) / (sqrt(2) * sqrt(66)).
+    pred = torch.tensor([0.0, 1.0, 2.0]).view(3, 1, 1, 1)
+    target = torch.tensor([0.0, 0.0, 3.0]).view(3, 1, 1, 1)
+    sim = cubic_cosine_similarity(pred, target)
+    assert sim.shape == (1, 1, 1)
+    assert sim.item() == pytest.approx(9 / math.sqrt(132), abs=1e-6)
+
+
+def test_matches_reference_formula_on_random_data():
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 16, 5, 3, 3, generator=g)
+    ours = cubic_cosine_similarity(pred, target).double()
+    torch.testing.assert_close(ours, reference_cos3(pred, target), atol=1e-5, rtol=0)
+
+
+def test_perfect_and_inverted_correlation():
+    target = torch.randn(8, 4, 2, 2, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(cubic_cosine_similarity(target, target), torch.ones(4, 2, 2))
+    torch.testing.assert_close(cubic_cosine_similarity(-target, target), -torch.ones(4, 2, 2))
+    assert cubic_cosine_loss(target, target).item() == pytest.approx(-1.0, abs=1e-6)
+
+
+def test_scale_and_shift_invariance_including_tiny_deviations():
+    g = torch.Generator().manual_seed(2)
+    pred, target = torch.randn(2, 12, 3, 2, 2, generator=g)
+    base = cubic_cosine_loss(pred, target)
+    assert cubic_cosine_loss(3.5 * pred + 7.0, target).item() == pytest.approx(base.item(), abs=1e-5)
+    # CLIP-like targets: offset 0.25, deviations of 1e-5 (cubes ~1e-15, squares below float32 normals).
+    assert cubic_cosine_loss(pred, 0.25 + 1e-5 * target).item() == pytest.approx(base.item(), abs=1e-3)
+
+
+def test_zero_variance_column_is_finite_and_scores_zero():
+    pred = torch.randn(6, 2, 1, 1, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    target = torch.randn(6, 2, 1, 1, generator=torch.Generator().manual_seed(4))
+    target[:, 1] = 0.5  # a concept CLIP scores identically on every image
+    sim = cubic_cosine_similarity(pred, target)
+    assert torch.isfinite(sim).all() and sim[1].item() == 0.0
+    cubic_cosine_loss(pred, target).backward()
+    assert torch.isfinite(pred.grad).all()
+
+
+def test_bad_shapes_raise():
+    with pytest.raises(ValueError, match="at least 2 images"):
+        cubic_cosine_similarity(torch.zeros(1, 2, 3, 3), torch.zeros(1, 2, 3, 3))
+    with pytest.raises(ValueError, match="equal shapes"):
+        cubic_cosine_similarity(torch.zeros(4, 2, 3, 3), torch.zeros(4, 3, 3, 3))
+    with pytest.raises(ValueError, match="in_channels"):
+        ConceptBottleneck(0, 2, 3)
+    with pytest.raises(ValueError, match=r"\(B, 8, H, W\)"):
+        ConceptBottleneck(8, 2, 3)(torch.zeros(2, 7, 3, 3))
+
+
+def test_bottleneck_resizes_bilinearly_then_projects():
+    model = ConceptBottleneck(4, 3, grid=2)
+    features = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(5)).half()
+    out = model(features)
+    assert out.shape == (2, 3, 2, 2) and out.dtype == torch.float32
+    # Downsampling 4 -> 2 bilinearly (no corner alignment) averages each 2x2 block.
+    expected = torch.einsum("mc,bchw->bmhw", model.conv.weight[:, :, 0, 0], F.avg_pool2d(features.float(), 2))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def _linear_problem(n: int, seed: int):
+    """Features at 2G resolution and P = a fixed 1x1 conv of their bilinear resize to G."""
+    g = torch.Generator().manual_seed(seed)
+    channels, concepts, grid = 6, 4, 3
+    features = torch.randn(n, channels, 2 * grid, 2 * grid, generator=g)
+    true_weight = torch.randn(concepts, channels, 1, 1, generator=g)
+    small = F.interpolate(features, size=(grid, grid), mode="bilinear", align_corners=False)
+    target = F.conv2d(small, true_weight)
+    return features, target
+
+
+def _source(features, target, batch_size):
+    return lambda: iter(zip(features.split(batch_size), target.split(batch_size)))
+
+
+def test_concept_scores_are_exact_over_the_whole_val_set():
+    features, target = _linear_problem(30, seed=6)
+    model = ConceptBottleneck(6, 4, 3)
+    target = target + torch.randn(target.shape, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        full = cubic_cosine_similarity(model(features), target).flatten(1).mean(dim=1)
+    streamed = concept_scores(model, _source(features, target, batch_size=7))  # uneven 7,7,7,7,2
+    torch.testing.assert_close(streamed, full, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        pairs = zip(features.split(10), target.split(10))
+        per_batch = [cubic_cosine_similarity(model(f), t).flatten(1).mean(dim=1) for f, t in pairs]
+    batch_means = torch.stack(per_batch).mean(dim=0)
+    assert (batch_means - full).abs().max() > 1e-3  # the shortcut would have been measurably wrong
+
+
+def test_training_recovers_a_linear_target():
+    features, target = _linear_problem(192, seed=8)
+    train = _source(features[:128], target[:128], batch_size=32)
+    val = _source(features[128:], target[128:], batch_size=64)
+    calls = []
+    model, history = train_bottleneck(
+        train, val, 6, 4, 3, lr=0.05, max_steps=60, eval_every=10, patience=3, seed=0,
+        progress=lambda step, metrics: calls.append(step),
+    )
+    assert history["best_val_loss"] < -0.98
+    assert history["best_val_loss"] == min(history["val_loss"])
+    assert history["val_loss"][0] > -0.9  # it did have to learn
+    # The returned weights are the best evaluated ones.
+    assert -concept_scores(model, val).mean().item() == pytest.approx(history["best_val_loss"], abs=1e-6)
+    assert len(history["step"]) == len(history["train_loss"]) == history["val_step"][-1]
+    assert calls == history["val_step"]
+    assert not model.training
+
+
+def test_training_is_seeded_and_leaves_global_rng_alone():
+    features, target = _linear_problem(64, seed=9)
+    source = _source(features, target, batch_size=32)
+    state = torch.random.get_rng_state()
+    runs = [train_bottleneck(source, source, 6, 4, 3, max_steps=3, eval_every=3, seed=1)[0] for _ in range(2)]
+    assert torch.equal(torch.random.get_rng_state(), state)
+    torch.testing.assert_close(runs[0].conv.weight, runs[1].conv.weight, atol=0, rtol=0)
+
+
+def test_training_rejects_bad_arguments():
+    features, target = _linear_problem(8, seed=10)
+    source = _source(features, target, batch_size=4)
+    with pytest.raises(ValueError, match="patience"):
+        train_bottleneck(source, source, 6, 4, 3, patience=0)
+    with pytest.raises(ValueError, match="no batches"):
+        train_bottleneck(lambda: iter(()), source, 6, 4, 3)
+
+
+def test_filter_concepts_keeps_rows_at_or_above_threshold():
+    model = ConceptBottleneck(5, 4, 3)
+    pruned, keep = filter_concepts(model, torch.tensor([0.5, 0.1, 0.45, 0.44]), threshold=0.45)
+    assert keep.tolist() == [0, 2]
+    torch.testing.assert_close(pruned.conv.weight, model.conv.weight[[0, 2]])
+    with pytest.raises(ValueError, match="no concept reaches threshold=0.9"):
+        filter_concepts(model, torch.tensor([0.5, 0.1, 0.45, 0.44]), threshold=0.9)
