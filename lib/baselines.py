@@ -69,7 +69,8 @@ def cam_maps(
     Images go through the package `batch_size` at a time; Score-CAM also scores its masked
     copies `batch_size` at a time (the package loops over images there, and prints progress).
     The package returns NumPy arrays, hence a round trip through host memory.
-    The model is put back in its original train/eval mode and its parameter gradients cleared.
+    Works with frozen parameters (requires_grad False). The model is put back in its original
+    train/eval mode and its parameter gradients cleared.
     """
     if method not in CAM_METHODS:
         raise ValueError(f"method must be one of {sorted(CAM_METHODS)}; got {method!r}")
@@ -93,7 +94,10 @@ def cam_maps(
         with torch.enable_grad():  # gradients are needed even when the caller runs under no_grad
             for start in range(0, images.shape[0], batch_size):
                 classes = [ClassifierOutputTarget(c) for c in targets[start : start + batch_size].tolist()]
-                chunks.append(torch.from_numpy(cam(input_tensor=images[start : start + batch_size], targets=classes)))
+                # an input that requires grad makes the layer's activations differentiable even
+                # when the model's parameters are frozen (as load_backbone returns them)
+                chunk = images[start : start + batch_size].detach().requires_grad_(True)
+                chunks.append(torch.from_numpy(cam(input_tensor=chunk, targets=classes)))
     finally:
         cam.activations_and_grads.release()
         model.train(was_training)

@@ -15,6 +15,7 @@ class Layout:
     """Paths of one dataset's pipeline outputs under ``data/<name>/``."""
 
     root: Path
+    metrics: Path = Path("metrics")  # small metrics and plot data, committed to git (not per dataset)
 
     @classmethod
     def from_params(cls, params: Params, base: Path = Path("data")) -> Layout:
@@ -27,21 +28,13 @@ class Layout:
 
     @property
     def images(self) -> Path:
+        """Per-image arrays: images, labels, and where known ground-truth concept masks."""
         return self.root / "images.zarr"
-
-    @property
-    def masks(self) -> Path:
-        """Ground-truth concept masks (toy world / segmentation data only)."""
-        return self.root / "masks.zarr"
 
     @property
     def dataset_info(self) -> Path:
         """Class names, concept names/types and (toy world) class rules, as JSON."""
         return self.root / "dataset.json"
-
-    @property
-    def captions(self) -> Path:
-        return self.root / "captions.parquet"
 
     @property
     def bad_images(self) -> Path:
@@ -65,7 +58,13 @@ class Layout:
 
     @property
     def concepts(self) -> Path:
+        """Kept concepts: text embeddings (M, D) and names/types/prompts (a Zarr store)."""
         return self.root / "concepts"
+
+    @property
+    def concepts_report(self) -> Path:
+        """Every listed concept with its prompt and, if the filters dropped it, why (TSV)."""
+        return self.root / "concepts.tsv"
 
     @property
     def similarity(self) -> Path:
@@ -77,5 +76,61 @@ class Layout:
         return self.root / "salf"
 
     @property
+    def salf_bottleneck(self) -> Path:
+        """cbl: the trained, concept-filtered bottleneck (torch state, weights_only-loadable)."""
+        return self.salf / "bottleneck.pt"
+
+    @property
+    def salf_concepts(self) -> Path:
+        """cbl: kept and dropped concepts with their val cos^3 scores (JSON)."""
+        return self.salf / "concepts.json"
+
+    @property
+    def salf_activations(self) -> Path:
+        """sparse: pooled concept activations c* (N, M) of every image."""
+        return self.salf / "activations.zarr"
+
+    @property
+    def salf_classifier(self) -> Path:
+        """sparse: pooling, train standardisation, sparse and dense final layers, the lambda path."""
+        return self.salf / "classifier.pt"
+
+    @property
+    def salf_metrics(self) -> Path:
+        return self.metrics / "salf.json"
+
+    def salf_figure(self, name: str) -> Path:
+        """SALF-CBM training figures: "cbl_loss" (cbl), "path" (sparse)."""
+        return self.salf / f"{name}.png"
+
+    def salf_plot(self, name: str) -> Path:
+        """Plot data of SALF-CBM: "cbl_train", "cbl_val" (loss curves), "path" (accuracy vs nonzeros)."""
+        return self.metrics / "plots" / f"salf_{name}.csv"
+
+    @property
     def explain(self) -> Path:
         return self.root / "explain"
+
+    @property
+    def explain_adhoc(self) -> Path:
+        """Explanations of user-chosen images (`explain --index/--image`): outside the DVC-tracked folder."""
+        return self.root / "explain_adhoc"
+
+    # evaluate
+    @property
+    def evaluate_metrics(self) -> Path:
+        return self.metrics / "evaluate.json"
+
+    @property
+    def evaluate_summary(self) -> Path:
+        return self.metrics / "summary.md"
+
+    @property
+    def iou_curves(self) -> Path:
+        """Plot data: mean IoU of the top-n% of each map against n, per method."""
+        return self.metrics / "plots" / "iou_curves.csv"
+
+    @property
+    def accuracy_path(self) -> Path:
+        """Plot data: accuracy against nonzero weights per class along sparsity paths."""
+        return self.metrics / "plots" / "accuracy_nonzeros.csv"

@@ -143,12 +143,15 @@ class FeaturesParams(Section):
 
 
 class CirclesParams(Section):
+    """Red-circle prompts (lib/circles.py): a grid x grid layout of rings, sizes in CLIP input pixels."""
+
     grid: PositiveInt = 7
     radius: PositiveFloat = 9.0
     width: PositiveFloat = 2.0
     color: tuple[int, int, int] = (255, 0, 0)
-    batch_size: PositiveInt = 32
-    autocast: bool = True
+    batch_size: PositiveInt = 32  # images read from the store per step
+    chunk: PositiveInt = 512  # most CLIP inputs per forward; each image brings grid^2 + 1 of them
+    autocast: bool = True  # bf16 (fp16 on GPUs without bf16) forwards
 
     @field_validator("color")
     @classmethod
@@ -159,6 +162,8 @@ class CirclesParams(Section):
 
 
 class ConceptsParams(Section):
+    """Concept list, prompt template per concept type, and LF-CBM's filters (lib/concepts.py)."""
+
     file: str = "concepts/toy.txt"
     default_template: str = "{}"
     templates: dict[str, str] = Field(default_factory=dict)
@@ -174,8 +179,18 @@ class ConceptsParams(Section):
             raise ValueError("must contain exactly one '{}' where the concept goes")
         return value
 
+    @field_validator("templates")
+    @classmethod
+    def _each_has_slot(cls, value: dict[str, str]) -> dict[str, str]:
+        bad = {kind: template for kind, template in value.items() if template.count("{}") != 1}
+        if bad:
+            raise ValueError(f"templates {bad} must each contain exactly one '{{}}' where the concept goes")
+        return value
+
 
 class SimilarityParams(Section):
+    """P = cos(red-circle embeddings, text embeddings); materialize false leaves it to later stages."""
+
     materialize: bool = True
     batch_size: PositiveInt = 256
 
@@ -194,6 +209,8 @@ class CblParams(Section):
     patience: PositiveInt = 10
     val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1  # only when the manifest has no val split
     cos3_threshold: Annotated[float, Field(ge=-1, le=1)] = 0.45
+    # a split's features (resized to the grid) and P up to this size are held on the device; larger ones stream
+    in_memory_mb: Annotated[float, Field(ge=0)] = 1024.0
 
 
 class SparseParams(Section):
@@ -204,9 +221,11 @@ class SparseParams(Section):
     target_nonzeros_per_class: PositiveFloat = 5.0
     max_epochs: PositiveInt = 200
     tol: PositiveFloat = 1e-5
-    batch_size: PositiveInt = 4096
+    batch_size: PositiveInt = 256  # SAGA minibatch; >= 1024 left toy-sized paths unconverged after 200 epochs
     seed: int = 0
     dense_lambda: Annotated[float, Field(ge=0)] = 1e-4  # L2 strength of the dense comparison layer
+    # c* of a split up to this size is held on the device; a larger one streams from its store every epoch
+    in_memory_mb: Annotated[float, Field(ge=0)] = 1024.0
 
 
 class ExplainParams(Section):

@@ -79,6 +79,6 @@ def test_toy_prepare_is_deterministic_and_consistent(tmp_path: Path) -> None:
     assert list(split_indices(manifest, "val")) == list(range(40, 50))
     labels = open_store(runs[0].images)["labels"][:]
     assert np.array_equal(manifest["label"].to_numpy(), labels)
-    masks = open_store(runs[0].masks)["masks"]
+    masks = open_store(runs[0].images)["masks"]
     assert masks.shape == (60, 17, 64, 64)
     assert runs[0].preview.exists() and runs[0].dataset_info.exists()

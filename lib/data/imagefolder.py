@@ -27,20 +27,21 @@ class ImageList:
     class_names: list[str]
 
 
-def scan_tree(root: Path, extensions: tuple[str, ...]) -> tuple[list[str], list[str], list[str]]:
-    """(paths, label names, class names) of ``root/<class>/<image>``, sorted for determinism."""
+def scan_tree(root: Path, extensions: tuple[str, ...], key: str = "data.imagefolder.root") -> tuple[list[str], list[str], list[str]]:
+    """(paths, label names, class names) of ``root/<class>/<image>``, sorted for determinism.
+    Errors name the params `key` the folder came from."""
     if not root.is_dir():
-        raise FileNotFoundError(f"data.imagefolder.root: {root} is not a directory")
+        raise FileNotFoundError(f"{key}: {root} is not a directory")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
-        raise ValueError(f"data.imagefolder.root: {root} has no class sub-folders (expected root/<class>/<image>)")
+        raise ValueError(f"{key}: {root} has no class sub-folders (expected root/<class>/<image>)")
     paths, labels = [], []
     for name in classes:
         files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in extensions)
         paths += [str(p) for p in files]
         labels += [name] * len(files)
     if not paths:
-        raise ValueError(f"data.imagefolder.root: {root} holds no files with extensions {list(extensions)}")
+        raise ValueError(f"{key}: {root} holds no files with extensions {list(extensions)}")
     return paths, labels, classes
 
 

@@ -1,4 +1,7 @@
-"""The manifest: one row per usable image (index into the stores, source, label, split)."""
+"""The manifest: one row per usable image (index into the stores, source, label, split).
+
+Extra columns are kept (the toy world adds a global ``caption`` per image).
+"""
 
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ def write_manifest(path: Path, frame: pd.DataFrame) -> None:
     if bad_splits:
         raise ValueError(f"manifest has unknown splits {bad_splits}; allowed: {list(SPLITS)}")
     tmp = path.with_suffix(".tmp")
-    frame.loc[:, list(COLUMNS)].reset_index(drop=True).to_parquet(tmp, index=False)
+    extra = [c for c in frame.columns if c not in COLUMNS]
+    frame.loc[:, [*COLUMNS, *extra]].reset_index(drop=True).to_parquet(tmp, index=False)
     tmp.replace(path)
 
 

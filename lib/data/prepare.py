@@ -1,4 +1,4 @@
-"""The prepare stage's work: a manifest, an image store and (toy world) ground-truth masks."""
+"""The prepare stage's work: a manifest and an image store (with ground-truth masks where known)."""
 
 from __future__ import annotations
 
@@ -40,44 +40,46 @@ def toy_split(params: DataParams, split: str) -> toy_world.ToyWorld:
 
 
 def prepare_toy(params: DataParams, layout: Layout, progress: Progress) -> PrepareReport:
-    """Generate the toy world (train, val, test in that order) into the image and mask stores."""
+    """Generate the toy world (train, val, test in that order) into the image store, masks included."""
     worlds = [toy_split(params, split) for split in SPLITS]
     world = toy_world.ToyWorld(**{f.name: np.concatenate([getattr(w, f.name) for w in worlds]) for f in fields(toy_world.ToyWorld)})
     splits = np.repeat(np.array(SPLITS, dtype=object), [len(w.labels) for w in worlds])
     n, size, k = len(splits), params.image_size, len(toy_world.CONCEPTS)
     fingerprint = params_hash(params)
     provenance = {"stage": "prepare", "params_hash": fingerprint, "dataset": "toy"}
-    images = ShardedWriter(
+    # one store per image: pixels, label and the exact ground truth of every concept
+    writer = ShardedWriter(
         layout.images,
-        [ArraySpec("images", (n, size, size, 3), "uint8", ("item", "y", "x", "rgb")), ArraySpec("labels", (n,), "int64", ("item",))],
-        params.rows_per_shard,
-        provenance,
-        fingerprint,
-    )
-    masks = ShardedWriter(
-        layout.masks,
         [
+            ArraySpec("images", (n, size, size, 3), "uint8", ("item", "y", "x", "rgb")),
+            ArraySpec("labels", (n,), "int64", ("item",)),
             ArraySpec("masks", (n, k, size, size), "uint8", ("item", "concept", "y", "x")),
             ArraySpec("objects", (n, toy_world.MAX_OBJECTS, 3), "int16", ("item", "object", "attribute")),
             ArraySpec("background", (n,), "int16", ("item",)),
         ],
         params.rows_per_shard,
-        {**provenance, "concepts": [c.name for c in toy_world.CONCEPTS], "concept_types": [c.type for c in toy_world.CONCEPTS]},
+        provenance,
         fingerprint,
     )
-    task = progress.add_task("write toy world", total=images.n_shards)
-    for shard in range(images.n_shards):
-        rows = images.rows(shard)
-        if shard in images.pending():
-            images.write(shard, {"images": world.images[rows], "labels": world.labels[rows]})
-        if shard in masks.pending():
-            masks.write(shard, {"masks": world.concept_masks[rows], "objects": world.objects[rows], "background": world.background[rows]})
+    task = progress.add_task("write toy world", total=writer.n_shards)
+    for shard in writer.pending():
+        rows = writer.rows(shard)
+        writer.write(
+            shard,
+            {
+                "images": world.images[rows],
+                "labels": world.labels[rows],
+                "masks": world.concept_masks[rows],
+                "objects": world.objects[rows],
+                "background": world.background[rows],
+            },
+        )
         progress.advance(task)
-    images.finalize()
-    masks.finalize()
+    writer.finalize()
 
-    write_manifest(layout.manifest, pd.DataFrame({"index": np.arange(n), "source": [f"toy:{i}" for i in range(n)], "label": world.labels, "split": splits}))
-    pd.DataFrame({"index": np.arange(n), "caption": toy_captions.global_captions(world)}).to_parquet(layout.captions, index=False)
+    manifest = pd.DataFrame({"index": np.arange(n), "source": [f"toy:{i}" for i in range(n)], "label": world.labels, "split": splits})
+    manifest["caption"] = toy_captions.global_captions(world)
+    write_manifest(layout.manifest, manifest)
     write_dataset_info(
         layout.dataset_info,
         {
@@ -152,7 +154,7 @@ def prepare_imagefolder(params: DataParams, runtime: RuntimeParams, layout: Layo
 
 
 def prepare_segfolder(params: DataParams, runtime: RuntimeParams, layout: Layout, progress: Progress) -> PrepareReport:
-    """Decode image + mask pairs (lib/data/segfolder.py) into the image store and masks.zarr.
+    """Decode image + mask pairs (lib/data/segfolder.py) into the image store (masks included).
 
     Masks are stored one-hot per concept, like the toy world's, so the evaluate stage reads both
     the same way. Bad pairs are handled as bad images are for imagefolder (on_bad_image).
@@ -169,27 +171,24 @@ def prepare_segfolder(params: DataParams, runtime: RuntimeParams, layout: Layout
             ArraySpec("images", (n, size, size, 3), "uint8", ("item", "y", "x", "rgb")),
             ArraySpec("labels", (n,), "int64", ("item",)),
             ArraySpec("ok", (n,), "uint8", ("item",)),  # 0 = bad pair, left out of the manifest
+            ArraySpec("masks", (n, k, size, size), "uint8", ("item", "concept", "y", "x")),
         ],
         params.rows_per_shard,
         provenance,
         fingerprint,
     )
-    masks = ShardedWriter(
-        layout.masks, [ArraySpec("masks", (n, k, size, size), "uint8", ("item", "concept", "y", "x"))], params.rows_per_shard, provenance, fingerprint
-    )
     task = progress.add_task("decode images and masks", total=n)
-    for shard in sorted(set(images.pending()) | set(masks.pending())):
+    for shard in images.pending():
         rows = images.rows(shard)
         dataset = segfolder.PairDataset(pairs, range(rows.start, rows.stop), vocabulary, size)
         loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=runtime.num_workers, collate_fn=list)
         rgb, ids, good, messages = zip(*(item for batch in loader for item in batch), strict=True)
         if source.on_bad_image == "error" and not all(good):
             raise ValueError(f"{messages[good.index(False)]} (set data.segfolder.on_bad_image: skip to leave it out)")
-        images.write(shard, {"images": np.stack(rgb), "labels": pairs.labels[rows], "ok": np.array(good)})
-        masks.write(shard, {"masks": segfolder.one_hot(np.stack(ids), k)})
+        blocks = {"images": np.stack(rgb), "labels": pairs.labels[rows], "ok": np.array(good), "masks": segfolder.one_hot(np.stack(ids), k)}
+        images.write(shard, blocks)
         progress.advance(task, rows.stop - rows.start)
     images.finalize()
-    masks.finalize()
 
     ok = images.group["ok"][:].astype(bool)
     # re-decoding only the bad pairs recovers their messages, also for shards of an earlier run
@@ -210,7 +209,7 @@ def prepare_segfolder(params: DataParams, runtime: RuntimeParams, layout: Layout
         images.group["images"].get_orthogonal_selection((sample,)),
         pairs.labels[sample],
         pairs.class_names,
-        masks=masks.group["masks"].get_orthogonal_selection((sample,)).astype(bool),
+        masks=images.group["masks"].get_orthogonal_selection((sample,)).astype(bool),
         concept_names=[c["name"] for c in vocabulary.concepts],
     )
     splits = pairs.splits[keep]

@@ -1,0 +1,137 @@
+"""The method registry of the evaluate stage: every explanation method that can draw maps.
+
+A method is a name plus functions giving maps for a batch of evaluation images:
+`concept_maps` (one map per ground-truth concept it covers, scored with NRA / EPG / Hit) and
+`class_maps` (one map per image for its class, scored as zero-shot segmentation). A method
+module `lib/evaluate/methods_<name>.py` registers a factory with :func:`register`; the evaluate
+stage imports every such module (:func:`discover`), calls each factory and evaluates the methods
+it gets back. A factory returns None while the method's stage outputs do not exist yet, so the
+stage runs with whatever the pipeline has produced.
+
+Registering a method (e.g. in lib/evaluate/methods_salf.py)::
+
+    @register("salf")
+    def _salf(context: EvalContext) -> ConceptMapMethod | None:
+        if not context.layout.salf.exists():
+            return None
+        return SalfMaps(...)  # a ConceptMapMethod subclass
+
+Maps may have any resolution; the evaluator resizes them bilinearly to the image size.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from lib.evaluate.truth import GroundTruth
+from lib.layout import Layout
+from lib.params import Params
+
+METHOD_MODULE_PREFIX = "methods_"
+
+
+@dataclass(frozen=True)
+class EvalBatch:
+    """A batch of evaluation images, all tensors on the evaluation device."""
+
+    index: Tensor  # int64 (B,): rows of the image store (for methods that read their own stores)
+    images: Tensor  # uint8 (B, H, W, 3)
+    labels: Tensor  # int64 (B,): true classes
+
+
+@dataclass(frozen=True)
+class ConceptMaps:
+    """Maps of the ground-truth concepts a method covers.
+
+    maps: float (B, M', h, w); concepts: int64 (M',), the ground-truth concept id (position in
+    dataset.json's concepts) that channel j of `maps` explains.
+    """
+
+    maps: Tensor
+    concepts: Tensor
+
+    def __post_init__(self) -> None:
+        if self.maps.ndim != 4 or not self.maps.is_floating_point():
+            raise ValueError(f"ConceptMaps.maps must be a float tensor (B, M', h, w); got {self.maps.dtype} {tuple(self.maps.shape)}")
+        if self.concepts.ndim != 1 or self.concepts.numel() != self.maps.shape[1] or self.concepts.is_floating_point():
+            raise ValueError(
+                f"ConceptMaps.concepts must be integer ids of shape ({self.maps.shape[1]},) (one per map channel); "
+                f"got {self.concepts.dtype} {tuple(self.concepts.shape)}"
+            )
+
+
+class ConceptMapMethod(Protocol):
+    """What the evaluator asks of a method. Subclass it explicitly to inherit the defaults
+    (None: "this method does not produce that")."""
+
+    name: str
+
+    def concept_maps(self, batch: EvalBatch) -> ConceptMaps | None:
+        """Maps of the ground-truth concepts the method covers, or None."""
+        return None
+
+    def class_maps(self, batch: EvalBatch) -> Tensor | None:
+        """Float (B, h, w) maps of each image's class (true or predicted, as the method defines), or None."""
+        return None
+
+    def accuracy_path(self) -> Sequence[tuple[float, float]] | None:
+        """(mean nonzero weights per class, accuracy) along a sparsity path (sparse final layers), or None."""
+        return None
+
+
+@dataclass(frozen=True)
+class EvalContext:
+    """What a factory may use to build its method."""
+
+    params: Params
+    layout: Layout
+    device: torch.device
+    truth: GroundTruth  # concept names, so a method can map its own vocabulary onto the ground truth
+
+
+MethodFactory = Callable[[EvalContext], ConceptMapMethod | None]
+REGISTRY: dict[str, MethodFactory] = {}
+
+
+def register(name: str) -> Callable[[MethodFactory], MethodFactory]:
+    """Decorator: register `factory` under `name` (the key used in metrics/evaluate.json)."""
+
+    def decorate(factory: MethodFactory) -> MethodFactory:
+        if name in REGISTRY:
+            raise ValueError(f"method name {name!r} is already registered; pick another name")
+        REGISTRY[name] = factory
+        return factory
+
+    return decorate
+
+
+def discover() -> list[str]:
+    """Import every `lib/evaluate/methods_*.py` module (their decorators fill REGISTRY);
+    returns the module names, sorted."""
+    package = importlib.import_module(__package__)
+    names = sorted(m.name for m in pkgutil.iter_modules(package.__path__) if m.name.startswith(METHOD_MODULE_PREFIX))
+    for name in names:
+        importlib.import_module(f"{__package__}.{name}")
+    return names
+
+
+def build_methods(context: EvalContext) -> tuple[list[ConceptMapMethod], list[str]]:
+    """Call every registered factory: (the methods available, names of those skipped)."""
+    discover()
+    methods, skipped = [], []
+    for name, factory in REGISTRY.items():
+        method = factory(context)
+        if method is None:
+            skipped.append(name)
+        elif method.name != name:
+            raise ValueError(f"factory registered as {name!r} returned a method named {method.name!r}")
+        else:
+            methods.append(method)
+    return methods, skipped

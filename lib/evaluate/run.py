@@ -1,0 +1,118 @@
+"""The evaluate stage's work: every available method's maps against the ground-truth masks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+import zarr
+from rich.progress import Progress
+
+from lib.data.manifest import read_dataset_info, read_manifest, split_indices
+from lib.evaluate.registry import ConceptMapMethod, EvalBatch, EvalContext, build_methods
+from lib.evaluate.scoring import ConceptMapScores, CurveMean, SegmentationScores, reference_curves
+from lib.evaluate.truth import GroundTruth
+from lib.layout import Layout
+from lib.params import EvaluateParams, Params
+from lib.stores import open_store
+from lib.streams import batch_source
+
+# reference curves of the IoU plot, beside the methods' own curves
+CHANCE, IDEAL = "chance", "ideal"
+
+
+@dataclass
+class Evaluation:
+    """Scores of every method, and the plot data."""
+
+    n_images: int
+    concept_maps: dict[str, dict[str, dict[str, float]]]  # method -> {"avg" | TYPE: {"nra", "epg", "hit"}}
+    segmentation: dict[str, dict[str, float]]  # method -> {"pixel_acc", "miou", "map"}
+    iou_curves: pd.DataFrame  # columns method, top_percent, iou
+    accuracy_path: pd.DataFrame  # columns method, nonzeros_per_class, accuracy
+    skipped: list[str] = field(default_factory=list)  # registered methods whose outputs do not exist yet
+
+
+def evaluate_methods(
+    methods: Sequence[ConceptMapMethod],
+    images: zarr.Group,
+    masks: zarr.Array,
+    indices: np.ndarray,
+    truth: GroundTruth,
+    params: EvaluateParams,
+    device: torch.device,
+    progress: Progress | None = None,
+) -> Evaluation:
+    """Score `methods` on the store rows `indices`, streaming batches of images and masks.
+
+    images: the image store group (arrays images (N, H, W, 3) uint8, labels (N,)); masks: the
+    concept masks (N, K, H, W) uint8 (the masks array of images.zarr). One pass over the data serves every method.
+    """
+    if masks.shape[1] != truth.n_concepts:
+        raise ValueError(f"images.zarr masks have {masks.shape[1]} concept channels but dataset.json lists {truth.n_concepts} concepts")
+    if not len(indices):
+        raise ValueError(f"evaluate.split: split {params.split!r} has no images")
+    fractions = torch.linspace(0.0, 1.0, params.steps, dtype=torch.float64)
+    concept_scores = {m.name: ConceptMapScores(truth.concept_types, fractions, params.hit_threshold) for m in methods}
+    segmentation = {m.name: SegmentationScores() for m in methods}
+    chance, ideal = CurveMean(), CurveMean()
+    source = batch_source(
+        {"images": images["images"], "labels": images["labels"], "masks": masks}, indices, params.batch_size, device=device
+    )
+    task = progress.add_task("evaluate", total=len(indices)) if progress is not None else None
+    for rows in source():
+        batch = EvalBatch(rows["index"], rows["images"], rows["labels"])
+        gt = rows["masks"].bool()
+        low, high = reference_curves(gt, fractions)
+        chance.add(low)
+        ideal.add(high)
+        targets = truth.class_masks(gt, batch.labels)
+        # methods choose their own grad mode: CAM-style maps (Grad-CAM, CE-FAM regions) need gradients
+        for method in methods:
+            maps = method.concept_maps(batch)
+            if maps is not None:
+                concept_scores[method.name].add(maps.maps.detach(), maps.concepts, gt)
+            class_maps = method.class_maps(batch)
+            if class_maps is not None:
+                segmentation[method.name].add(class_maps.detach(), targets)
+        if progress is not None:
+            progress.advance(task, len(batch.index))
+
+    curves = [(CHANCE, chance.mean()), (IDEAL, ideal.mean())] + [(name, s.curve.mean()) for name, s in concept_scores.items()]
+    percent = (fractions * 100).tolist()
+    iou = pd.DataFrame(
+        [(name, p, v) for name, curve in curves if curve is not None for p, v in zip(percent, curve.tolist(), strict=True)],
+        columns=["method", "top_percent", "iou"],
+    )
+    accuracy = pd.DataFrame(
+        [(m.name, float(nnz), float(acc)) for m in methods for nnz, acc in (m.accuracy_path() or [])],
+        columns=["method", "nonzeros_per_class", "accuracy"],
+    )
+    return Evaluation(
+        n_images=len(indices),
+        concept_maps={name: s.summary() for name, s in concept_scores.items() if s.n_pairs},
+        segmentation={name: s.summary() for name, s in segmentation.items() if s.n_images},
+        iou_curves=iou,
+        accuracy_path=accuracy,
+    )
+
+
+def run_evaluate(params: Params, layout: Layout, device: torch.device, progress: Progress | None = None) -> Evaluation:
+    """Build every registered method whose inputs exist and evaluate it on `evaluate.split`."""
+    truth = GroundTruth.from_info(read_dataset_info(layout.dataset_info))
+    indices = split_indices(read_manifest(layout.manifest), params.evaluate.split)
+    if params.evaluate.max_images is not None:
+        indices = indices[: params.evaluate.max_images]
+    store = open_store(layout.images)
+    if "masks" not in store:
+        raise ValueError(
+            f"{layout.images} has no ground-truth masks: evaluate needs data.kind 'toy' or 'segfolder' "
+            f"(got a '{read_dataset_info(layout.dataset_info)['kind']}' dataset)"
+        )
+    methods, skipped = build_methods(EvalContext(params, layout, device, truth))
+    evaluation = evaluate_methods(methods, store, store["masks"], indices, truth, params.evaluate, device, progress)
+    evaluation.skipped = skipped
+    return evaluation

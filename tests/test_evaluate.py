@@ -1,0 +1,293 @@
+"""The evaluate stage: ground truth, score accumulation, the method registry, outputs and the CLI."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+import zarr
+from typer.testing import CliRunner
+
+from lib.cli import app, progress
+from lib.data.manifest import read_dataset_info, read_manifest, split_indices
+from lib.data.prepare import prepare_toy
+from lib.evaluate import registry
+from lib.evaluate.methods_baselines import CamBaseline, CentrePrior, RandomMaps
+from lib.evaluate.registry import ConceptMapMethod, ConceptMaps, EvalBatch, EvalContext, build_methods, discover, register
+from lib.evaluate.report import summary_table, write_evaluation
+from lib.evaluate.run import CHANCE, IDEAL, evaluate_methods
+from lib.evaluate.scoring import ConceptMapScores, SegmentationScores, resize_maps
+from lib.evaluate.truth import GroundTruth
+from lib.layout import Layout
+from lib.models.backbones import save_backbone
+from lib.models.toy_cnn import build_toy, toy_preprocess
+from lib.params import DataParams, EvaluateParams, Params, ToyWorldParams
+from lib.stores import open_store
+from lib.streams import read_rows
+from lib.toy import world as toy_world
+from stages import evaluate as _evaluate_stage  # noqa: F401  (registers the command)
+
+TOY_INFO = {
+    "kind": "toy",
+    "classes": [c.name for c in toy_world.CLASSES],
+    "concepts": [{"name": c.name, "type": c.type} for c in toy_world.CONCEPTS],
+    "rules": toy_world.rules_table().to_dict(orient="records"),
+}
+TOY_DATA = DataParams(name="micro", image_size=32, rows_per_shard=16, toy=ToyWorldParams(n_train=8, n_val=8, n_test=24))
+
+
+@pytest.fixture(scope="module")
+def toy_layout(tmp_path_factory: pytest.TempPathFactory) -> Layout:
+    base = tmp_path_factory.mktemp("toy")
+    layout = Layout(base / "data" / "micro", base / "metrics")
+    layout.root.mkdir(parents=True)
+    with progress() as bar:
+        prepare_toy(TOY_DATA, layout, bar)
+    return layout
+
+
+# ---------------------------------------------------------------------------------- ground truth
+def test_class_masks_are_the_pixels_of_the_objects_satisfying_the_rule():
+    world = toy_world.generate(40, seed=3, image_size=32)
+    truth = GroundTruth.from_info(TOY_INFO)
+    targets = truth.class_masks(torch.from_numpy(world.concept_masks), torch.from_numpy(world.labels)).numpy()
+    for i, label in enumerate(world.labels):  # reference: object slots whose attributes contain the rule's
+        rule = toy_world.CLASSES[label].object_attributes
+        wanted = {toy_world.concept_index(name) for name in rule}
+        slots = [j for j, attributes in enumerate(world.objects[i]) if wanted <= set(attributes.tolist())]
+        expected = np.isin(world.object_map[i], slots)
+        assert expected.any() and np.array_equal(targets[i], expected)
+
+
+def test_class_without_object_rule_has_no_target_and_background_never_counts():
+    info = {
+        "classes": ["scene", "thing"],
+        "concepts": [{"name": "sky", "type": "background"}, {"name": "ball", "type": "object"}],
+        "rules": [
+            {"class_id": 0, "concept_id": 0, "concept_type": "background"},
+            {"class_id": 1, "concept_id": 0, "concept_type": "background"},
+            {"class_id": 1, "concept_id": 1, "concept_type": "object"},
+        ],
+    }
+    truth = GroundTruth.from_info(info)
+    masks = torch.zeros(2, 2, 2, 2, dtype=torch.bool)
+    masks[:, 0, 0] = True  # sky: top row
+    masks[:, 1, 1, 1] = True  # ball: one pixel
+    targets = truth.class_masks(masks, torch.tensor([0, 1]))
+    assert not targets[0].any()
+    assert targets[1].tolist() == [[False, False], [False, True]]
+
+
+def test_concept_ids_match_names_and_ground_truth_needs_concepts():
+    truth = GroundTruth.from_info(TOY_INFO)
+    columns, ids = truth.concept_ids(["red", "star", "night", "a dog"])
+    assert columns.tolist() == [1, 2] and ids.tolist() == [toy_world.concept_index("star"), toy_world.concept_index("night")]
+    with pytest.raises(ValueError, match="lists no concepts"):
+        GroundTruth.from_info({"kind": "imagefolder", "classes": ["a"], "concepts": [], "rules": []})
+
+
+# -------------------------------------------------------------------------------------- scoring
+def _two_images() -> torch.Tensor:
+    """Masks (2, 3, 8, 8): concept 0 top-left 4x4 square in both images, concept 1 only in image 0,
+    concept 2 nowhere."""
+    masks = torch.zeros(2, 3, 8, 8, dtype=torch.bool)
+    masks[:, 0, :4, :4] = True
+    masks[0, 1, 4:, 2:6] = True
+    return masks
+
+
+def test_concept_scores_of_perfect_and_constant_maps():
+    masks = _two_images()
+    fractions = torch.linspace(0, 1, 65, dtype=torch.float64)
+    perfect = ConceptMapScores(["a", "b", "b"], fractions, 0.5)
+    perfect.add(masks.float(), torch.arange(3), masks)
+    assert perfect.n_pairs == 3  # (0, 0), (0, 1), (1, 0): absent concepts are not scored
+    assert perfect.summary() == {"avg": {"nra": 1.0, "epg": 1.0, "hit": 1.0}, "a": {"nra": 1.0, "epg": 1.0, "hit": 1.0}, "b": {"nra": 1.0, "epg": 1.0, "hit": 1.0}}
+    torch.testing.assert_close(perfect.curve.mean()[16], torch.tensor(1.0, dtype=torch.float64))  # top 25 % = the 16-px masks
+
+    constant = ConceptMapScores(["a", "b", "b"], fractions, 0.5)
+    constant.add(torch.ones(2, 3, 8, 8), torch.arange(3), masks)
+    summary = constant.summary()
+    assert summary["a"]["nra"] == pytest.approx(0.0, abs=1e-12) and summary["a"]["hit"] == 0.0
+    assert summary["a"]["epg"] == pytest.approx(16 / 64) and summary["b"]["epg"] == pytest.approx(16 / 64)
+
+
+def test_concept_scores_only_cover_the_methods_concepts_and_low_resolution_maps_are_resized():
+    masks = _two_images()
+    scores = ConceptMapScores(["a", "b", "b"], torch.linspace(0, 1, 33, dtype=torch.float64), 0.5)
+    # a 4x4 map of concept 1 only: bilinear upsampling keeps every mask pixel above every other
+    low = masks[:, 1:2].float().reshape(2, 1, 4, 2, 4, 2).amax(dim=(3, 5))
+    scores.add(low, torch.tensor([1]), masks)
+    assert scores.n_pairs == 1
+    summary = scores.summary()
+    assert set(summary) == {"avg", "b"}  # only the covered concept's type
+    assert summary["b"]["nra"] == pytest.approx(1.0) and summary["b"]["hit"] == 1.0
+    assert 0.5 < summary["b"]["epg"] < 1.0  # the blurred edge puts some energy outside
+
+
+def test_resize_maps_is_bilinear_and_a_no_op_at_size():
+    maps = torch.rand(3, 4, 5, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(resize_maps(maps, (8, 10)), F.interpolate(maps[:, None], (8, 10), mode="bilinear")[:, 0])
+    assert resize_maps(maps, (4, 5)) is maps
+    assert resize_maps(maps.half(), (4, 5)).dtype == torch.float32
+
+
+def test_segmentation_scores_skip_images_without_target():
+    targets = torch.zeros(3, 4, 4, dtype=torch.bool)
+    targets[0, :2] = True
+    targets[2, :, :1] = True
+    scores = SegmentationScores()
+    scores.add(targets.float(), targets)
+    assert scores.n_images == 2
+    assert scores.summary() == {"pixel_acc": 1.0, "miou": 1.0, "map": 1.0}
+
+
+def test_bad_method_outputs_raise():
+    with pytest.raises(ValueError, match="one per map channel"):
+        ConceptMaps(torch.zeros(1, 2, 4, 4), torch.tensor([0]))
+    with pytest.raises(ValueError, match="float tensor"):
+        ConceptMaps(torch.zeros(1, 2, 4, 4, dtype=torch.bool), torch.tensor([0, 1]))
+    scores = ConceptMapScores(["a", "b", "b"], torch.linspace(0, 1, 5, dtype=torch.float64), 0.5)
+    with pytest.raises(ValueError, match=r"concept ids must lie in \[0, 3\)"):
+        scores.add(torch.zeros(2, 1, 8, 8), torch.tensor([3]), _two_images())
+    with pytest.raises(ValueError, match="class maps must have shape"):
+        SegmentationScores().add(torch.zeros(1, 8, 8), torch.zeros(2, 8, 8, dtype=torch.bool))
+
+
+# ------------------------------------------------------------------------------------- registry
+def test_discover_registers_the_baselines():
+    assert discover() == sorted(discover()) and "methods_baselines" in discover()
+    assert {"random", "centre", "gradcam", "gradcam++", "scorecam"} <= set(registry.REGISTRY)
+
+
+def test_build_methods_skips_unavailable_and_checks_names(monkeypatch: pytest.MonkeyPatch, toy_layout: Layout):
+    monkeypatch.setattr(registry, "REGISTRY", {})
+    register("centre")(lambda context: CentrePrior())
+    register("later")(lambda context: None)
+    with pytest.raises(ValueError, match="already registered"):
+        register("centre")(lambda context: CentrePrior())
+    context = EvalContext(Params(), toy_layout, torch.device("cpu"), GroundTruth.from_info(TOY_INFO))
+    methods, skipped = build_methods(context)
+    assert [m.name for m in methods] == ["centre"] and skipped == ["later"]
+    register("wrong")(lambda context: CentrePrior())
+    with pytest.raises(ValueError, match="registered as 'wrong' returned a method named 'centre'"):
+        build_methods(context)
+
+
+def test_cam_factories_load_the_backbone_or_skip_missing_weights(toy_layout: Layout, tmp_path: Path):
+    discover()
+    truth = GroundTruth.from_info(TOY_INFO)
+    absent = Params.model_validate({"backbone": {"weights": str(tmp_path / "absent.pt")}})
+    assert registry.REGISTRY["gradcam"](EvalContext(absent, toy_layout, torch.device("cpu"), truth)) is None
+    assert isinstance(registry.REGISTRY["random"](EvalContext(absent, toy_layout, torch.device("cpu"), truth)), RandomMaps)
+
+    torch.manual_seed(0)
+    weights = save_backbone(tmp_path / "cnn.pt", build_toy("cnn", 8), "toy:cnn", 8, toy_preprocess("cnn", 32))
+    params = Params.model_validate({"backbone": {"arch": "toy:cnn", "weights": str(weights)}, "evaluate": {"cam_methods": ["gradcam"]}})
+    context = EvalContext(params, toy_layout, torch.device("cpu"), truth)
+    assert registry.REGISTRY["gradcam++"](context) is None  # not in evaluate.cam_methods
+    method = registry.REGISTRY["gradcam"](context)
+    assert isinstance(method, CamBaseline) and method.layer is dict(method.model.named_modules())[params.features.layers[-1]]
+    images = open_store(toy_layout.images)
+    batch = EvalBatch(torch.arange(4), torch.from_numpy(images["images"][:4]), torch.from_numpy(images["labels"][:4]))
+    maps = method.class_maps(batch)  # the loaded backbone's parameters are frozen
+    assert maps.shape == (4, 32, 32) and maps.max().item() == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------ the whole pass
+@dataclass
+class Oracle(ConceptMapMethod):
+    """Ground truth as maps: concept masks for every concept, the class mask as class map."""
+
+    masks: zarr.Array
+    truth: GroundTruth
+    name: str = "oracle"
+
+    def _masks(self, batch: EvalBatch) -> torch.Tensor:
+        return torch.from_numpy(read_rows(self.masks, batch.index.numpy())).bool()
+
+    def concept_maps(self, batch: EvalBatch) -> ConceptMaps:
+        return ConceptMaps(self._masks(batch).float(), torch.arange(self.truth.n_concepts))
+
+    def class_maps(self, batch: EvalBatch) -> torch.Tensor:
+        return self.truth.class_masks(self._masks(batch), batch.labels).float()
+
+    def accuracy_path(self) -> list[tuple[float, float]]:
+        return [(1.0, 0.5), (2.0, 0.75)]
+
+
+def test_evaluate_methods_end_to_end(toy_layout: Layout):
+    truth = GroundTruth.from_info(read_dataset_info(toy_layout.dataset_info))
+    masks = open_store(toy_layout.images)["masks"]
+    torch.manual_seed(0)
+    model = build_toy("cnn", len(truth.class_names)).eval()
+    methods = [
+        Oracle(masks, truth),
+        RandomMaps(truth.n_concepts, seed=0),
+        CentrePrior(),
+        CamBaseline("gradcam", model, model.layer3, toy_preprocess("cnn", 32), batch_size=8),
+    ]
+    indices = split_indices(read_manifest(toy_layout.manifest), "test")
+    params = EvaluateParams(batch_size=10, steps=21)
+    evaluation = evaluate_methods(methods, open_store(toy_layout.images), masks, indices, truth, params, torch.device("cpu"))
+
+    assert evaluation.n_images == 24
+    assert set(evaluation.concept_maps) == {"oracle", "random"}
+    assert set(evaluation.segmentation) == {"oracle", "random", "centre", "gradcam"}
+    for group in evaluation.concept_maps["oracle"].values():
+        assert group == {"nra": pytest.approx(1.0), "epg": 1.0, "hit": 1.0}
+    assert set(evaluation.concept_maps["oracle"]) == {"avg", "color", "shape", "pattern", "background"}
+    assert abs(evaluation.concept_maps["random"]["avg"]["nra"]) < 0.05
+    assert evaluation.segmentation["oracle"] == {"pixel_acc": 1.0, "miou": 1.0, "map": 1.0}
+    for scores in evaluation.segmentation.values():
+        assert all(0 <= v <= 1 for v in scores.values())
+
+    curves = evaluation.iou_curves.pivot(index="top_percent", columns="method", values="iou")
+    assert list(curves.index) == pytest.approx(np.linspace(0, 100, 21))
+    np.testing.assert_allclose(curves["oracle"], curves[IDEAL], atol=1e-12)  # the mask ranked first is the ideal curve
+    np.testing.assert_allclose(curves["random"], curves[CHANCE], atol=0.02)
+    assert evaluation.accuracy_path.to_dict("records") == [
+        {"method": "oracle", "nonzeros_per_class": 1.0, "accuracy": 0.5},
+        {"method": "oracle", "nonzeros_per_class": 2.0, "accuracy": 0.75},
+    ]
+
+    write_evaluation(evaluation, toy_layout)
+    metrics = json.loads(toy_layout.evaluate_metrics.read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
+    assert metrics["segmentation"]["oracle"] == {"pixel_acc": 1.0, "miou": 1.0, "map": 1.0}
+    assert metrics["concept_maps"]["random"]["avg"].keys() == {"nra", "epg", "hit"}
+    table = toy_layout.evaluate_summary.read_text()
+    assert table == summary_table(evaluation)
+    assert "| oracle | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 |" in table
+    assert "| centre | – | – | – |" in table
+    assert toy_layout.iou_curves.read_text().startswith("method,top_percent,iou\n")
+
+
+def test_random_maps_are_reproducible_per_batch(toy_layout: Layout):
+    images = open_store(toy_layout.images)
+    batch = EvalBatch(torch.arange(4), torch.from_numpy(images["images"][:4]), torch.from_numpy(images["labels"][:4]))
+    method = RandomMaps(17, seed=0)
+    first, again = method.concept_maps(batch), method.concept_maps(batch)
+    assert first.maps.shape == (4, 17, 32, 32) and torch.equal(first.maps, again.maps)
+    assert not torch.equal(method.class_maps(batch), RandomMaps(17, seed=1).class_maps(batch))
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def test_cli_writes_metrics_and_reports_missing_inputs(toy_layout: Layout, monkeypatch: pytest.MonkeyPatch):
+    base = toy_layout.root.parent.parent
+    monkeypatch.chdir(base)
+    config = {"data": TOY_DATA.model_dump(mode="json"), "runtime": {"device": "cpu"}, "evaluate": {"cam_methods": [], "max_images": 12, "steps": 11}}
+    (base / "params.yaml").write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(app, ["evaluate", "--params", "params.yaml"])
+    assert result.exit_code == 0, result.output
+    assert "2 methods on 12 images" in result.output
+    metrics = json.loads(Path("metrics/evaluate.json").read_text())
+    assert set(metrics["segmentation"]) == {"random", "centre"} and set(metrics["concept_maps"]) == {"random"}
+
+    config["data"]["name"] = "absent"
+    (base / "params.yaml").write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(app, ["evaluate", "--params", "params.yaml"])
+    assert result.exit_code == 2 and "dataset info not found" in result.output
