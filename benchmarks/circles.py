@@ -18,14 +18,12 @@ from collections.abc import Callable
 import numpy as np
 import open_clip
 import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image, ImageDraw
 
 from lib.circles import CircleEncoder, autocast_dtype, grid_centers
 from lib.device import resolve_device
 from lib.models.preprocess import Preprocess
-
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def best_seconds(
@@ -81,7 +79,7 @@ def main() -> None:
                         head_width=64),
         text_cfg=dict(context_length=16, vocab_size=1000, width=64, heads=2, layers=1),
     ).eval().to(device)
-    preprocess = Preprocess(args.size, OPENAI_MEAN, OPENAI_STD)
+    preprocess = Preprocess(args.size, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
     encoder = CircleEncoder(model, preprocess, args.grid, args.radius, args.width, chunk=args.chunk,
                             autocast=autocast)
     images = torch.randint(0, 256, (args.images, args.size, args.size, 3), dtype=torch.uint8)

@@ -1,7 +1,11 @@
 """Concept lists: reading, CLIP text embeddings and LF-CBM-style filtering.
 
-File format: UTF-8, one concept per line, optionally followed by a TAB and a concept type
-(an identifier such as `color`); blank lines are skipped. The type picks the prompt template.
+Concept list format (UTF-8, one concept per line):
+    blue<TAB>color        a concept, a TAB, then its type (an identifier) ...
+    hexagon               ... or the concept alone (untyped)
+    # a comment           lines starting with '#' and blank lines are skipped
+The type picks the concept's prompt template ("a {} object" -> "a blue object"); untyped
+concepts use the default template. Concepts are unique ignoring case and outer whitespace.
 """
 
 import re
@@ -12,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["encode_concepts", "filter_concepts", "read_concept_list"]
+__all__ = ["concept_prompts", "encode_texts", "filter_concepts", "read_concept_list"]
 
 _TYPE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # LF-CBM's activation filter: mean of each concept's 5 best image similarities.
@@ -25,14 +29,15 @@ def read_concept_list(
     """Read a concept list file into [(concept, type or None), ...] in file order.
 
     Raises ValueError naming the file and line for: no concepts, more than two TAB columns,
-    an empty concept, a type that is not an identifier (or not in `allowed_types` when given),
-    and duplicate concepts (case-insensitive, whitespace-trimmed).
+    an empty concept, a type that is not an identifier (or not in `allowed_types` when given,
+    e.g. the types that have a prompt template), and duplicate concepts (case-insensitive,
+    whitespace-trimmed). A missing file raises FileNotFoundError.
     """
     allowed = None if allowed_types is None else set(allowed_types)
     concepts: list[tuple[str, str | None]] = []
     first_seen: dict[str, int] = {}
     for lineno, raw in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        if not raw.strip():
+        if not raw.strip() or raw.lstrip().startswith("#"):
             continue
         where = f"{path}:{lineno}"
         columns = [c.strip() for c in raw.split("\t")]
@@ -51,14 +56,19 @@ def read_concept_list(
         first_seen[key] = lineno
         concepts.append((concept, ctype))
     if not concepts:
-        raise ValueError(f"{path}: concept list is empty")
+        raise ValueError(f"{path}: concept list is empty (no concept lines)")
     return concepts
 
 
-def _prompts(
-    concepts: Sequence[tuple[str, str | None]], templates: Mapping[str, str], default_template: str
+def concept_prompts(
+    concepts: Sequence[tuple[str, str | None]], templates: Mapping[str, str], default_template: str = "{}"
 ) -> list[str]:
-    """Fill each concept into its type's template ('{}' marks the slot)."""
+    """Each (concept, type) put in its type's template, '{}' marking the slot.
+
+    Untyped concepts use `default_template`, e.g. templates={"shape": "a {}"} and
+    default_template="a photo of a {}". Raises ValueError for a type without a template or a
+    template without exactly one '{}'.
+    """
     for name, template in [*templates.items(), ("default", default_template)]:
         if template.count("{}") != 1:
             raise ValueError(f"template {name!r}={template!r} must contain exactly one '{{}}'")
@@ -74,28 +84,23 @@ def _prompts(
 
 
 @torch.inference_mode()
-def encode_concepts(
+def encode_texts(
     clip_model: torch.nn.Module,
     tokenizer: Callable[[list[str]], torch.Tensor],
-    concepts: Sequence[tuple[str, str | None]],
-    templates: Mapping[str, str],
-    default_template: str = "a photo of a {}",
+    prompts: Sequence[str],
     batch_size: int = 1024,
 ) -> torch.Tensor:
-    """L2-normalised float32 CLIP text embeddings (M, D) of the concepts' prompts.
+    """L2-normalised float32 CLIP text embeddings (len(prompts), D), on the model's device.
 
-    Each concept is put in the template of its type (`default_template` for untyped ones), e.g.
-    templates={"shape": "a photo of a {} object"}. The tokenizer maps prompts to token ids
-    (open_clip.get_tokenizer(...) fits). Runs on the model's device.
+    The tokenizer maps prompts to token ids (open_clip.get_tokenizer(...) fits).
     """
-    if not concepts:
-        raise ValueError("concepts is empty: nothing to encode")
+    if not prompts:
+        raise ValueError("prompts is empty: nothing to encode")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    prompts = _prompts(concepts, templates, default_template)
     device = next(clip_model.parameters()).device
     chunks = [
-        clip_model.encode_text(tokenizer(prompts[i : i + batch_size]).to(device)).float()
+        clip_model.encode_text(tokenizer(list(prompts[i : i + batch_size])).to(device)).float()
         for i in range(0, len(prompts), batch_size)
     ]
     return F.normalize(torch.cat(chunks), dim=-1)
@@ -120,7 +125,7 @@ def _top_k_mean(image_batches: Iterable[torch.Tensor], text_emb: torch.Tensor, k
 def filter_concepts(
     concepts: Sequence[str],
     text_emb: torch.Tensor,
-    image_batches: Iterable[torch.Tensor],
+    image_batches: Iterable[torch.Tensor] | None,
     *,
     class_names: Sequence[str] = (),
     class_emb: torch.Tensor | None = None,
@@ -137,7 +142,7 @@ def filter_concepts(
        above `class_similarity_threshold`;
     3. text cosine above `duplicate_threshold` to an earlier kept concept (the first one stays);
     4. mean of the 5 highest cosines with the global image embeddings streamed from
-       `image_batches` ((n, D) each) below `min_top5_similarity`.
+       `image_batches` ((n, D) each) below `min_top5_similarity` (skipped when image_batches is None).
     Differences from LF-CBM: similarities use CLIP text embeddings only (no mpnet), and
     near-duplicates keep the earlier concept. Raises ValueError if nothing survives.
     """
@@ -177,15 +182,18 @@ def filter_concepts(
             i = kept_before[0]
             reasons[j] = f"near-duplicate: of {concepts[i]!r} cos {sims[j, i]:.3f} > {duplicate_threshold}"
 
-    activation = _top_k_mean(image_batches, text, TOP_K)
-    for i in torch.nonzero(activation < min_top5_similarity).flatten().tolist():
-        if reasons[i] is None:
-            reasons[i] = (
-                f"low activation: top-{TOP_K} mean image cos {activation[i]:.3f} < {min_top5_similarity}"
-            )
+    if image_batches is not None:
+        activation = _top_k_mean(image_batches, text, TOP_K)
+        for i in torch.nonzero(activation < min_top5_similarity).flatten().tolist():
+            if reasons[i] is None:
+                reasons[i] = (
+                    f"low activation: top-{TOP_K} mean image cos {activation[i]:.3f} < {min_top5_similarity}"
+                )
 
     kept = torch.tensor([r is None for r in reasons], dtype=torch.bool)
     if not kept.any():
         counts = Counter(r.split(":")[0] for r in reasons if r is not None)
-        raise ValueError(f"all {len(concepts)} concepts were filtered out: {dict(counts)}")
+        raise ValueError(
+            f"all {len(concepts)} concepts were filtered out: {dict(counts)}; relax the thresholds of those filters"
+        )
     return kept, reasons

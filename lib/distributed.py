@@ -23,14 +23,21 @@ class Ranks:
         return self.rank == 0
 
 
-def init_ranks(device: torch.device) -> Ranks:
-    """Read torchrun's environment; start a process group (gloo on CPU, nccl on CUDA) when needed."""
+def init_ranks(device: torch.device) -> tuple[Ranks, torch.device]:
+    """Read torchrun's environment; start a process group (gloo on CPU, nccl on CUDA) when needed.
+
+    Returns the ranks and this rank's device: on CUDA each rank takes ``cuda:LOCAL_RANK``, so
+    K ranks on a K-GPU machine do not all land on the first GPU.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        return Ranks()
+        return Ranks(), device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Ranks(dist.get_rank(), dist.get_world_size())
+    return Ranks(dist.get_rank(), dist.get_world_size()), device
 
 
 def barrier(ranks: Ranks) -> None:

@@ -115,24 +115,41 @@ class ClipParams(Section):
 
 
 class ToyClassifierParams(Section):
-    epochs: PositiveInt = 12
-    batch_size: PositiveInt = 128
-    lr: PositiveFloat = 2e-3
+    epochs: PositiveInt = 8
+    batch_size: PositiveInt = 64
+    lr: PositiveFloat = 3e-3
     weight_decay: Annotated[float, Field(ge=0)] = 1e-4
     augment: bool = True
+    loss: Literal["ce", "bce"] = "ce"  # B-cos models train with binary cross-entropy
 
 
 class ToyBackboneParams(Section):
-    seed: int = 0
+    """Toy backbones are trained on their own draw of the toy world (seeded), not on data/<name>."""
+
+    seed: int = 1
+    n_train: PositiveInt = 8000
+    n_val: PositiveInt = 1000
     cnn: ToyClassifierParams = ToyClassifierParams()
-    bcos: ToyClassifierParams = ToyClassifierParams()
+    bcos: ToyClassifierParams = ToyClassifierParams(epochs=6, weight_decay=0.0, loss="bce")
 
 
 class ToyClipParams(Section):
-    seed: int = 0
+    """The toy teacher CLIP; its ring geometry is its own, so circles params can change freely."""
+
+    seed: int = 1
+    n_train: PositiveInt = 10000
+    n_val: PositiveInt = 100
     steps: PositiveInt = 3000
-    batch_size: PositiveInt = 128
-    lr: PositiveFloat = 1e-3
+    batch_size: PositiveInt = 64
+    lr: PositiveFloat = 2e-3
+    warmup: Annotated[int, Field(ge=0)] = 50
+    weight_decay: Annotated[float, Field(ge=0)] = 0.1
+    ring_radius: PositiveFloat = 8.0
+    ring_width: PositiveFloat = 1.0
+    grid: PositiveInt = 7
+    ring_fraction: Fraction = 0.75
+    object_fraction: Fraction = 0.5
+    eval_every: PositiveInt = 500
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,11 +10,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CLIP_MODEL_KEY", "EMBED_DIM_KEY", "check_compatible", "similarity_batch"]
+__all__ = ["CLIP_MODEL_KEY", "EMBED_DIM_KEY", "check_compatible", "clip_provenance", "similarity_batch"]
 
-# Attribute keys both stores record for the CLIP that made them.
-CLIP_MODEL_KEY = "clip_model"
+# Attribute keys both stores record for the CLIP that made them (model_id is every store's
+# provenance key for its model; for these two stores that model is the CLIP).
+CLIP_MODEL_KEY = "model_id"
 EMBED_DIM_KEY = "embed_dim"
+
+
+def clip_provenance(model_id: str, embed_dim: int) -> dict[str, Any]:
+    """The attributes `check_compatible` compares, for a store made with this CLIP."""
+    return {CLIP_MODEL_KEY: model_id, EMBED_DIM_KEY: embed_dim}
 
 
 def check_compatible(circles_attrs: Mapping[str, Any], concepts_attrs: Mapping[str, Any]) -> None:

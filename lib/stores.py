@@ -15,6 +15,7 @@ looks complete. Resumed and uninterrupted runs produce identical bytes.
 
 from __future__ import annotations
 
+import math
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -109,7 +110,7 @@ class ShardedWriter:
         attributes.update(fingerprint=self.fingerprint, complete=False, rows_per_shard=self.rows_per_shard)
         group = zarr.open_group(self.path, mode="w", attributes=attributes)
         for spec in self.specs.values():
-            chunk_rows = min(DEFAULT_CHUNK_ROWS, self.rows_per_shard)
+            chunk_rows = math.gcd(DEFAULT_CHUNK_ROWS, self.rows_per_shard)  # inner chunks must tile a shard
             group.create_array(
                 name=spec.name,
                 shape=spec.shape,

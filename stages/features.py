@@ -18,7 +18,7 @@ def features(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
 
         config = load_params(params)
         device = resolve_device(config.runtime.device)
-        ranks = init_ranks(device)
+        ranks, device = init_ranks(device)
         with progress() as bar:
             report = extract_features(config, Layout.from_params(config), device, ranks, bar)
     shapes = ", ".join(f"{k} {v}" for k, v in report.shapes.items())

@@ -5,7 +5,7 @@ from lib.cli import DEFAULT_PARAMS_PATH, ParamsOption, app, progress, summary, u
 
 @app.command()
 def prepare(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
-    """Build data/<name>/: manifest.parquet, images.zarr, masks.zarr (toy, segfolder), dataset.json, preview.png."""
+    """Build data/<name>/: manifest.parquet, images.zarr (images, labels, masks where known), dataset.json, preview.png."""
     with user_errors():
         from lib.data.prepare import prepare_imagefolder, prepare_segfolder, prepare_toy
         from lib.layout import Layout

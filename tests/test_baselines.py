@@ -95,6 +95,15 @@ def test_cam_maps_shape_range_and_side_effects(method):
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("method", sorted(CAM_METHODS))
+def test_cam_maps_of_a_frozen_model_equal_the_trainable_ones(method):
+    model, images = _tiny_cnn(), _images()
+    trainable = cam_maps(model, model[2], images, TARGETS, method)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    torch.testing.assert_close(cam_maps(model, model[2], images, TARGETS, method), trainable)
+
+
 def test_cam_maps_differ_between_classes():
     model, images = _tiny_cnn(), _images()
     first = cam_maps(model, model[2], images, torch.zeros(5, dtype=torch.long))

@@ -3,33 +3,16 @@
 import math
 
 import numpy as np
-import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image, ImageDraw
 
 from lib.circles import CircleEncoder, blend_rings, grid_centers, ring_alpha, validate_grid
 from lib.models.preprocess import Preprocess
 
-MEAN = (0.48145466, 0.4578275, 0.40821073)
-STD = (0.26862954, 0.26130258, 0.27577711)
 RED = (255, 0, 0)
-
-
-def preprocess(size: int) -> Preprocess:
-    """CLIP normalisation; test images are already `size` px, so nothing is resized."""
-    return Preprocess(size, MEAN, STD)
-
-
-def tiny_clip(image_size: int = 32, embed_dim: int = 32) -> open_clip.CLIP:
-    """Random-init open_clip CLIP small enough for CPU tests (text side takes open_clip tokens)."""
-    torch.manual_seed(0)
-    return open_clip.CLIP(
-        embed_dim=embed_dim,
-        vision_cfg=dict(image_size=image_size, patch_size=8, width=64, layers=2, head_width=32),
-        text_cfg=dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1),
-    ).eval()
 
 
 def pil_reference_alpha(size: int, center: tuple[int, int], radius: float, width: float, factor: int = 4):
@@ -93,13 +76,13 @@ def test_blend_rings_equals_pillow_drawing_then_normalising():
     <= 1 grey level. Off the ring both are exactly the image.
     """
     size, radius, width = 64, 12.0, 2.0
-    prep = preprocess(size)
+    prep = Preprocess(size, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)  # 64 px images: not resized
     gen = torch.Generator().manual_seed(1)
     raw = torch.randint(0, 256, (size, size, 3), dtype=torch.uint8, generator=gen)
     centers = grid_centers(size, 3)
     alpha = ring_alpha(size, centers, radius, width)
     ours = blend_rings(prep(raw[None]), alpha, prep.normalise_color(RED))
-    std = torch.tensor(STD).view(3, 1, 1)
+    std = torch.tensor(OPENAI_DATASET_STD).view(3, 1, 1)
     for v, (cy, cx) in enumerate(centers.int().tolist()):
         mask = pil_reference_alpha(size, (cy, cx), radius, width)
         drawn = Image.composite(
@@ -155,9 +138,9 @@ def test_validate_grid_accepts_paper_default():
     validate_grid(64, 3, 45.0, 2.0)  # inner edge 44 < 45.25, the centre ring's corner reach
 
 
-def test_circle_encoder_equals_per_variant_encoding():
-    size, grid = 32, 3
-    model, prep = tiny_clip(size), preprocess(size)
+def test_circle_encoder_equals_per_variant_encoding(tiny_clip, clip_preprocess):
+    model, prep = tiny_clip, clip_preprocess
+    size, grid = prep.size, 3
     gen = torch.Generator().manual_seed(2)
     images = torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8, generator=gen)
     encoder = CircleEncoder(model, prep, grid=grid, radius=6.0, width=2.0, chunk=7, autocast=False)
@@ -184,6 +167,6 @@ def test_circle_encoder_equals_per_variant_encoding():
     assert (low_precision * circles).sum(dim=-1).min() > 0.99
 
 
-def test_circle_encoder_rejects_bad_chunk():
+def test_circle_encoder_rejects_bad_chunk(tiny_clip, clip_preprocess):
     with pytest.raises(ValueError, match="chunk"):
-        CircleEncoder(tiny_clip(), preprocess(32), grid=3, radius=6.0, width=2.0, chunk=0)
+        CircleEncoder(tiny_clip, clip_preprocess, grid=3, radius=6.0, width=2.0, chunk=0)

@@ -5,8 +5,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.tokenizer import SimpleTokenizer
 
-from lib.concepts import encode_concepts, filter_concepts, read_concept_list
-from tests.test_circles import tiny_clip
+from lib.concepts import concept_prompts, encode_texts, filter_concepts, read_concept_list
 
 
 def write(tmp_path, text: str):
@@ -15,8 +14,8 @@ def write(tmp_path, text: str):
     return path
 
 
-def test_read_concept_list_parses_types_and_skips_blank_lines(tmp_path):
-    path = write(tmp_path, "blue\tcolor\n\nstar\tshape\nstriped \n")
+def test_read_concept_list_parses_types_and_skips_blank_and_comment_lines(tmp_path):
+    path = write(tmp_path, "# concepts\nblue\tcolor\n\n  # shapes\nstar\tshape\nstriped \n")
     assert read_concept_list(path, allowed_types={"color", "shape"}) == [
         ("blue", "color"),
         ("star", "shape"),
@@ -28,7 +27,7 @@ def test_read_concept_list_parses_types_and_skips_blank_lines(tmp_path):
     ("text", "message"),
     [
         ("", r"concepts\.txt: concept list is empty"),
-        ("\n  \n", "concept list is empty"),
+        ("\n  \n# only a comment\n", "concept list is empty"),
         ("blue\ngreen\nBlue \n", r"concepts\.txt:3: duplicate concept 'Blue' \(first on line 1\)"),
         ("blue\tcolor\nstar\tshape kind\n", r"concepts\.txt:2: concept type 'shape kind'"),
         ("blue\tcolor\tx\n", r"concepts\.txt:1: expected 'concept' or 'concept<TAB>type', got 3"),
@@ -41,29 +40,39 @@ def test_read_concept_list_rejects(tmp_path, text, message):
         read_concept_list(write(tmp_path, text), allowed_types={"color"})
 
 
-def test_encode_concepts_uses_the_type_template():
-    model, tokenizer = tiny_clip(), SimpleTokenizer(context_length=16)
-    concepts = [("blue", "color"), ("star", "shape"), ("night", None)]
+def test_concept_prompts_use_the_type_template():
+    concepts = [("blue", "color"), ("star", "shape"), ("night", None), ("{odd}", None)]
     templates = {"color": "a {} thing", "shape": "a photo of a {} object"}
-    emb = encode_concepts(model, tokenizer, concepts, templates, "a photo of a {}", batch_size=2)
+    assert concept_prompts(concepts, templates, "a photo of a {}") == [
+        "a blue thing",
+        "a photo of a star object",
+        "a photo of a night",
+        "a photo of a {odd}",
+    ]
+
+
+def test_encode_texts_equals_one_batch_encoding(tiny_clip):
+    tokenizer = SimpleTokenizer(context_length=16)
+    prompts = ["a blue thing", "a photo of a star object", "night"]
+    emb = encode_texts(tiny_clip, tokenizer, prompts, batch_size=2)
     assert emb.shape == (3, 32) and emb.dtype == torch.float32
-    prompts = ["a blue thing", "a photo of a star object", "a photo of a night"]
     with torch.no_grad():
-        expected = F.normalize(model.encode_text(tokenizer(prompts)), dim=-1)
+        expected = F.normalize(tiny_clip.encode_text(tokenizer(prompts)), dim=-1)
     torch.testing.assert_close(emb, expected, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="prompts is empty"):
+        encode_texts(tiny_clip, tokenizer, [])
 
 
 @pytest.mark.parametrize(
     ("concepts", "templates", "message"),
     [
-        ([], {}, "concepts is empty"),
         ([("blue", "colour")], {"color": "a {}"}, "type 'colour' with no template"),
         ([("blue", None)], {"color": "a photo"}, "exactly one"),
     ],
 )
-def test_encode_concepts_rejects(concepts, templates, message):
+def test_concept_prompts_rejects(concepts, templates, message):
     with pytest.raises(ValueError, match=message):
-        encode_concepts(tiny_clip(), SimpleTokenizer(context_length=16), concepts, templates, "a {}")
+        concept_prompts(concepts, templates, "a {}")
 
 
 def unit(*values: float) -> torch.Tensor:
@@ -92,6 +101,9 @@ def test_filter_concepts_applies_each_lf_cbm_filter():
     assert reasons[2].startswith("near-duplicate: of 'blue' cos 0.981")
     assert reasons[3] == "similar to class: 'sea_star' cos 1.000 > 0.85"
     assert reasons[4] == "low activation: top-5 mean image cos 0.000 < 0.25"
+    # Without images the activation filter is skipped: "dotted" survives.
+    kept, reasons = filter_concepts(names, text, None, class_names=["sea_star"], class_emb=unit(0, 0, 0, 1)[None])
+    assert kept.tolist() == [True, False, False, False, True, True] and reasons[4] is None
 
 
 def test_filter_concepts_near_duplicates_are_greedy_in_list_order():

@@ -18,10 +18,16 @@ import yaml
 PROJECT = Path(__file__).resolve().parents[1]
 # produced by the pipeline, never copied: the copy must rebuild them
 GENERATED = ("data/", "models/", "metrics/", "dvc.lock")
+# every stage upstream of evaluate, the toy models included, at a size that runs in seconds
 MICRO = {
     "runtime": {"device": "cpu"},
-    "data": {"image_size": 32, "rows_per_shard": 16, "toy": {"n_train": 16, "n_val": 16, "n_test": 32}},
-    "evaluate": {"batch_size": 16, "steps": 21, "cam_methods": []},
+    "data": {"image_size": 32, "rows_per_shard": 16, "toy": {"n_train": 32, "n_val": 16, "n_test": 32}},
+    "toy_backbone": {"n_train": 64, "n_val": 16, "cnn": {"epochs": 1}, "bcos": {"epochs": 1}},
+    "toy_clip": {"n_train": 64, "n_val": 8, "steps": 4, "batch_size": 8, "eval_every": 4, "warmup": 1},
+    "circles": {"grid": 3},
+    "cbl": {"max_steps": 10, "eval_every": 5, "cos3_threshold": -1.0},
+    "sparse": {"n_lambdas": 4, "max_epochs": 5},
+    "evaluate": {"batch_size": 16, "steps": 21, "cam_methods": ["gradcam"]},
 }
 
 
@@ -39,7 +45,7 @@ def _run(repo: Path, *args: str) -> str:
         "GIT_COMMITTER_NAME": "test",
         "GIT_COMMITTER_EMAIL": "test@example.com",
     }
-    done = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout
 
@@ -66,7 +72,7 @@ def test_exp_run_changes_the_metrics(tmp_path: Path) -> None:
     _run(repo, "git", "init", "-q")
     _run(repo, "dvc", "repro", "evaluate")
     baseline = json.loads((repo / "metrics" / "evaluate.json").read_text())
-    assert {"random", "centre"} <= set(baseline["segmentation"])
+    assert {"random", "centre", "gradcam", "salf"} <= set(baseline["segmentation"])
     _run(repo, "git", "add", "-A")
     _run(repo, "git", "commit", "-q", "-m", "micro baseline")
 

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from lib import stores
 from lib.cli import progress
 from lib.data.prepare import prepare_toy
 from lib.distributed import Ranks
 from lib.features import extract_features
 from lib.layout import Layout
 from lib.models.backbones import load_backbone
-from lib import stores
 from lib.params import Params
 from lib.stores import open_store
 

@@ -107,12 +107,16 @@ def test_intervention_changes_logits_by_exactly_one_edit(pooling):
     delta = torch.tensor(result["new_logits"]) - torch.tensor(result["old_logits"])
     torch.testing.assert_close(delta, clf.weight[:, 1] * result["delta_activation"])
     edited = maps.clone()
-    edited[1, :2, :2] += beta
+    edited[1, :2, :2] += beta * clf.standardiser.std[1]
     pooled = clf.standardiser(pool_concepts(torch.stack([maps, edited]), pooling))[:, 1]
     expected = pooled[1] - pooled[0]
     assert result["delta_activation"] == pytest.approx(float(expected), abs=1e-5)
-    if pooling == "avg":  # by hand: beta * cells / G^2 / std; the buggy double edit gives twice this
-        assert result["delta_activation"] == pytest.approx(beta * 4 / 9 / float(clf.standardiser.std[1]), abs=1e-5)
+    if pooling == "avg":  # by hand: beta (in std units) * cells / G^2; the buggy double edit gives twice this
+        assert result["delta_activation"] == pytest.approx(beta * 4 / 9, abs=1e-5)
+    assert result["target_class"] == result["old_class"]
+    assert result["target_logit_change"] == pytest.approx(float(delta[result["old_class"]]), abs=1e-6)
+    chosen = intervene(clf, maps, "star", (0, 0, 10, 10), beta, SIZE, target=2)
+    assert chosen["target_class_name"] == "blue_thing" and chosen["target_logit_change"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_intervention_can_flip_the_prediction():
@@ -142,6 +146,8 @@ def test_bad_inputs_raise_clear_errors():
         intervene(clf, maps, "star", (0, 0, 3, 3), 1.0, SIZE)
     with pytest.raises(ValueError, match=r"class index 3 out of range; allowed integers in \[0, 3\)"):
         explain_batch(clf, maps[None], SIZE, k=2, classes=3)
+    with pytest.raises(ValueError, match=r"class index -1 out of range; allowed integers in \[0, 3\)"):
+        intervene(clf, maps, "star", (0, 0, 8, 8), 1.0, SIZE, target=-1)
     with pytest.raises(ValueError, match=r"k must be in \[1, 4\]"):
         probe(clf, maps, (0, 0, 8, 8), SIZE, k=5)
 

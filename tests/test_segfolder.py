@@ -1,6 +1,5 @@
-"""segfolder: image + mask pairs into the image store and one-hot masks.zarr, binary and index-coded."""
+"""segfolder: image + mask pairs into the image store and one-hot masks (images.zarr), binary and index-coded."""
 
-import json
 from pathlib import Path
 
 import numpy as np

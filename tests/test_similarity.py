@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from open_clip.tokenizer import SimpleTokenizer
 
 from lib.circles import CircleEncoder, grid_centers, ring_alpha
-from lib.concepts import encode_concepts
-from lib.similarity import CLIP_MODEL_KEY, EMBED_DIM_KEY, check_compatible, similarity_batch
-from tests.test_circles import RED, preprocess, tiny_clip
+from lib.concepts import encode_texts
+from lib.similarity import CLIP_MODEL_KEY, EMBED_DIM_KEY, check_compatible, clip_provenance, similarity_batch
+
+RED = (255, 0, 0)
 
 
 def test_similarity_batch_hand_computed():
@@ -33,13 +34,13 @@ def test_similarity_batch_matches_einsum_on_fp16_inputs():
     torch.testing.assert_close(similarity_batch(circle, text), expected)
 
 
-def test_p_equals_direct_per_variant_computation():
+def test_p_equals_direct_per_variant_computation(tiny_clip, clip_preprocess):
     """P from the batched encoder + one matmul == per variant: draw, encode, normalise, dot."""
-    size, grid, radius, width = 32, 3, 6.0, 2.0
-    model, prep, tokenizer = tiny_clip(size), preprocess(size), SimpleTokenizer(context_length=16)
+    model, prep, tokenizer = tiny_clip, clip_preprocess, SimpleTokenizer(context_length=16)
+    size, grid, radius, width = prep.size, 3, 6.0, 2.0
     gen = torch.Generator().manual_seed(3)
     images = torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8, generator=gen)
-    text = encode_concepts(model, tokenizer, [("star", None), ("blue", None), ("grass", None)], {}, "a {}")
+    text = encode_texts(model, tokenizer, ["a star", "a blue", "a grass"])
     circles, _ = CircleEncoder(model, prep, grid, radius, width, chunk=64, autocast=False)(images)
     p = similarity_batch(circles, text)
     assert p.shape == (2, 3, grid, grid)
@@ -66,11 +67,13 @@ def test_similarity_batch_rejects_mismatched_dims():
 
 
 def test_check_compatible():
-    attrs = {CLIP_MODEL_KEY: "toy-clip@abc", EMBED_DIM_KEY: 64}
-    check_compatible(attrs, dict(attrs))
-    with pytest.raises(ValueError, match="clip_model = 'toy-clip@abc' \\(circles\\) vs 'ViT-B-16'"):
+    attrs = {**clip_provenance("toy-clip@abc", 64), "stage": "circles"}
+    check_compatible(attrs, clip_provenance("toy-clip@abc", 64))
+    with pytest.raises(ValueError, match="model_id = 'toy-clip@abc' \\(circles\\) vs 'ViT-B-16'"):
         check_compatible(attrs, {**attrs, CLIP_MODEL_KEY: "ViT-B-16"})
     with pytest.raises(ValueError, match="embed_dim = 64 \\(circles\\) vs 512"):
         check_compatible(attrs, {**attrs, EMBED_DIM_KEY: 512})
     with pytest.raises(ValueError, match="concepts attributes lack 'embed_dim'"):
         check_compatible(attrs, {CLIP_MODEL_KEY: "toy-clip@abc"})
+    with pytest.raises(ValueError, match="circles attributes lack 'model_id'"):
+        check_compatible({EMBED_DIM_KEY: 64}, attrs)

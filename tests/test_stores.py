@@ -90,3 +90,14 @@ def test_changed_fingerprint_rebuilds(tmp_path: Path) -> None:
 def test_missing_store_is_refused(tmp_path: Path) -> None:
     with pytest.raises(IncompleteStoreError, match="no store here"):
         open_store(tmp_path / "nothing.zarr")
+
+
+def test_any_rows_per_shard_works(tmp_path: Path) -> None:
+    """Inner chunks must tile a shard: 100 rows per shard is not a multiple of the chunk size 16."""
+    spec = [ArraySpec("x", (250, 2), "float32", ("item", "c"))]
+    writer = ShardedWriter(tmp_path / "s.zarr", spec, 100, {}, fingerprint="v1")
+    for shard in writer.pending():
+        rows = writer.rows(shard)
+        writer.write(shard, {"x": np.arange(rows.start * 2, rows.stop * 2).reshape(-1, 2)})
+    writer.finalize()
+    assert np.array_equal(open_store(tmp_path / "s.zarr")["x"][:], np.arange(500).reshape(250, 2))

@@ -7,15 +7,15 @@ from PIL import Image
 from lib.preview import save_preview
 from lib.toy.captions import global_captions, point_captions, point_concepts
 from lib.toy.world import (
+    _BACKGROUND_AMPLITUDE,
+    _BACKGROUND_RGB,
+    _DARK_RGB,
+    _MAIN_RGB,
     CLASSES,
     CONCEPT_TYPES,
     CONCEPTS,
     MAX_OBJECTS,
     ToyWorld,
-    _BACKGROUND_AMPLITUDE,
-    _BACKGROUND_RGB,
-    _DARK_RGB,
-    _MAIN_RGB,
     concept_index,
     generate,
     rules_table,

@@ -16,7 +16,7 @@ from lib.data.manifest import write_dataset_info, write_manifest
 from lib.layout import SPLITS, Layout
 from lib.params import DataParams, RuntimeParams, params_hash
 from lib.preview import save_preview
-from lib.stores import ArraySpec, ShardedWriter, open_store
+from lib.stores import ArraySpec, ShardedWriter
 from lib.toy import captions as toy_captions
 from lib.toy import world as toy_world
 

@@ -1,4 +1,4 @@
-"""SALF-CBM outputs on disk: atomic file writers, the bottleneck and classifier files, the loaded model.
+"""SALF-CBM outputs on disk: the bottleneck and classifier files, and the loaded model.
 
 Model files are torch pickles of plain dicts (tensors, strings, numbers) read back with
 ``weights_only=True``, so loading never executes code from the file.
@@ -6,19 +6,15 @@ Model files are torch pickles of plain dicts (tensors, strings, numbers) read ba
 
 from __future__ import annotations
 
-import json
-import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
-from matplotlib.figure import Figure
 from torch import Tensor
 
 from lib.layout import Layout
+from lib.outputs import write_atomic
 from lib.salf.cbl import ConceptBottleneck
 from lib.salf.explain import ConceptClassifier
 from lib.salf.pooling import Standardiser
@@ -28,39 +24,7 @@ __all__ = [
     "load_bottleneck",
     "save_bottleneck",
     "save_classifier",
-    "write_csv",
-    "write_figure",
-    "write_json",
 ]
-
-
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temp file then rename, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    tmp.replace(path)
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN -> None throughout: strict JSON (and dvc metrics) has no NaN."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return None if isinstance(value, float) and math.isnan(value) else value
-
-
-def write_json(path: Path, data: Any) -> None:
-    _atomic(path, lambda tmp: tmp.write_text(json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n"))
-
-
-def write_csv(path: Path, frame: pd.DataFrame) -> None:
-    _atomic(path, lambda tmp: tmp.write_text(frame.to_csv(index=False, float_format="%.6g")))
-
-
-def write_figure(path: Path, figure: Figure, dpi: int = 100) -> None:
-    _atomic(path, lambda tmp: figure.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".")))
 
 
 def _load(path: Path, what: str, stage: str) -> dict[str, Any]:
@@ -83,7 +47,7 @@ def save_bottleneck(
         "concepts": concepts,
         "provenance": provenance,
     }
-    _atomic(path, lambda tmp: torch.save(state, tmp))
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_bottleneck(path: Path, device: torch.device | str = "cpu") -> tuple[ConceptBottleneck, dict[str, Any]]:
@@ -120,7 +84,7 @@ def save_classifier(
         "selected": selected,
         "provenance": provenance,
     }
-    _atomic(path, lambda tmp: torch.save(state, tmp))
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ __all__ = [
     "cubic_cosine_loss",
     "cubic_cosine_similarity",
     "filter_concepts",
+    "resize_to_grid",
     "train_bottleneck",
 ]
 
@@ -45,10 +46,16 @@ class ConceptBottleneck(nn.Module):
             raise ValueError(
                 f"features must have shape (B, {self.conv.in_channels}, H, W), got {tuple(features.shape)}"
             )
-        x = features.to(self.conv.weight.dtype)
-        if x.shape[-2:] != (self.grid, self.grid):
-            x = F.interpolate(x, size=(self.grid, self.grid), mode="bilinear", align_corners=False)
-        return self.conv(x)
+        return self.conv(resize_to_grid(features, self.grid).to(self.conv.weight.dtype))
+
+
+def resize_to_grid(features: Tensor, grid: int) -> Tensor:
+    """Features (B, C, H, W) as float32, bilinearly resized to (B, C, grid, grid) (the bottleneck's
+    first step; callers may apply it ahead of time, e.g. to cache smaller inputs)."""
+    x = features.to(torch.float32)
+    if x.shape[-2:] != (grid, grid):
+        x = F.interpolate(x, size=(grid, grid), mode="bilinear", align_corners=False)
+    return x
 
 
 def _check_pair(pred: Tensor, target: Tensor) -> None:

@@ -7,10 +7,8 @@ buffer, never by the number of images.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -18,27 +16,20 @@ import torch
 import zarr
 from torch import Tensor
 
+from lib.circle_store import CIRCLES
+from lib.concept_store import Concepts
 from lib.data.manifest import read_manifest, split_indices
 from lib.layout import Layout
 from lib.params import Params
-from lib.salf.cbl import BatchSource
+from lib.salf.cbl import BatchSource, resize_to_grid
 from lib.salf.glm import Source
 from lib.salf.pooling import Standardiser
 from lib.similarity import check_compatible, similarity_batch
+from lib.similarity_store import P
 from lib.stores import open_store
 from lib.streams import batch_source
 
-__all__ = [
-    "Concepts",
-    "SimilarityTarget",
-    "Splits",
-    "glm_batches",
-    "pair_batches",
-    "read_concepts",
-    "salf_splits",
-    "similarity_target",
-    "splits_of",
-]
+__all__ = ["SimilarityTarget", "Splits", "glm_batches", "pair_batches", "salf_splits", "similarity_target", "splits_of"]
 
 
 @dataclass(frozen=True)
@@ -81,36 +72,11 @@ def splits_of(config: Params, layout: Layout) -> Splits:
 
 
 @dataclass(frozen=True)
-class Concepts:
-    """The concept vocabulary the concepts stage kept, in the order of P's concept axis."""
-
-    names: tuple[str, ...]
-    types: tuple[str | None, ...]
-    text_emb: Tensor  # (M, D) float32
-    attrs: Mapping[str, Any]  # provenance, including the CLIP that embedded them
-
-
-def read_concepts(path: Path) -> Concepts:
-    """Read the concepts stage's store: array "text_emb" (M, D) and attribute "concepts"
-    ([{"name", "type"}], one per row)."""
-    group = open_store(path)
-    attrs = dict(group.attrs)
-    listed = attrs.get("concepts")
-    text_emb = torch.from_numpy(group["text_emb"][:]).to(torch.float32)
-    if not listed or len(listed) != text_emb.shape[0]:
-        raise ValueError(
-            f"{path}: attribute 'concepts' must list one {{name, type}} per text embedding "
-            f"({text_emb.shape[0]}), got {len(listed or [])}"
-        )
-    return Concepts(tuple(c["name"] for c in listed), tuple(c.get("type") for c in listed), text_emb, attrs)
-
-
-@dataclass(frozen=True)
 class SimilarityTarget:
     """Where the bottleneck's target P (B, M, G, G) comes from, one batch at a time.
 
-    `array` is either the similarity store's "P" (N, M, G, G) (materialised, `text_emb` None) or
-    the circles store's "circles" (N, G, G, D) with the concepts' text embeddings (M, D), in
+    `array` is either the similarity store's P (N, M, G, G) (materialised, `text_emb` None) or
+    the circles store's embeddings (N, G, G, D) with the concepts' text embeddings (M, D), in
     which case P is one matmul per batch (lib.similarity.similarity_batch).
     """
 
@@ -141,15 +107,16 @@ class SimilarityTarget:
         return similarity_batch(block, self.text_emb.to(block.device))
 
 
-def similarity_target(layout: Layout, materialize: bool, concepts: Concepts) -> SimilarityTarget:
-    """P from the similarity store when it is materialised, else from circles x text embeddings;
-    either way checked against the concept list."""
-    if materialize:
-        target = SimilarityTarget(open_store(layout.similarity)["P"])
+def similarity_target(layout: Layout, concepts: Concepts) -> SimilarityTarget:
+    """P from the similarity store when it holds it (similarity.materialize), else from the
+    circle embeddings and the concepts' text embeddings; checked against the concept list."""
+    stored = open_store(layout.similarity)
+    if P in stored:
+        target = SimilarityTarget(stored[P])
     else:
         circles = open_store(layout.circles)
         check_compatible(circles.attrs, concepts.attrs)
-        target = SimilarityTarget(circles["circles"], concepts.text_emb)
+        target = SimilarityTarget(circles[CIRCLES], concepts.text_emb)
     if target.n_concepts != len(concepts.names):
         raise ValueError(
             f"{layout.similarity} has {target.n_concepts} concepts but {layout.concepts} lists {len(concepts.names)}; "
@@ -167,9 +134,13 @@ def pair_batches(
     shuffle: bool = False,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    in_memory_mb: float = 0.0,
 ) -> BatchSource:
-    """(features (B, C, h, w) fp16, P (B, M, G, G) fp32) batches of store `rows` on `device`.
+    """(features (B, C, h, w), P (B, M, G, G) fp32) batches of store `rows` on `device`.
 
+    When the split's features, resized to the G x G grid, plus P fit in `in_memory_mb`, they are
+    read once and held on the device (features then arrive already resized, which the bottleneck
+    accepts as is); otherwise every pass streams from the stores, shuffled by shard.
     With `shuffle` (training) a pass drops its final partial batch whenever a full one exists:
     the cubic cosine loss centres across the batch, and a remainder of a few images would give a
     noisy, badly scaled step.
@@ -179,15 +150,44 @@ def pair_batches(
             f"features has {features.shape[0]} rows but the similarity store {target.array.shape[0]}; "
             "both must cover the same images"
         )
+    smallest = min(batch_size, len(rows)) if shuffle else 1
+    cached_bytes = len(rows) * (features.shape[1] + target.n_concepts) * target.grid**2 * 4
+    if cached_bytes <= in_memory_mb * 2**20:
+        return _cached_pairs(features, target, rows, batch_size, smallest, shuffle=shuffle, seed=seed, device=device)
     source = batch_source(
         {"features": features, "target": target.array}, rows, batch_size, shuffle=shuffle, seed=seed, device=device
     )
-    smallest = min(batch_size, len(rows)) if shuffle else 1
 
     def batches() -> Iterator[tuple[Tensor, Tensor]]:
         for block in source():
             if block["features"].shape[0] >= smallest:
                 yield block["features"], target(block["target"])
+
+    return batches
+
+
+def _cached_pairs(
+    features: zarr.Array,
+    target: SimilarityTarget,
+    rows: np.ndarray,
+    batch_size: int,
+    smallest: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    device: torch.device | str,
+) -> BatchSource:
+    """The in-memory branch of :func:`pair_batches`: one read, then seeded reshuffles on the device."""
+    blocks = batch_source({"features": features, "target": target.array}, rows, batch_size, device=device)()
+    parts = [(resize_to_grid(b["features"], target.grid), target(b["target"])) for b in blocks]
+    x, p = torch.cat([f for f, _ in parts]), torch.cat([t for _, t in parts])
+    generator = torch.Generator().manual_seed(seed)
+
+    def batches() -> Iterator[tuple[Tensor, Tensor]]:
+        order = torch.randperm(len(x), generator=generator) if shuffle else torch.arange(len(x))
+        for idx in order.to(x.device).split(batch_size):
+            if len(idx) >= smallest:
+                yield x[idx], p[idx]
 
     return batches
 

@@ -292,8 +292,11 @@ def intervene(
     image_size: tuple[int, int],
     target: int | None = None,
 ) -> dict:
-    """Local intervention: c(x)[m] += beta on the grid cells whose prompt centre lies in the ROI,
-    applied once, then re-pool and re-classify. `maps` is one image's (M, G, G), left unchanged.
+    """Local intervention: c(x)[m] += beta * std_m on the grid cells whose prompt centre lies in
+    the ROI, applied once, then re-pool and re-classify. `maps` is one image's (M, G, G), left
+    unchanged. beta is in units of the concept's train std of c* (std_m): the cos^3 loss leaves
+    the raw maps' scale arbitrary, so a raw beta (the paper's) would mean something different for
+    every concept; with average pooling an edit of the whole grid moves standardised c*[m] by beta.
 
     Returns a JSON-able dict with old/new top class, old/new logits, the change of c*[m] and the
     old/new logit of class `target` (default: the old prediction).
@@ -314,7 +317,7 @@ def intervene(
             f"cell centres are at rows {ys.tolist()} and columns {xs.tolist()}"
         )
     edited = maps.clone()
-    edited[index] += beta * cells.to(edited.dtype)
+    edited[index] += beta * clf.standardiser.std[index].to(edited.device) * cells.to(edited.dtype)
     activations, logits = clf.classify(torch.stack([maps, edited]))
     old, new = logits.argmax(dim=1).tolist()
     target = old if target is None else target

@@ -12,11 +12,12 @@ import torch
 from torch import Tensor
 
 from lib.layout import Layout
+from lib.outputs import write_figure, write_json
 from lib.params import ExplainParams, Params
-from lib.salf.artifacts import SalfModel, write_figure, write_json
+from lib.salf.artifacts import SalfModel
+from lib.salf.data import splits_of
 from lib.salf.explain import explain_batch, top_activating
 from lib.salf.figures import explanation_figure, gallery_figure
-from lib.salf.data import splits_of
 from lib.salf.images import load_inputs, row_images
 from lib.stores import open_store
 from lib.streams import batch_source
@@ -53,18 +54,23 @@ def write_explanations(
     class_index: int | None = None,
 ) -> ExplainReport:
     """Explain B images (uint8 (B, H, W, 3) with concept maps (B, M, G, G)) and write
-    `<name>.png` and `<name>.json` per image: prediction, top-k contributions and their heatmaps
-    for the predicted class (or `class_index`)."""
+    `<name>.png` and `<name>.json` per image: prediction, the top-k nonzero contributions and their
+    heatmaps for the predicted class (or `class_index`)."""
     if len(names) != images.shape[0] or maps.shape[0] != images.shape[0]:
-        raise ValueError(f"need one name and one map stack per image: {len(names)} names, {maps.shape[0]} maps, {images.shape[0]} images")
+        raise ValueError(
+            f"need one name and one map stack per image: {len(names)} names, {maps.shape[0]} maps, {images.shape[0]} images"
+        )
     k = min(top_k, maps.shape[1])
     result = explain_batch(model.classifier, maps, images.shape[1:3], k=k, classes=class_index)
     pictures = _chw(images)
     records = {}
     for i, name in enumerate(names):
         record = result.record(i, model.classifier)
+        # a sparse class row has fewer than k nonzero weights: zero contributions explain nothing
+        shown = [j for j, c in enumerate(record["concepts"]) if c["contribution"] != 0] or [0]
+        record["concepts"] = [record["concepts"][j] for j in shown]
         write_json(out_dir / f"{name}.json", record)
-        write_figure(out_dir / f"{name}.png", explanation_figure(pictures[i], record, result.heatmaps[i].cpu()))
+        write_figure(out_dir / f"{name}.png", explanation_figure(pictures[i], record, result.heatmaps[i, shown].cpu()))
         records[name] = record
     return ExplainReport(out_dir, records)
 
@@ -87,8 +93,8 @@ def write_gallery(
     picked = positions[chosen.to(positions.device)].cpu()  # (C, n) positions in `rows`
     pictures = _chw(row_images(layout, rows[picked.flatten().numpy()]))
     concepts = [names[m] for m in chosen.tolist()]
-    figure = gallery_figure(pictures.view(*picked.shape, *pictures.shape[1:]), concepts, values[chosen.to(values.device)].cpu())
-    write_figure(path, figure)
+    stack = pictures.view(*picked.shape, *pictures.shape[1:])
+    write_figure(path, gallery_figure(stack, concepts, values[chosen.to(values.device)].cpu()))
     return concepts
 
 
@@ -104,14 +110,15 @@ def run_explain(
 ) -> ExplainReport:
     """Explain the given store rows and image files into `out_dir` (default explain_adhoc); with
     neither, the stage run: explain.n_images seeded test images and the gallery into data/<name>/explain."""
-    stage_run = not rows and not files
+    if rows or files:
+        images, maps, names = load_inputs(model, config, layout, list(rows), list(files))
+        return write_explanations(
+            model, images, maps, names, out_dir or layout.explain_adhoc, top_k=config.explain.top_k, class_index=class_index
+        )
+    out_dir = out_dir or layout.explain
     test_rows = splits_of(config, layout).test
-    if stage_run:
-        rows = default_rows(test_rows, config.explain.n_images, config.explain.seed)
-    out_dir = out_dir or (layout.explain if stage_run else layout.explain_adhoc)
-    images, maps, names = load_inputs(model, config, layout, list(rows), list(files))
+    chosen = default_rows(test_rows, config.explain.n_images, config.explain.seed)
+    images, maps, names = load_inputs(model, config, layout, chosen, [])
     report = write_explanations(model, images, maps, names, out_dir, top_k=config.explain.top_k, class_index=class_index)
-    if stage_run:
-        gallery = write_gallery(model, layout, test_rows, config.explain, out_dir / "gallery.png")
-        report = ExplainReport(out_dir, report.records, gallery)
-    return report
+    gallery = write_gallery(model, layout, test_rows, config.explain, out_dir / "gallery.png")
+    return ExplainReport(out_dir, report.records, gallery)

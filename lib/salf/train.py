@@ -4,22 +4,27 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import partial
 
+import numpy as np
 import pandas as pd
 import torch
+import zarr
 from rich.progress import Progress
 
+from lib.concept_store import read_concepts
 from lib.data.manifest import read_dataset_info
 from lib.distributed import Ranks, sharded_outputs
 from lib.extract import fill_stores
 from lib.layout import Layout
-from lib.params import Params, params_hash
-from lib.salf.artifacts import load_bottleneck, save_bottleneck, save_classifier, write_csv, write_figure, write_json
+from lib.outputs import write_csv, write_figure, write_json
+from lib.params import Params, SparseParams, params_hash
+from lib.salf.artifacts import load_bottleneck, save_bottleneck, save_classifier
 from lib.salf.cbl import ConceptBottleneck, concept_scores, filter_concepts, train_bottleneck
-from lib.salf.data import glm_batches, pair_batches, read_concepts, similarity_target, splits_of
+from lib.salf.data import glm_batches, pair_batches, similarity_target, splits_of
 from lib.salf.explain import ConceptClassifier
 from lib.salf.figures import loss_curve_figure, path_figure
-from lib.salf.glm import evaluate_accuracy, fit_dense, fit_elastic_net_path, select_lambda
+from lib.salf.glm import Data, evaluate_accuracy, fit_dense, fit_elastic_net_path, select_lambda
 from lib.salf.metrics import rule_recovery, stored_accuracy
 from lib.salf.pooling import Standardiser, pool_concepts
 from lib.stores import ArraySpec, ShardedWriter, open_store
@@ -65,9 +70,10 @@ def run_cbl(config: Params, layout: Layout, device: torch.device, progress: Prog
     layer = cbl_layer(config)
     features = open_store(layout.features(layer))["features"]
     concepts = read_concepts(layout.concepts)
-    target = similarity_target(layout, config.similarity.materialize, concepts)
-    train = pair_batches(features, target, splits.train, params.batch_size, shuffle=True, seed=params.seed, device=device)
-    val = pair_batches(features, target, splits.val, params.batch_size, device=device)
+    target = similarity_target(layout, concepts)
+    stream = dict(device=device, in_memory_mb=params.in_memory_mb)
+    train = pair_batches(features, target, splits.train, params.batch_size, shuffle=True, seed=params.seed, **stream)
+    val = pair_batches(features, target, splits.val, params.batch_size, **stream)
     model, history = train_bottleneck(
         train, val, features.shape[1], target.n_concepts, target.grid,
         lr=params.lr, max_steps=params.max_steps, eval_every=params.eval_every, patience=params.patience,
@@ -88,7 +94,7 @@ def run_cbl(config: Params, layout: Layout, device: torch.device, progress: Prog
     write_json(layout.salf_concepts, {"threshold": params.cos3_threshold, "kept": kept, "dropped": dropped})
     write_csv(layout.salf_plot("cbl_train"), pd.DataFrame({"step": history["step"], "train_loss": history["train_loss"]}))
     write_csv(layout.salf_plot("cbl_val"), pd.DataFrame({"step": history["val_step"], "val_loss": history["val_loss"]}))
-    write_figure(layout.salf / "cbl_loss.png", loss_curve_figure(history))
+    write_figure(layout.salf_figure("cbl_loss"), loss_curve_figure(history))
     return CblReport(
         n_train=len(splits.train),
         n_val=len(splits.val),
@@ -101,7 +107,7 @@ def run_cbl(config: Params, layout: Layout, device: torch.device, progress: Prog
     )
 
 
-def write_activations(
+def _write_activations(
     layout: Layout, bottleneck: ConceptBottleneck, layer: str, pooling: str, device: torch.device, progress: Progress | None
 ) -> None:
     """The c* store: pooled (not standardised) concept activations (N, M) of every image.
@@ -127,6 +133,28 @@ def write_activations(
         fill_stores(writers, features, encode, batch_size=rows, device=device, progress=progress, description="c*")
 
 
+def _glm_data(
+    activations: zarr.Array,
+    labels: zarr.Array,
+    rows: np.ndarray,
+    shuffle: bool = False,
+    *,
+    standardiser: Standardiser,
+    params: SparseParams,
+    device: torch.device,
+) -> Data:
+    """A split's (standardised c*, labels) for lib.salf.glm: tensors on the device when they fit
+    in sparse.in_memory_mb (hundreds of SAGA epochs then never touch the disk), else a stream
+    re-read from the c* store every epoch."""
+    stream = partial(
+        glm_batches, activations, labels, rows, standardiser, params.batch_size, seed=params.seed, device=device
+    )
+    if len(rows) * activations.shape[1] * 4 > params.in_memory_mb * 2**20:
+        return stream(shuffle=shuffle)
+    x, y, _ = (torch.cat(parts) for parts in zip(*stream()()))
+    return x, y
+
+
 @dataclass(frozen=True)
 class SparseReport:
     metrics: dict
@@ -145,17 +173,14 @@ def run_sparse(config: Params, layout: Layout, device: torch.device, progress: P
     classes = list(info["classes"])
     splits = splits_of(config, layout)
     bottleneck, meta = load_bottleneck(layout.salf_bottleneck, device)
-    write_activations(layout, bottleneck, meta["layer"], params.pooling, device, progress)
+    _write_activations(layout, bottleneck, meta["layer"], params.pooling, device, progress)
     activations = open_store(layout.salf_activations)["activations"]
     labels = open_store(layout.images)["labels"]
-    standardiser = Standardiser.fit(
-        block["activations"] for block in batch_source({"activations": activations}, splits.train, params.batch_size, device=device)()
-    )
-    train = glm_batches(
-        activations, labels, splits.train, standardiser, params.batch_size, shuffle=True, seed=params.seed, device=device
-    )
-    val, test = (glm_batches(activations, labels, rows, standardiser, params.batch_size, device=device) for rows in (splits.val, splits.test))
-    fit = dict(max_epochs=params.max_epochs, tol=params.tol, seed=params.seed, device=device)
+    train_blocks = batch_source({"activations": activations}, splits.train, params.batch_size, device=device)
+    standardiser = Standardiser.fit(block["activations"] for block in train_blocks())
+    split_data = partial(_glm_data, activations, labels, standardiser=standardiser, params=params, device=device)
+    train, val, test = split_data(splits.train, shuffle=True), split_data(splits.val), split_data(splits.test)
+    fit = dict(batch_size=params.batch_size, max_epochs=params.max_epochs, tol=params.tol, seed=params.seed, device=device)
     path = fit_elastic_net_path(
         train, val, n_classes=len(classes), alpha=params.alpha, n_lambdas=params.n_lambdas,
         lambda_min_ratio=params.lambda_min_ratio, max_nonzeros_per_class=params.target_nonzeros_per_class,
@@ -182,5 +207,5 @@ def run_sparse(config: Params, layout: Layout, device: torch.device, progress: P
     save_classifier(layout.salf_classifier, classifier, dense, path.summary(), selected, provenance)
     write_json(layout.salf_metrics, metrics)
     write_csv(layout.salf_plot("path"), pd.DataFrame(path.summary()))
-    write_figure(layout.salf / "path.png", path_figure(path, selected))
+    write_figure(layout.salf_figure("path"), path_figure(path, selected))
     return SparseReport(metrics, len(path.lambdas), float(path.lambdas[selected]))

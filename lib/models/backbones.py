@@ -1,0 +1,318 @@
+"""One entry point that loads a vision backbone (torchvision, timm, B-cos, toy) with its preprocessing.
+
+`weights` is one of:
+  None / "none"      random initialisation;
+  "<tag>"            the library's named weights (e.g. "IMAGENET1K_V2", "DEFAULT"): needs network;
+  "<path>"           a local checkpoint, loaded with torch.load(weights_only=True) (or safetensors);
+  "<tag>@<path>"     a local copy of a tag's weights: the file's tensors, the tag's preprocessing.
+A checkpoint written by `save_backbone` carries its arch, class count and preprocessing; a plain
+state dict (e.g. a library's release file) gets the tag's or else the arch's default preprocessing.
+"""
+
+import difflib
+import hashlib
+import logging
+import math
+import os
+import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from unittest import mock
+
+import torch
+from bcos.data.transforms import AddInverse
+from torch import nn
+
+from lib.models.preprocess import Preprocess
+from lib.models.toy_cnn import build_toy, toy_preprocess
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("torchvision", "timm", "bcos", "toy")
+CHECKPOINT_FORMAT = "conceptrace-backbone/1"
+_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Named weights could not be downloaded (typically: no network access)."""
+
+
+@dataclass
+class LoadedBackbone:
+    """A backbone ready for inference: eval mode, parameters frozen, on the CPU."""
+
+    model: nn.Module
+    preprocess: Preprocess
+    model_id: str  # provenance: "<source>:<name>|<weights>", e.g. "toy:cnn|file=cnn.pt sha256=1a2b..."
+    num_classes: int
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    """A parsed `weights` argument: a tag, a local file, both (tag@file) or neither (random)."""
+
+    tag: str | None
+    path: Path | None
+
+
+def parse_weights(weights: str | os.PathLike | None) -> WeightsSpec:
+    """Classify `weights` (see module doc); a path-like value that does not exist raises ValueError."""
+    if weights is None or str(weights).strip().lower() in ("", "none"):
+        return WeightsSpec(None, None)
+    text = str(weights)
+    if Path(text).is_file():
+        return WeightsSpec(None, Path(text))
+    tag, at, rest = text.partition("@")
+    if at:
+        if not tag or not Path(rest).is_file():
+            raise ValueError(f"weights {text!r}: expected '<tag>@<existing file>', file {rest!r} not found")
+        return WeightsSpec(tag, Path(rest))
+    if os.sep in text or "/" in text or text.endswith(_FILE_SUFFIXES):
+        raise ValueError(f"weights file {text!r} not found (weights may be None, a tag, a file, or '<tag>@<file>')")
+    return WeightsSpec(text, None)
+
+
+def file_id(path: Path) -> str:
+    """Provenance of a weights file: its name and a short content hash."""
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    return f"file={path.name} sha256={digest}"
+
+
+def load_state_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """(state_dict, conceptrace metadata or None) from a checkpoint, never unpickling code.
+
+    Accepts safetensors, plain state dicts, {"state_dict": ...} / {"model": ...} training
+    checkpoints and `save_backbone` files; a DataParallel "module." prefix is removed.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path)), None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path} holds pickled objects besides tensors and is not loaded (weights_only=True); "
+            f"re-save it as torch.save(model.state_dict(), path)"
+        ) from error
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, expected a state dict")
+    meta = checkpoint.get("meta") if checkpoint.get("format") == CHECKPOINT_FORMAT else None
+    for key in ("state_dict", "model"):
+        if isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
+    if checkpoint and all(k.startswith("module.") for k in checkpoint):
+        checkpoint = {k.removeprefix("module."): v for k, v in checkpoint.items()}
+    return checkpoint, meta
+
+
+@contextmanager
+def fetching(what: str, offline_hint: str) -> Iterator[None]:
+    """Guard a library download: force weights_only loading, turn network errors into a clear error.
+
+    torch.hub and libraries built on it call torch.load(weights_only=False); the environment
+    switch makes torch refuse pickled code there too.
+    """
+    with mock.patch.dict(os.environ, {"TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1"}):
+        try:
+            yield
+        except OSError as error:  # URLError, socket errors and huggingface_hub's offline errors
+            raise WeightsUnavailableError(
+                f"could not download {what} ({type(error).__name__}: {error}). Named weights need network "
+                f"access; offline, fetch the file elsewhere and pass its local path instead, e.g. {offline_hint}"
+            ) from error
+
+
+class BcosWithInverse(nn.Module):
+    """A `bcos` package network fed [x, 1 - x]: takes 3-channel [0, 1] RGB like every other backbone."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.add_inverse = AddInverse()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.add_inverse(x))
+
+    def explanation_mode(self):
+        """The wrapped network's explanation-mode context (detached dynamic weights)."""
+        return self.net.explanation_mode()
+
+
+def unknown_name_error(kind: str, value: str, valid: list[str]) -> ValueError:
+    """ValueError for an unknown model name, listing the closest valid ones."""
+    close = difflib.get_close_matches(value, valid, n=8, cutoff=0.4)
+    return ValueError(f"unknown {kind} {value!r}; close matches: {', '.join(close) or 'none'} ({len(valid)} available)")
+
+
+# Builders: (name, tag, num_classes, fetch) -> (model, preprocess, num_classes); `fetch` False means
+# a local file follows, so a tag only selects preprocessing. Each imports its library lazily.
+def _torchvision(name: str, tag: str | None, num_classes: int | None, fetch: bool) -> tuple[nn.Module, Preprocess, int]:
+    import torchvision
+
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise unknown_name_error("torchvision classification model", name, torchvision.models.list_models(module=torchvision.models))
+    weights_enum = torchvision.models.get_model_weights(name)
+    if tag is not None and tag not in weights_enum.__members__:
+        raise ValueError(f"unknown weights tag {tag!r} for torchvision:{name}; valid: {', '.join(weights_enum.__members__)}")
+    weights = weights_enum[tag or "DEFAULT"]  # without a tag: only its preprocessing and class count
+    classes = len(weights.meta["categories"])
+    if tag is not None and num_classes not in (None, classes):
+        raise ValueError(f"num_classes={num_classes} but torchvision:{name} weights {tag} have {classes} classes")
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes or classes)
+    if tag is not None and fetch:
+        with fetching(f"torchvision weights {name}.{tag}", f"weights='{tag}@/path/to/{Path(weights.url).name}'"):
+            model.load_state_dict(weights.get_state_dict(progress=False, check_hash=True, weights_only=True))
+    t = weights.transforms()
+    resize = t.resize_size[0]
+    preprocess = Preprocess(
+        size=t.crop_size[0],
+        mean=tuple(t.mean),
+        std=tuple(t.std),
+        interpolation=t.interpolation.value,
+        resize_size=resize if resize != t.crop_size[0] else None,
+    )
+    return model, preprocess, num_classes or classes
+
+
+def _timm(name: str, tag: str | None, num_classes: int | None, fetch: bool) -> tuple[nn.Module, Preprocess, int]:
+    import timm
+
+    if not timm.is_model(name):
+        raise unknown_name_error("timm model", name, timm.list_models())
+    full = name if tag in (None, "DEFAULT") else f"{name}.{tag}"
+    if full != name and full not in timm.list_pretrained(f"{name}.*"):
+        tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{name}.*")]
+        raise ValueError(f"unknown weights tag {tag!r} for timm:{name}; valid: DEFAULT, {', '.join(tags)}")
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if tag is not None and fetch:
+        with fetching(f"timm weights {full}", f"weights='{tag}@/path/to/model.safetensors'"):
+            model = timm.create_model(full, pretrained=True, **kwargs)
+    else:
+        model = timm.create_model(full, pretrained=False, **kwargs)  # `full` still selects the tag's data config
+    cfg = timm.data.resolve_model_data_config(model)
+    if cfg["crop_mode"] != "center" or cfg["input_size"][1] != cfg["input_size"][2]:
+        raise ValueError(f"timm:{full} needs crop_mode {cfg['crop_mode']!r} / input {cfg['input_size']}; only square centre crops are supported")
+    size = cfg["input_size"][-1]
+    resize = math.floor(size / cfg["crop_pct"])  # timm's eval transform: resize to size / crop_pct, crop
+    preprocess = Preprocess(
+        size=size, mean=cfg["mean"], std=cfg["std"], interpolation=cfg["interpolation"],
+        resize_size=resize if resize != size else None,
+    )
+    return model, preprocess, model.num_classes
+
+
+def _bcos(name: str, tag: str | None, num_classes: int | None, fetch: bool) -> tuple[nn.Module, Preprocess, int]:
+    import bcos.models.pretrained as bcos_pretrained
+
+    if name not in bcos_pretrained.list_available():
+        raise unknown_name_error("B-cos model", name, bcos_pretrained.list_available())
+    if tag not in (None, "DEFAULT"):
+        raise ValueError(f"B-cos models have one released weight set; weights tag must be 'DEFAULT', got {tag!r}")
+    entrypoint = getattr(bcos_pretrained, name)
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if tag is not None and fetch:
+        with fetching(f"B-cos weights for {name}", "weights='DEFAULT@/path/to/resnet_50-ead259efe4.pth'"):
+            net = entrypoint(pretrained=True, progress=False, **kwargs)
+    else:
+        net = entrypoint(pretrained=False, progress=False, **kwargs)
+    args = net.transform.args  # the package's eval preset: resize, crop, [0, 1], AddInverse (done by the wrapper)
+    preprocess = Preprocess(
+        size=args["crop_size"], mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+        interpolation=args["interpolation"].value, resize_size=args["resize_size"],
+    )
+    return BcosWithInverse(net), preprocess, net.num_classes
+
+
+def _toy(name: str, tag: str | None, num_classes: int | None, fetch: bool) -> tuple[nn.Module, Preprocess, int]:
+    from lib.toy.world import CLASSES
+
+    if tag is not None:
+        raise ValueError(f"toy models have no named weights ({tag!r}); pass the checkpoint written by the toy_backbone stage")
+    num_classes = num_classes or len(CLASSES)
+    return build_toy(name, num_classes), toy_preprocess(name), num_classes
+
+
+_BUILDERS = {"torchvision": _torchvision, "timm": _timm, "bcos": _bcos, "toy": _toy}
+
+
+def _parse_arch(arch: str, source: str) -> tuple[str, str]:
+    if source not in ("auto", *SOURCES):
+        raise ValueError(f"source must be 'auto' or one of {SOURCES}, got {source!r}")
+    prefix, colon, name = arch.partition(":")
+    if not colon:
+        if source == "auto":
+            raise ValueError(f"arch {arch!r} needs a source prefix, e.g. 'torchvision:resnet50' (sources: {SOURCES})")
+        return source, arch
+    if prefix not in SOURCES or not name:
+        raise ValueError(f"arch {arch!r} must look like '<source>:<name>' with source in {SOURCES}")
+    if source not in ("auto", prefix):
+        raise ValueError(f"arch {arch!r} conflicts with source={source!r}")
+    return prefix, name
+
+
+def load_backbone(
+    arch: str, weights: str | os.PathLike | None, num_classes: int | None = None, source: str = "auto"
+) -> LoadedBackbone:
+    """Build `arch` ("<source>:<name>", e.g. "torchvision:resnet50", "timm:vit_small_patch16_224",
+    "bcos:resnet50", "toy:cnn", "toy:bcos"; or a bare name with `source`) and load `weights`.
+
+    num_classes: None keeps the weights' (or the library's default) class count. B-cos models
+    take 3-channel [0, 1] RGB (they are wrapped in BcosWithInverse, layer names "net.<...>").
+    Raises WeightsUnavailableError when a tag cannot be downloaded, ValueError on bad arguments
+    or a checkpoint that does not fit the architecture.
+    """
+    source, name = _parse_arch(arch, source)
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+        raise ValueError(f"num_classes must be None or a positive int, got {num_classes!r}")
+    spec = parse_weights(weights)
+    state, meta = load_state_file(spec.path) if spec.path else (None, None)
+    if meta is not None:
+        if meta["arch"] != f"{source}:{name}":
+            raise ValueError(f"{spec.path} holds a {meta['arch']} checkpoint, not {source}:{name}")
+        if num_classes not in (None, meta["num_classes"]):
+            raise ValueError(f"num_classes={num_classes} but {spec.path} has {meta['num_classes']} classes")
+        num_classes = meta["num_classes"]
+    model, preprocess, num_classes = _BUILDERS[source](name, spec.tag, num_classes, spec.path is None)
+    if state is not None:
+        # Plain state dicts are in the library's own layout, i.e. without our B-cos input wrapper.
+        target = model.net if isinstance(model, BcosWithInverse) and meta is None else model
+        try:
+            target.load_state_dict(state)
+        except RuntimeError as error:
+            raise ValueError(f"{spec.path} does not fit {source}:{name} (num_classes={num_classes}): {error}") from error
+    if meta is not None:
+        preprocess = Preprocess.from_dict(meta["preprocess"])
+    elif spec.path is not None and spec.tag is None:
+        log.warning("%s has no preprocessing record; using %s:%s's default %s (pass '<tag>@<file>' to pick a tag's)",
+                    spec.path, source, name, preprocess)
+    weights_id = file_id(spec.path) if spec.path else (f"tag={spec.tag}" if spec.tag else "random")
+    model.eval().requires_grad_(False)
+    return LoadedBackbone(model, preprocess, f"{source}:{name}|{weights_id}", num_classes)
+
+
+def portable_state_dict(model: nn.Module, half: bool) -> dict[str, torch.Tensor]:
+    """`model`'s state dict on the CPU; half=True stores floating tensors as fp16 (they load into fp32)."""
+    return {k: v.detach().cpu().half() if half and v.is_floating_point() else v.detach().cpu()
+            for k, v in model.state_dict().items()}
+
+
+def save_backbone(
+    path: str | os.PathLike, model: nn.Module, arch: str, num_classes: int, preprocess: Preprocess, half: bool = True
+) -> Path:
+    """Write `model` so that `load_backbone(arch, path)` rebuilds it with `preprocess`.
+
+    half=True stores floating tensors as fp16 (they load back into fp32 models), halving the
+    size of shipped toy weights. Returns the path.
+    """
+    source, name = _parse_arch(arch, "auto")
+    state = portable_state_dict(model, half)
+    meta = {"arch": f"{source}:{name}", "num_classes": num_classes, "preprocess": preprocess.to_dict()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": CHECKPOINT_FORMAT, "meta": meta, "state_dict": state}, path)
+    return path

@@ -1,0 +1,191 @@
+"""Layers addressed by dotted module names: lookup, multi-layer feature extraction, head/tail split.
+
+Names are `model.named_modules()` paths (e.g. "layer3", "layer3.1.conv2",
+"encoder.layers.encoder_layer_11"), the same strings params.yaml uses.
+"""
+
+import difflib
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.fx as fx
+from bcos.modules import LogitLayer
+from bcos.modules.common import DetachableModule
+from torch import nn
+
+
+def layer_names(model: nn.Module) -> list[str]:
+    """Every addressable layer name of `model`, in registration order (root excluded)."""
+    return [name for name, _ in model.named_modules() if name]
+
+
+def resolve_layer(model: nn.Module, name: str) -> nn.Module:
+    """The submodule at dotted path `name`; ValueError listing valid names (closest first) if unknown."""
+    modules = dict(model.named_modules())
+    if name and name in modules:
+        return modules[name]
+    valid = layer_names(model)
+    close = difflib.get_close_matches(str(name), valid, n=5, cutoff=0.5)
+    rest = [n for n in valid if n not in close]
+    hint = f"closest: {', '.join(close)}; " if close else ""
+    raise ValueError(
+        f"layer {name!r} not found in {type(model).__name__}; {hint}valid names: {', '.join(rest)}"
+    )
+
+
+class _AllCaptured(Exception):
+    """Raised from a hook to stop the forward pass once every requested layer has run."""
+
+
+def _num_prefix_tokens(model: nn.Module, num_tokens: int) -> int:
+    """Class/register tokens in front of a ViT's square patch grid.
+
+    timm models declare it; otherwise (torchvision, open_clip) the patch grid is the largest
+    square that fits and the remainder are prefix tokens.
+    """
+    declared = getattr(model, "num_prefix_tokens", None)
+    if isinstance(declared, int):
+        return declared
+    return num_tokens - math.isqrt(num_tokens) ** 2
+
+
+def _as_feature_map(
+    model: nn.Module, name: str, output: object, batch: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A layer output as a (B, C, h, w) map, plus the class token (B, C) for ViT token outputs."""
+    if not isinstance(output, torch.Tensor):
+        raise ValueError(f"layer {name!r} returns {type(output).__name__}, not a tensor; pick a layer that returns a tensor")
+    if output.ndim == 4:
+        return output, None
+    if output.ndim == 2:  # pooled features or logits: a 1 x 1 map
+        return output[:, :, None, None], None
+    if output.ndim != 3:
+        raise ValueError(f"layer {name!r} returns shape {tuple(output.shape)}; expected (B, C), (B, C, h, w) or ViT tokens (B, N, C)")
+    tokens = output if output.shape[0] == batch else output.transpose(0, 1)  # sequence-first transformers
+    prefix = _num_prefix_tokens(model, tokens.shape[1])
+    side = math.isqrt(tokens.shape[1] - prefix)
+    if side * side != tokens.shape[1] - prefix:
+        raise ValueError(f"layer {name!r}: {tokens.shape[1]} tokens minus {prefix} prefix tokens is not a square patch grid")
+    grid = tokens[:, prefix:].transpose(1, 2).reshape(batch, tokens.shape[2], side, side)
+    return grid, (tokens[:, 0] if prefix else None)
+
+
+def extract_layers(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Outputs of several layers from one forward pass of `model` on `x`.
+
+    Returns {name: (B, C, h, w)}; vectors (B, C) become 1 x 1 maps, and ViT token outputs
+    (B, N, C) are reshaped to their patch grid
+    and their class token is added as "<name>.cls" (B, C). Outputs are copies taken as each
+    layer runs (later in-place ops such as ReLU(inplace) cannot alter them), and the forward
+    stops as soon as the last requested layer has run. Gradients flow through the outputs.
+    """
+    if isinstance(names, str) or len(names) == 0:
+        raise ValueError(f"names must be a non-empty sequence of layer names, got {names!r}")
+    wanted = {name: resolve_layer(model, name) for name in names}
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            if name in captured:
+                raise ValueError(f"layer {name!r} runs more than once per forward; its output is ambiguous")
+            captured[name] = output.clone() if isinstance(output, torch.Tensor) else output
+            if len(captured) == len(wanted):
+                raise _AllCaptured
+
+        return hook
+
+    handles = [module.register_forward_hook(hook_for(name)) for name, module in wanted.items()]
+    try:
+        model(x)
+    except _AllCaptured:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [name for name in wanted if name not in captured]
+    if missing:
+        raise ValueError(f"layers {missing} did not run in the forward pass of {type(model).__name__}")
+    features: dict[str, torch.Tensor] = {}
+    for name in wanted:
+        grid, cls = _as_feature_map(model, name, captured[name], x.shape[0])
+        features[name] = grid
+        if cls is not None:
+            features[f"{name}.cls"] = cls
+    return features
+
+
+class _Tracer(fx.Tracer):
+    """fx tracer that keeps the split layer and B-cos modules (data-dependent asserts) opaque."""
+
+    def __init__(self, cut: nn.Module):
+        super().__init__()
+        self._cut = cut
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return (
+            module is self._cut
+            or isinstance(module, (DetachableModule, LogitLayer))
+            or super().is_leaf_module(module, qualified_name)
+        )
+
+
+def _ancestors(node: fx.Node, stop: fx.Node | None = None) -> set[fx.Node]:
+    """`node` and every node it depends on, not walking past `stop`."""
+    seen, todo = set(), [node]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current is not stop:
+            todo.extend(current.all_input_nodes)
+    return seen
+
+
+def _subgraph(graph: fx.Graph, keep: set[fx.Node], inputs: dict[fx.Node, str], output: fx.Node) -> fx.Graph:
+    """Copy the `keep` nodes of `graph` in order; `inputs` nodes become placeholders."""
+    new = fx.Graph()
+    env = {node: new.placeholder(label) for node, label in inputs.items()}
+    for node in graph.nodes:
+        if node in keep and node not in env and node.op != "output":
+            env[node] = new.node_copy(node, lambda n: env[n])
+    new.output(env[output])
+    return new
+
+
+def split_at(model: nn.Module, name: str) -> tuple[nn.Module, nn.Module]:
+    """Split `model` at layer `name` into (head: x -> layer output, tail: layer output -> logits).
+
+    Exact: both halves are the model's own traced operations and share its parameters, so
+    tail(head(x)) == model(x). The tail takes the layer's raw output (ViT tokens stay (B, N, C))
+    and, like the model, may modify it in place (e.g. a following ReLU(inplace=True)).
+    ValueError if the model is not traceable by torch.fx, if the layer runs more than once, or
+    if the logits also depend on the input through a path that bypasses the layer (e.g. a
+    residual connection around a layer inside a block): split at a block or stage output instead.
+    """
+    layer = resolve_layer(model, name)
+    try:
+        graph = _Tracer(layer).trace(model)
+    except Exception as error:  # fx raises many types (TraceError, TypeError, ...) for untraceable code
+        raise ValueError(f"cannot split {type(model).__name__}: its forward is not traceable by torch.fx ({error})") from error
+    cuts = [node for node in graph.nodes if node.op == "call_module" and node.target == name]
+    if len(cuts) != 1:
+        raise ValueError(f"cannot split at {name!r}: it runs {len(cuts)} times in the forward pass, need exactly once")
+    cut = cuts[0]
+    output = next(node for node in graph.nodes if node.op == "output").args[0]
+    if not isinstance(output, fx.Node):
+        raise ValueError(f"cannot split {type(model).__name__}: its forward returns {type(output).__name__}, not one tensor")
+    tail_nodes = _ancestors(output, stop=cut)
+    bypass = [node.name for node in tail_nodes if node.op == "placeholder"]
+    if bypass:
+        raise ValueError(
+            f"cannot split at {name!r}: the logits also depend on the input ({', '.join(bypass)}) through a path "
+            f"that bypasses it, such as a residual connection; split at a block or stage output "
+            f"(for ResNets e.g. 'layer3' or 'layer3.1')"
+        )
+    head_nodes = _ancestors(cut)
+    placeholders = {node: node.target for node in graph.nodes if node.op == "placeholder" and node in head_nodes}
+    head = fx.GraphModule(model, _subgraph(graph, head_nodes, placeholders, cut))
+    tail = fx.GraphModule(model, _subgraph(graph, tail_nodes, {cut: "features"}, output))
+    return head.train(model.training), tail.train(model.training)
