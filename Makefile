@@ -22,7 +22,7 @@ test: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: setup
-	$(PY) benchmarks/circles.py
+	$(PY) -m benchmarks.circles
 
 clean-venv:
 	rm -rf $(VENV)

@@ -115,7 +115,7 @@ class ClipParams(Section):
 
 
 class ToyClassifierParams(Section):
-    epochs: PositiveInt = 8
+    epochs: PositiveInt = 4
     batch_size: PositiveInt = 64
     lr: PositiveFloat = 3e-3
     weight_decay: Annotated[float, Field(ge=0)] = 1e-4
@@ -130,7 +130,7 @@ class ToyBackboneParams(Section):
     n_train: PositiveInt = 8000
     n_val: PositiveInt = 1000
     cnn: ToyClassifierParams = ToyClassifierParams()
-    bcos: ToyClassifierParams = ToyClassifierParams(epochs=6, weight_decay=0.0, loss="bce")
+    bcos: ToyClassifierParams = ToyClassifierParams(weight_decay=0.0, loss="bce")
 
 
 class ToyClipParams(Section):
