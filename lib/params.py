@@ -136,20 +136,22 @@ class ToyBackboneParams(Section):
 class ToyClipParams(Section):
     """The toy teacher CLIP; its ring geometry is its own, so circles params can change freely."""
 
-    seed: int = 1
-    n_train: PositiveInt = 10000
+    data_seed: int = 1  # train draw: generate(n_train, data_seed); val draw: data_seed + 1
+    seed: int = 0  # initialisation and batch sampling
+    n_train: PositiveInt = 20000
     n_val: PositiveInt = 100
-    steps: PositiveInt = 3000
+    steps: PositiveInt = 8000
     batch_size: PositiveInt = 64
     lr: PositiveFloat = 2e-3
-    warmup: Annotated[int, Field(ge=0)] = 50
+    warmup: Annotated[int, Field(ge=0)] = 100
     weight_decay: Annotated[float, Field(ge=0)] = 0.1
-    ring_radius: PositiveFloat = 8.0
+    ring_radius: PositiveFloat = 10.0
     ring_width: PositiveFloat = 1.0
     grid: PositiveInt = 7
-    ring_fraction: Fraction = 0.75
-    object_fraction: Fraction = 0.5
-    eval_every: PositiveInt = 500
+    ring_fraction: Fraction = 0.8
+    object_fraction: Fraction = 0.8
+    n_swaps: Annotated[int, Field(ge=0)] = 6
+    eval_every: PositiveInt = 1000
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,7 +165,7 @@ class CirclesParams(Section):
     """Red-circle prompts (lib/circles.py): a grid x grid layout of rings, sizes in CLIP input pixels."""
 
     grid: PositiveInt = 7
-    radius: PositiveFloat = 9.0
+    radius: PositiveFloat = 32.0  # SALF-CBM at 224 px; the toy params use 10 at 64 px
     width: PositiveFloat = 2.0
     color: tuple[int, int, int] = (255, 0, 0)
     batch_size: PositiveInt = 32  # images read from the store per step

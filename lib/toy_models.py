@@ -62,13 +62,13 @@ def train_toy_backbones(config: Params, device: torch.device, log: Callable[[str
 def train_teacher_clip(config: Params, device: torch.device, log: Callable[[dict], None]) -> pd.DataFrame:
     """Train and save the toy CLIP as an open_clip folder; returns the per-step loss curve."""
     params = config.toy_clip
-    train = _draw(params.n_train, params.seed, 0, config.data.image_size)
-    val = _draw(params.n_val, params.seed, 1, config.data.image_size)
+    train = toy_world.generate(params.n_train, params.data_seed, config.data.image_size)
+    val = toy_world.generate(params.n_val, params.data_seed + 1, config.data.image_size)
     model, history = train_toy_clip(
         train, val,
         steps=params.steps, batch_size=params.batch_size, lr=params.lr, seed=params.seed, device=device,
         ring_radius=params.ring_radius, ring_width=params.ring_width, grid=params.grid,
-        ring_fraction=params.ring_fraction, object_fraction=params.object_fraction,
+        ring_fraction=params.ring_fraction, object_fraction=params.object_fraction, n_swaps=params.n_swaps,
         weight_decay=params.weight_decay, warmup=params.warmup, eval_every=params.eval_every, progress=log,
     )  # fmt: skip
     save_open_clip_checkpoint(model.cpu(), CLIP_DIR)

@@ -136,10 +136,10 @@ def test_swap_one_changes_exactly_one_asserted_id_within_its_type():
 def test_batch_captions_describe_their_images_and_rings_aim_at_objects(world):
     rng = np.random.default_rng(0)
     grid = grid_centers(64, 7).numpy()
-    batch = _Batch(world, rng, 64, 0.75, 64, grid, object_fraction=1.0)
+    batch = _Batch(world, rng, 64, 0.75, 64, grid, object_fraction=1.0, n_swaps=2)
     matches = caption_matches(*(torch.from_numpy(a).long() for a in (
         batch.caption_objects, batch.caption_background, batch.content_objects, batch.content_background)))
-    assert matches.shape == (64, 64 + 48 + 64) and bool(matches[:, :64].diagonal().all())
+    assert matches.shape == (64, 64 + 48 + 2 * 64) and bool(matches[:, :64].diagonal().all())
     # Ringed images show what is under the ring centre, exactly as point_concepts says.
     ys, xs = centre_pixels(batch.centres, 64, 64)
     at_centre = point_concepts(world, batch.index[:48], ys, xs)
@@ -155,22 +155,27 @@ def test_batch_captions_describe_their_images_and_rings_aim_at_objects(world):
     same = matches[:48, 64:112].diagonal().numpy()
     assert (batch.caption_objects[64:112][same] == batch.caption_objects[:48][same]).all()
     assert same.mean() < 0.2
+    # Swapped negatives never describe their own ringed image (it shows one thing only).
+    for copy in range(2):
+        start = 64 + 48 + 64 * copy
+        assert not matches[:48, start : start + 48].diagonal().any()
 
 
 def test_multi_positive_loss_equals_clip_loss_with_one_positive_and_spreads_duplicates():
     torch.manual_seed(0)
-    image, text = torch.nn.functional.normalize(torch.randn(6, 8), dim=1), torch.nn.functional.normalize(torch.randn(6, 8), dim=1)
+    image, text = (torch.nn.functional.normalize(torch.randn(6, 8), dim=1) for _ in range(2))
     want = ClipLoss()(image, text, logit_scale=10.0)
     got = multi_positive_clip_loss(10.0 * image @ text.T, torch.eye(6, dtype=torch.bool))
     torch.testing.assert_close(got, want)
     with pytest.raises(ValueError, match="matches"):  # the second image has no caption
         multi_positive_clip_loss(torch.zeros(2, 2), torch.tensor([[True, True], [False, False]]))
     # Two identical captions for image 0: its target splits 1/2 - 1/2 between them.
-    logits2 = torch.tensor([[1.0, 1.0, -1.0], [0.0, 0.0, 2.0]])
-    m2 = torch.tensor([[True, True, False], [False, False, True]])
-    i2t = -(0.5 * torch.log_softmax(logits2, 1)[0, :2].sum() + torch.log_softmax(logits2, 1)[1, 2]) / 2
-    t2i = -(torch.log_softmax(logits2, 0)[0, 0] + torch.log_softmax(logits2, 0)[0, 1] + torch.log_softmax(logits2, 0)[1, 2]) / 3
-    torch.testing.assert_close(multi_positive_clip_loss(logits2, m2), (i2t + t2i) / 2)
+    logits = torch.tensor([[1.0, 1.0, -1.0], [0.0, 0.0, 2.0]])
+    matches = torch.tensor([[True, True, False], [False, False, True]])
+    by_row, by_column = torch.log_softmax(logits, 1), torch.log_softmax(logits, 0)
+    image_to_text = -(0.5 * (by_row[0, 0] + by_row[0, 1]) + by_row[1, 2]) / 2
+    text_to_image = -(by_column[0, 0] + by_column[0, 1] + by_column[1, 2]) / 3
+    torch.testing.assert_close(multi_positive_clip_loss(logits, matches), (image_to_text + text_to_image) / 2)
 
 
 def test_training_lowers_the_loss(world):
@@ -255,7 +260,8 @@ def test_evaluation_gives_the_known_answer_on_an_oracle(world, wrong):
 
     points = grid_centers(64, grid).long().numpy()
     n = len(world.images)
-    truth = point_concepts(world, np.repeat(np.arange(n), len(points)), np.tile(points[:, 0], n), np.tile(points[:, 1], n))
+    index = np.repeat(np.arange(n), len(points))
+    truth = point_concepts(world, index, np.tile(points[:, 0], n), np.tile(points[:, 1], n))
     on_object = truth[:, 0] >= 0
     assert scores["clip_local_points"] == {
         "color": on_object.sum(), "shape": on_object.sum(), "pattern": on_object.sum(), "background": (~on_object).sum()

@@ -94,16 +94,16 @@ def load_clip(model_name: str, pretrained: str | os.PathLike | None) -> LoadedCl
     if model_cfg is None:
         raise unknown_name_error("open_clip model", model_name, open_clip.list_models())
     spec = parse_weights(pretrained)
-    tag_cfg: dict[str, Any] = {}
+    weights_cfg: dict[str, Any] = {}  # the tag's or the sibling config's preprocessing (+ quick_gelu)
     if spec.tag is not None:
-        tag_cfg = open_clip.get_pretrained_cfg(model_name, spec.tag)
-        if not tag_cfg:
+        weights_cfg = open_clip.get_pretrained_cfg(model_name, spec.tag)
+        if not weights_cfg:
             tags = open_clip.list_pretrained_tags_by_model(model_name)
             raise ValueError(f"unknown pretrained tag {spec.tag!r} for {model_name}; valid: {', '.join(tags) or 'none'}")
     checkpoint = spec.path
     if spec.path is None and spec.tag is not None:
         with fetching(f"open_clip weights {model_name}/{spec.tag}", f"pretrained='{spec.tag}@/path/to/open_clip_model.safetensors'"):
-            checkpoint = Path(open_clip.download_pretrained(tag_cfg))
+            checkpoint = Path(open_clip.download_pretrained(weights_cfg))
     if spec.path is not None and spec.tag is None:
         sibling = spec.path.parent / CONFIG_NAME
         if not sibling.is_file():
@@ -113,12 +113,12 @@ def load_clip(model_name: str, pretrained: str | os.PathLike | None) -> LoadedCl
                 f"(tags for {model_name}: {', '.join(open_clip.list_pretrained_tags_by_model(model_name)) or 'none'})"
             )
         config = _read_config(sibling)
-        tag_cfg = {**config["preprocess_cfg"], "quick_gelu": config.get("model_cfg", {}).get("quick_gelu", False)}
+        weights_cfg = {**config["preprocess_cfg"], "quick_gelu": config.get("model_cfg", {}).get("quick_gelu", False)}
     model = open_clip.create_model(
         model_name,
         pretrained=str(checkpoint) if checkpoint else None,
-        force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),  # e.g. OpenAI weights were trained with QuickGELU
-        force_preprocess_cfg=tag_cfg,  # open_clip keeps only the preprocessing keys
+        force_quick_gelu=bool(weights_cfg.get("quick_gelu", False)),  # e.g. OpenAI weights were trained with QuickGELU
+        force_preprocess_cfg=weights_cfg,  # open_clip keeps only the preprocessing keys
         weights_only=True,
     )
     weights_id = file_id(checkpoint) if spec.path else (f"tag={spec.tag}" if spec.tag else "random")

@@ -8,9 +8,10 @@ Two kinds of training pairs share each batch:
 Captions are sampled at several granularities ("a star", "a blue object", "a blue striped
 star", "sand") so single-concept prompts are in distribution. Every caption is kept as
 structured ids, so which captions truly describe which images is computed exactly: the
-contrastive loss has multiple positives (no false negatives from repeated captions), and each
-ringed image adds a hard negative describing another thing in the same image (the ring is the
-only cue that tells them apart) plus one with a single attribute swapped.
+contrastive loss has multiple positives (no false negatives from repeated captions). Hard
+negatives: each ringed image adds a caption of another thing in the same image (the ring is
+the only cue that tells them apart), and every caption gets copies with one attribute swapped
+("a star" against "a cross"), so each attribute is a contrast the loss must resolve.
 """
 
 import math
@@ -27,14 +28,19 @@ from torch import nn
 from lib.circles import blend_rings, grid_centers, ring_alpha, validate_grid
 from lib.models.clip import preprocess_from_open_clip, save_clip_dir
 from lib.models.preprocess import Preprocess
-from lib.models.toy_clip_eval import RING_COLOR, centre_pixels, evaluate_toy_clip_model, render_captions
+from lib.models.toy_clip_eval import (
+    CONCEPT_IDS_BY_TYPE,
+    RING_COLOR,
+    centre_pixels,
+    evaluate_toy_clip_model,
+    render_captions,
+)
 from lib.toy.captions import point_concepts
-from lib.toy.world import CONCEPT_TYPES, CONCEPTS, ToyWorld
+from lib.toy.world import ToyWorld
 
 TOY_CLIP_NAME = "toy-clip"
 CONFIG_DIR = Path(__file__).parent / "configs"
 
-_TYPE_IDS = {kind: np.array([i for i, c in enumerate(CONCEPTS) if c.type == kind]) for kind in CONCEPT_TYPES}
 # Non-empty subsets of (color, shape, pattern) an object caption keeps, and how often: single
 # attributes are what the per-concept prompts ask about, the full triple what global captions say.
 _KEEP_MASKS = np.array(
@@ -107,7 +113,7 @@ def _swap_one(rng: np.random.Generator, objects: np.ndarray, background: np.ndar
     position = keys.argmax(axis=1)
     old = ids[np.arange(len(ids)), position]
     new = old.copy()
-    for kind, type_ids in _TYPE_IDS.items():
+    for type_ids in CONCEPT_IDS_BY_TYPE:
         of_kind = np.isin(old, type_ids)
         # Shift by 1..n-1 within the type's contiguous id range: always a different value.
         step = rng.integers(1, len(type_ids), of_kind.sum())
@@ -167,9 +173,8 @@ class _Batch:
         keep_object[np.arange(len(first)), first] |= ~keep_object.any(axis=1)
         kept[n_ring:] &= keep_object[:, :, None]
         positive_objects = np.where(kept, content_objects, -1).astype(np.int16)
-        positive_background = np.where(
-            np.arange(batch_size) < n_ring, content_background, np.where(rng.random(batch_size) < 0.75, content_background, -1)
-        ).astype(np.int16)
+        say_background = (np.arange(batch_size) < n_ring) | (rng.random(batch_size) < 0.75)
+        positive_background = np.where(say_background, content_background, -1).astype(np.int16)
 
         # Distractors: another thing in the same image, said with the positive's attribute
         # subset: another object, or the background when the ring is on an object (every toy
@@ -185,8 +190,7 @@ class _Batch:
         distractor_objects[:, 0] = np.where(other_is_object[:, None] & kept[:n_ring, 0], other_attributes, -1)
         distractor_background = np.where(other_is_object, -1, world.background[ringed]).astype(np.int16)
 
-        # Hard negatives: `n_swaps` copies of each positive with one asserted id changed ("a star"
-        # against "a cross"), which makes every attribute a contrast the loss must resolve.
+        # Hard negatives: `n_swaps` copies of each positive with one asserted id changed.
         swapped_objects, swapped_background = _swap_one(
             rng, np.tile(positive_objects, (n_swaps, 1, 1)), np.tile(positive_background, n_swaps)
         )
@@ -236,25 +240,28 @@ def train_toy_clip(
     ring_radius: float,
     ring_width: float,
     grid: int = 7,
-    ring_fraction: float = 0.75,
-    object_fraction: float = 0.5,
-    n_swaps: int = 4,
+    ring_fraction: float = 0.8,
+    object_fraction: float = 0.8,
+    n_swaps: int = 6,
     weight_decay: float = 0.1,
     warmup: int = 100,
     eval_every: int = 500,
     progress: Callable[[dict], None] | None = None,
 ) -> tuple[nn.Module, dict]:
-    """Train a fresh toy CLIP (TOY_CLIP_NAME config) contrastively on `world_train`.
+    """Train a fresh toy CLIP (TOY_CLIP_NAME config, initialised from `seed`) on `world_train`.
 
-    A `ring_fraction` of each batch gets a red ring (radius/width in CLIP input pixels) centred
-    on the `grid` x `grid` prompt grid or anywhere. AdamW, linear warm-up then cosine decay.
-    Every `eval_every` steps (and at the end) the model is scored on `world_val` with
-    evaluate_toy_clip_model; `progress` gets each logged record.
-    Returns (model in eval mode on `device`, history {"loss": per-step list, "eval": records,
+    Each step samples `batch_size` images; a `ring_fraction` of them get a red ring (radius and
+    width in CLIP input pixels) centred on the `grid` x `grid` prompt grid or anywhere, aimed at
+    an object for an `object_fraction` of rings; `n_swaps` one-attribute-swapped negatives per
+    caption. AdamW (open_clip's no-decay groups), linear warm-up then cosine decay to 0.
+    Every `eval_every` steps and at the end the model is scored on `world_val`
+    (evaluate_toy_clip_model); `progress` gets each record.
+    Returns (model in eval mode on `device`, history {"loss": per-step floats, "eval": records
+    {"step", "loss", "seconds", "clip_local_acc", "clip_local_points", "clip_global_acc"},
     "seconds": float}).
     """
-    counts = (("steps", steps), ("batch_size", batch_size), ("warmup", warmup), ("eval_every", eval_every), ("n_swaps", n_swaps))
-    for name, value in counts:
+    counts = {"steps": steps, "batch_size": batch_size, "warmup": warmup, "eval_every": eval_every, "n_swaps": n_swaps}
+    for name, value in counts.items():
         minimum = 0 if name in ("warmup", "n_swaps") else 1
         if not isinstance(value, int) or value < minimum:
             raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
@@ -286,9 +293,12 @@ def train_toy_clip(
     started = time.perf_counter()
     for step in range(1, steps + 1):
         model.train()
-        batch = _Batch(world_train, rng, batch_size, ring_fraction, preprocess.size, grid_points, object_fraction, n_swaps)
+        batch = _Batch(
+            world_train, rng, batch_size, ring_fraction, preprocess.size, grid_points, object_fraction, n_swaps
+        )
         x = preprocess(images[torch.from_numpy(batch.index).to(device)])
-        alpha = ring_alpha(preprocess.size, torch.from_numpy(batch.centres).to(device, torch.float32), ring_radius, ring_width)
+        centres = torch.from_numpy(batch.centres).to(device, torch.float32)
+        alpha = ring_alpha(preprocess.size, centres, ring_radius, ring_width)
         x = torch.cat([blend_rings(x[: batch.n_ring], alpha, red, per_image=True), x[batch.n_ring :]])
         tokens = tokenizer(render_captions(batch.caption_objects, batch.caption_background)).to(device)
         matches = caption_matches(
@@ -331,4 +341,5 @@ def save_open_clip_checkpoint(model: nn.Module, folder: str | Path, half: bool =
     config records the model config and preprocessing. half=True stores fp16 weights.
     """
     register_toy_clip_config()
-    return save_clip_dir(folder, model, open_clip.get_model_config(TOY_CLIP_NAME), toy_clip_preprocess(model), half=half)
+    config = open_clip.get_model_config(TOY_CLIP_NAME)
+    return save_clip_dir(folder, model, config, toy_clip_preprocess(model), half=half)

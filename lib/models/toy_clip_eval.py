@@ -20,6 +20,8 @@ from lib.toy.world import CLASSES, CONCEPT_TYPES, CONCEPTS, ToyWorld, concept_in
 RING_COLOR = (255, 0, 0)
 _NAMES = np.array([c.name for c in CONCEPTS] + [""])  # id -1 -> ""
 _OBJECT_TYPES = CONCEPT_TYPES[:3]  # columns of ToyWorld.objects: color, shape, pattern
+# Concept ids of each type, in CONCEPT_TYPES order (contiguous: CONCEPTS is grouped by type).
+CONCEPT_IDS_BY_TYPE = tuple(np.array([i for i, c in enumerate(CONCEPTS) if c.type == kind]) for kind in CONCEPT_TYPES)
 
 
 def render_captions(objects: np.ndarray, background: np.ndarray) -> list[str]:
@@ -118,14 +120,13 @@ def evaluate_toy_clip_model(
     truth = point_concepts(world, np.repeat(np.arange(n_images), len(ys)), np.tile(ys, n_images), np.tile(xs, n_images))
     truth = torch.from_numpy(truth.astype(np.int64)).view(n_images, len(ys), 4)
 
-    type_ids = [torch.tensor([i for i, c in enumerate(CONCEPTS) if c.type == kind]) for kind in CONCEPT_TYPES]
     correct, total = torch.zeros(len(CONCEPT_TYPES)), torch.zeros(len(CONCEPT_TYPES))
     class_correct = 0
     for start in range(0, n_images, batch_size):
         part = slice(start, start + batch_size)
         circles, plain = encoder(torch.from_numpy(world.images[part]))
         scores = (circles.flatten(1, 2) @ concept_text.T).cpu()  # (B, G*G, K)
-        for t, ids in enumerate(type_ids):
+        for t, ids in enumerate(map(torch.from_numpy, CONCEPT_IDS_BY_TYPE)):
             predicted = ids[scores[..., ids].argmax(-1)]
             known = truth[part, :, t] >= 0  # object attributes on objects, the background off them
             correct[t] += (predicted == truth[part, :, t])[known].sum()
@@ -140,7 +141,15 @@ def evaluate_toy_clip_model(
     }
 
 
-def evaluate_toy_clip(clip: LoadedClip, world: ToyWorld, *, ring_radius: float, ring_width: float, grid: int = 7, batch_size: int = 32) -> dict:
+def evaluate_toy_clip(
+    clip: LoadedClip,
+    world: ToyWorld,
+    *,
+    ring_radius: float,
+    ring_width: float,
+    grid: int = 7,
+    batch_size: int = 32,
+) -> dict:
     """Local (red-circle) and global (zero-shot class) accuracy of a loaded CLIP on a toy world.
 
     Local: every ring of the `grid` x `grid` prompt grid (radius/width in CLIP input pixels),
@@ -151,7 +160,6 @@ def evaluate_toy_clip(clip: LoadedClip, world: ToyWorld, *, ring_radius: float, 
     Returns {"clip_local_acc": {type: float}, "clip_local_points": {type: int points scored},
     "clip_global_acc": float}.
     """
-    clip.model.eval()
     return evaluate_toy_clip_model(
         clip.model, clip.tokenizer, clip.preprocess, world,
         ring_radius=ring_radius, ring_width=ring_width, grid=grid, batch_size=batch_size,
