@@ -22,7 +22,7 @@ test: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: setup
-	$(PY) -m benchmarks.circles
+	$(PY) -m benchmarks.circles --clip-model toy-clip --clip-pretrained local-dir:models/toy/clip --radius 10 --width 1 --autocast
 
 clean-venv:
 	rm -rf $(VENV)

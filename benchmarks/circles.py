@@ -23,7 +23,9 @@ from PIL import Image, ImageDraw
 
 from lib.circles import CircleEncoder, autocast_dtype, grid_centers
 from lib.device import resolve_device
+from lib.models.clip import load_clip
 from lib.models.preprocess import Preprocess
+from lib.models.toy_clip import register_toy_clip_config
 
 
 def best_seconds(
@@ -57,6 +59,8 @@ def main() -> None:
     parser.add_argument("--grid", type=int, default=7)
     parser.add_argument("--radius", type=float, default=9.0)
     parser.add_argument("--width", type=float, default=2.0)
+    parser.add_argument("--clip-model", default=None, help="an open_clip model name (e.g. toy-clip); default: a random ViT")
+    parser.add_argument("--clip-pretrained", default=None, help="its weights, as clip.pretrained (e.g. local-dir:models/toy/clip)")
     parser.add_argument("--vit-width", type=int, default=192)
     parser.add_argument("--vit-layers", type=int, default=4)
     parser.add_argument("--chunk", type=int, default=512, help="max images per CLIP forward")
@@ -73,13 +77,19 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     autocast = device.type == "cuda" if args.autocast is None else args.autocast
     torch.manual_seed(0)
-    model = open_clip.CLIP(
-        embed_dim=128,
-        vision_cfg=dict(image_size=args.size, patch_size=8, width=args.vit_width, layers=args.vit_layers,
-                        head_width=64),
-        text_cfg=dict(context_length=16, vocab_size=1000, width=64, heads=2, layers=1),
-    ).eval().to(device)
-    preprocess = Preprocess(args.size, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
+    if args.clip_model is not None:
+        register_toy_clip_config()
+        clip = load_clip(args.clip_model, args.clip_pretrained)
+        model, preprocess = clip.model.eval().to(device), clip.preprocess
+        args.size = preprocess.size
+    else:
+        model = open_clip.CLIP(
+            embed_dim=128,
+            vision_cfg=dict(image_size=args.size, patch_size=8, width=args.vit_width, layers=args.vit_layers,
+                            head_width=64),
+            text_cfg=dict(context_length=16, vocab_size=1000, width=64, heads=2, layers=1),
+        ).eval().to(device)
+        preprocess = Preprocess(args.size, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
     encoder = CircleEncoder(model, preprocess, args.grid, args.radius, args.width, chunk=args.chunk,
                             autocast=autocast)
     images = torch.randint(0, 256, (args.images, args.size, args.size, 3), dtype=torch.uint8)
@@ -121,8 +131,9 @@ def main() -> None:
     rate_b = total / seconds["b"]
     rate_c = args.reference_images * variants / seconds["c"]
 
+    name = args.clip_model or f"random vit {args.vit_width}x{args.vit_layers}"
     print(f"device={device} threads={torch.get_num_threads()} autocast={autocast} size={args.size} "
-          f"grid={args.grid} vit={args.vit_width}x{args.vit_layers} images={args.images}")
+          f"grid={args.grid} model={name} images={args.images}")
     print(f"(a) circled embeddings/s        {rate_a:10.1f}")
     print(f"(b) bare encode_image images/s  {rate_b:10.1f}  (batches of {batch.shape[0]})")
     print(f"(c) reference loop images/s     {rate_c:10.1f}")
