@@ -25,6 +25,7 @@ MICRO = {
     "toy_backbone": {"n_train": 64, "n_val": 16, "cnn": {"epochs": 1}, "bcos": {"epochs": 1}},
     "toy_clip": {"n_train": 64, "n_val": 8, "steps": 4, "batch_size": 8, "eval_every": 4, "warmup": 1},
     "circles": {"grid": 3},
+    "concepts": {"min_top5_similarity": -1.0},  # a 4-step CLIP's similarities are meaningless
     "cbl": {"max_steps": 10, "eval_every": 5, "cos3_threshold": -1.0},
     "sparse": {"n_lambdas": 4, "max_epochs": 5},
     "evaluate": {"batch_size": 16, "steps": 21, "cam_methods": ["gradcam"]},
