@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -13,6 +13,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from lib.params import DEFAULT_PARAMS, ParamsError
 from lib.stores import IncompleteStoreError
+
+if TYPE_CHECKING:  # torch and the stage modules load only when a command runs
+    import torch
+
+    from lib.distributed import Ranks
+    from lib.layout import Layout
+    from lib.params import Params
 
 app = typer.Typer(
     help="conceptrace pipeline stages. Each command reads its section of params.yaml; `dvc repro` runs them in order.",
@@ -60,3 +67,16 @@ def summary(stage: str, text: str) -> None:
 @app.callback()
 def main() -> None:
     """conceptrace pipeline stages (see README.md; `dvc repro` runs them in order)."""
+
+
+def sharded_stage(params: Path) -> tuple[Params, Layout, torch.device, Ranks]:
+    """What a store-writing stage starts with: validated params, its layout, and under torchrun
+    this rank's ranks and device (one GPU per rank)."""
+    from lib.device import resolve_device
+    from lib.distributed import init_ranks
+    from lib.layout import Layout
+    from lib.params import load_params
+
+    config = load_params(params)
+    ranks, device = init_ranks(resolve_device(config.runtime.device))
+    return config, Layout.from_params(config), device, ranks

@@ -1,6 +1,6 @@
 """circles: CLIP embeddings of every image with a red circle on each cell of a grid, and of the plain image."""
 
-from lib.cli import DEFAULT_PARAMS_PATH, ParamsOption, app, progress, summary, user_errors
+from lib.cli import DEFAULT_PARAMS_PATH, ParamsOption, app, progress, sharded_stage, summary, user_errors
 
 
 @app.command()
@@ -11,16 +11,10 @@ def circles(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
     """
     with user_errors():
         from lib.circle_store import extract_circles
-        from lib.device import resolve_device
-        from lib.distributed import init_ranks
-        from lib.layout import Layout
-        from lib.params import load_params
 
-        config = load_params(params)
-        device = resolve_device(config.runtime.device)
-        ranks, device = init_ranks(device)
+        config, layout, device, ranks = sharded_stage(params)
         with progress() as bar:
-            report = extract_circles(config, Layout.from_params(config), device, ranks, bar)
+            report = extract_circles(config, layout, device, ranks, bar)
     summary(
         "circles",
         f"{report.n_images} images x {report.grid}x{report.grid} circles, D={report.embed_dim}, "

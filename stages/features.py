@@ -1,6 +1,6 @@
 """features: the backbone's feature maps of the configured layers, and its logits."""
 
-from lib.cli import DEFAULT_PARAMS_PATH, ParamsOption, app, progress, summary, user_errors
+from lib.cli import DEFAULT_PARAMS_PATH, ParamsOption, app, progress, sharded_stage, summary, user_errors
 
 
 @app.command()
@@ -10,16 +10,10 @@ def features(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
     Runs under torchrun too: each rank writes the shards it owns.
     """
     with user_errors():
-        from lib.device import resolve_device
-        from lib.distributed import init_ranks
         from lib.features import extract_features
-        from lib.layout import Layout
-        from lib.params import load_params
 
-        config = load_params(params)
-        device = resolve_device(config.runtime.device)
-        ranks, device = init_ranks(device)
+        config, layout, device, ranks = sharded_stage(params)
         with progress() as bar:
-            report = extract_features(config, Layout.from_params(config), device, ranks, bar)
+            report = extract_features(config, layout, device, ranks, bar)
     shapes = ", ".join(f"{k} {v}" for k, v in report.shapes.items())
     summary("features", f"{report.n_images} images, {report.shards_written} shards written; {shapes}")
