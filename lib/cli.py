@@ -69,14 +69,21 @@ def main() -> None:
     """conceptrace pipeline stages (see README.md; `dvc repro` runs them in order)."""
 
 
-def sharded_stage(params: Path) -> tuple[Params, Layout, torch.device, Ranks]:
-    """What a store-writing stage starts with: validated params, its layout, and under torchrun
-    this rank's ranks and device (one GPU per rank)."""
+def stage_setup(params: Path) -> tuple[Params, Layout, torch.device]:
+    """What a stage starts with: validated params, its layout and its device (runtime.device)."""
     from lib.device import resolve_device
-    from lib.distributed import init_ranks
     from lib.layout import Layout
     from lib.params import load_params
 
     config = load_params(params)
-    ranks, device = init_ranks(resolve_device(config.runtime.device))
-    return config, Layout.from_params(config), device, ranks
+    return config, Layout.from_params(config), resolve_device(config.runtime.device)
+
+
+def sharded_stage(params: Path) -> tuple[Params, Layout, torch.device, Ranks]:
+    """stage_setup for a store-writing stage: under torchrun, this rank's ranks and device
+    (one GPU per rank)."""
+    from lib.distributed import init_ranks
+
+    config, layout, device = stage_setup(params)
+    ranks, device = init_ranks(device)
+    return config, layout, device, ranks

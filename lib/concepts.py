@@ -182,6 +182,7 @@ def filter_concepts(
             i = kept_before[0]
             reasons[j] = f"near-duplicate: of {concepts[i]!r} cos {sims[j, i]:.3f} > {duplicate_threshold}"
 
+    activation = None
     if image_batches is not None:
         activation = _top_k_mean(image_batches, text, TOP_K)
         for i in torch.nonzero(activation < min_top5_similarity).flatten().tolist():
@@ -193,7 +194,11 @@ def filter_concepts(
     kept = torch.tensor([r is None for r in reasons], dtype=torch.bool)
     if not kept.any():
         counts = Counter(r.split(":")[0] for r in reasons if r is not None)
+        scale = "" if activation is None else (
+            f" (top-{TOP_K} mean image cosines range from {activation.min():.3f} to {activation.max():.3f};"
+            " the activation threshold is specific to each CLIP)"
+        )
         raise ValueError(
-            f"all {len(concepts)} concepts were filtered out: {dict(counts)}; relax the thresholds of those filters"
+            f"all {len(concepts)} concepts were filtered out: {dict(counts)}; relax the thresholds of those filters{scale}"
         )
     return kept, reasons

@@ -48,12 +48,14 @@ def extract_features(config: Params, layout: Layout, device: torch.device, ranks
     for layer in config.features.layers:
         resolve_layer(backbone.model, layer)  # fails early, listing the valid names
     backbone.model.to(device).eval()
-    images = open_store(layout.images)["images"]
+    image_store = open_store(layout.images)
+    images = image_store["images"]
     encode = _encoder(backbone, config.features.layers)
     with torch.inference_mode():
         probe = encode(torch.from_numpy(images[:1]).to(device))
     n, rows = images.shape[0], (images.shards or images.chunks)[0]
-    fingerprint = params_hash(config.backbone, config.features, config.data)
+    # the model id carries the weights' hash, the image store's fingerprint its content
+    fingerprint = params_hash(config.backbone, config.features, backbone.model_id, image_store.attrs["fingerprint"])
     provenance = {"stage": "features", "params_hash": fingerprint, "model_id": backbone.model_id}
     dims = {"features": ("item", "channel", "y", "x"), "cls": ("item", "channel"), LOGITS: ("item", "class")}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from types import ModuleType
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -238,7 +239,7 @@ class SparseParams(Section):
     n_lambdas: PositiveInt = 40
     lambda_min_ratio: Annotated[float, Field(gt=0, lt=1)] = 1e-3
     target_nonzeros_per_class: PositiveFloat = 5.0
-    max_epochs: PositiveInt = 200
+    max_epochs: PositiveInt = 1000
     tol: PositiveFloat = 1e-5
     batch_size: PositiveInt = 256  # SAGA minibatch; >= 1024 left toy-sized paths unconverged after 200 epochs
     seed: int = 0
@@ -331,3 +332,9 @@ def params_hash(*sections: BaseModel | dict[str, Any] | str) -> str:
     payload = [s.model_dump(mode="json") if isinstance(s, BaseModel) else s for s in sections]
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def source_hash(module: ModuleType) -> str:
+    """Short hash of a module's source file: part of the fingerprint of data that module generates,
+    so a resumed stage never keeps shards written by older code."""
+    return hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest()[:16]

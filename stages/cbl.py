@@ -1,21 +1,17 @@
 """cbl: the SALF-CBM concept bottleneck (backbone features -> concept maps matching P)."""
 
-from lib.cli import DEFAULT_PARAMS_PATH, ParamsOption, app, progress, summary, user_errors
+from lib.cli import DEFAULT_PARAMS_PATH, ParamsOption, app, progress, stage_setup, summary, user_errors
 
 
 @app.command()
 def cbl(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
     """Write data/<name>/salf/bottleneck.pt, salf/concepts.json (kept/dropped by val cos^3) and the loss curve."""
     with user_errors():
-        from lib.device import resolve_device
-        from lib.layout import Layout
-        from lib.params import load_params
         from lib.salf.train import run_cbl
 
-        config = load_params(params)
-        layout = Layout.from_params(config)
+        config, layout, device = stage_setup(params)
         with progress() as bar:
-            report = run_cbl(config, layout, resolve_device(config.runtime.device), bar)
+            report = run_cbl(config, layout, device, bar)
     val = "val carved from train" if report.val_from_train else "manifest val split"
     dropped = f" (dropped: {', '.join(report.dropped)})" if report.dropped else ""
     summary(

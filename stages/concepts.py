@@ -1,6 +1,6 @@
 """concepts: the concept list's CLIP text embeddings, filtered as LF-CBM does."""
 
-from lib.cli import DEFAULT_PARAMS_PATH, ParamsOption, app, summary, user_errors
+from lib.cli import DEFAULT_PARAMS_PATH, ParamsOption, app, stage_setup, summary, user_errors
 
 
 @app.command()
@@ -11,13 +11,9 @@ def concepts(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
     """
     with user_errors():
         from lib.concept_store import build_concepts
-        from lib.device import resolve_device
-        from lib.layout import Layout
-        from lib.params import load_params
 
-        config = load_params(params)
-        layout = Layout.from_params(config)
-        report = build_concepts(config, layout, resolve_device(config.runtime.device))
+        config, layout, device = stage_setup(params)
+        report = build_concepts(config, layout, device)
     dropped = ", ".join(f"{count} {reason}" for reason, count in report.dropped.items()) or "none"
     summary(
         "concepts",

@@ -1,6 +1,6 @@
 """evaluate: every available method's maps scored against the ground-truth masks."""
 
-from lib.cli import DEFAULT_PARAMS_PATH, ParamsOption, app, console, progress, summary, user_errors
+from lib.cli import DEFAULT_PARAMS_PATH, ParamsOption, app, console, progress, stage_setup, summary, user_errors
 
 
 @app.command()
@@ -9,16 +9,12 @@ def evaluate(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
     with user_errors():
         from rich.markdown import Markdown
 
-        from lib.device import resolve_device
         from lib.evaluate.report import summary_table, write_evaluation
         from lib.evaluate.run import run_evaluate
-        from lib.layout import Layout
-        from lib.params import load_params
 
-        config = load_params(params)
-        layout = Layout.from_params(config)
+        config, layout, device = stage_setup(params)
         with progress() as bar:
-            evaluation = run_evaluate(config, layout, resolve_device(config.runtime.device), bar)
+            evaluation = run_evaluate(config, layout, device, bar)
         write_evaluation(evaluation, layout)
     console.print(Markdown(summary_table(evaluation)))
     skipped = f"; skipped (disabled, or their stages have not run): {', '.join(evaluation.skipped)}" if evaluation.skipped else ""

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from lib.cli import DEFAULT_PARAMS_PATH, ParamsOption, app, summary, user_errors
+from lib.cli import DEFAULT_PARAMS_PATH, ParamsOption, app, stage_setup, summary, user_errors
 
 IndexOption = Annotated[list[int] | None, typer.Option("--index", "-i", help="Store row of an image (repeatable).")]
 ImageOption = Annotated[list[Path] | None, typer.Option("--image", help="Image file (repeatable).")]
@@ -20,14 +20,9 @@ MaskOption = Annotated[Path | None, typer.Option("--mask", help="ROI mask image 
 
 def _setup(params: Path):
     """(config, layout, the trained model on runtime.device) of a command."""
-    from lib.device import resolve_device
-    from lib.layout import Layout
-    from lib.params import load_params
     from lib.salf.artifacts import SalfModel
 
-    config = load_params(params)
-    layout = Layout.from_params(config)
-    device = resolve_device(config.runtime.device)
+    config, layout, device = stage_setup(params)
     return config, layout, SalfModel.load(layout, device)
 
 

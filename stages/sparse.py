@@ -1,21 +1,17 @@
 """sparse: the SALF-CBM final layer (elastic-net path over pooled, standardised concept activations)."""
 
-from lib.cli import DEFAULT_PARAMS_PATH, ParamsOption, app, progress, summary, user_errors
+from lib.cli import DEFAULT_PARAMS_PATH, ParamsOption, app, progress, stage_setup, summary, user_errors
 
 
 @app.command()
 def sparse(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
     """Write data/<name>/salf/classifier.pt, salf/activations.zarr, metrics/salf.json and the lambda path."""
     with user_errors():
-        from lib.device import resolve_device
-        from lib.layout import Layout
-        from lib.params import load_params
         from lib.salf.train import run_sparse
 
-        config = load_params(params)
-        layout = Layout.from_params(config)
+        config, layout, device = stage_setup(params)
         with progress() as bar:
-            report = run_sparse(config, layout, resolve_device(config.runtime.device), bar)
+            report = run_sparse(config, layout, device, bar)
     m = report.metrics
     recovery = "" if m["rule_recovery"] is None else f", rule recovery {m['rule_recovery']:.2f}"
     summary(

@@ -11,7 +11,7 @@ from lib import stores
 from lib.cli import progress
 from lib.data.prepare import prepare_toy
 from lib.distributed import Ranks
-from lib.features import extract_features
+from lib.features import FeaturesReport, extract_features
 from lib.layout import Layout
 from lib.models.backbones import load_backbone
 from lib.params import Params
@@ -34,9 +34,9 @@ def toy_layout(tmp_path_factory: pytest.TempPathFactory) -> tuple[Params, Layout
     return config, layout
 
 
-def run(config: Params, layout: Layout) -> None:
+def run(config: Params, layout: Layout) -> FeaturesReport:
     with progress() as bar:
-        extract_features(config, layout, torch.device("cpu"), Ranks(), bar)
+        return extract_features(config, layout, torch.device("cpu"), Ranks(), bar)
 
 
 def files(path: Path) -> dict[str, bytes]:
@@ -78,6 +78,23 @@ def test_interrupted_features_resume_to_identical_bytes(toy_layout: tuple[Params
     monkeypatch.setattr(stores.ShardedWriter, "write", original)
     run(config, layout)
     assert {p: files(p) for p in clean} == clean
+
+
+def test_new_image_content_rebuilds_the_features(
+    toy_layout: tuple[Params, Layout], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stores are persistent across DVC runs: features of older images must never be resumed."""
+    config, layout = toy_layout
+    run(config, layout)
+    copy = Layout(tmp_path / "toy")
+    shutil.copytree(layout.root, copy.root)
+    assert run(config, copy).shards_written == 0  # same images: every shard is reused
+    before = open_store(copy.features("layer3")).attrs["fingerprint"]
+    monkeypatch.setattr("lib.data.prepare.source_hash", lambda module: "an edited generator")
+    with progress() as bar:
+        prepare_toy(config.data, copy, bar)
+    assert run(config, copy).shards_written == 3  # all shards (40 images, 16 per shard) rebuilt
+    assert open_store(copy.features("layer3")).attrs["fingerprint"] != before
 
 
 def test_unknown_layer_lists_valid_names(toy_layout: tuple[Params, Layout]) -> None:

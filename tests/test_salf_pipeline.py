@@ -76,9 +76,11 @@ PARAMS = {
 }
 
 
-def write_store(path: Path, arrays: dict[str, np.ndarray], rows_per_shard: int, attributes: dict | None = None) -> None:
+def write_store(
+    path: Path, arrays: dict[str, np.ndarray], rows_per_shard: int, attributes: dict | None = None, fingerprint: str = "test"
+) -> None:
     specs = [ArraySpec(k, v.shape, str(v.dtype), tuple(f"d{i}" for i in range(v.ndim))) for k, v in arrays.items()]
-    writer = ShardedWriter(path, specs, rows_per_shard, attributes or {}, fingerprint="test")
+    writer = ShardedWriter(path, specs, rows_per_shard, attributes or {}, fingerprint=fingerprint)
     for shard in writer.pending():
         writer.write(shard, {k: v[writer.rows(shard)] for k, v in arrays.items()})
     writer.finalize()
@@ -253,10 +255,24 @@ def test_saved_model_reproduces_the_activation_store(trained):
     base, layout = trained
     model = SalfModel.load(layout, "cpu")
     features = torch.from_numpy(open_store(layout.features("layer2"))["features"][:20])
-    pooled = pool_concepts(model.concept_maps(features), "avg")
+    pooled = pool_concepts(model.concept_maps(features), model.classifier.pooling)
     torch.testing.assert_close(pooled, torch.from_numpy(open_store(layout.salf_activations)["activations"][:20]))
     assert model.layer == "layer2" and model.classifier.concept_names == tuple(CONCEPTS[:4])
     assert model.lambda_path[model.selected]["nonzeros_per_class"] <= 2
+
+
+def test_new_features_rebuild_the_activation_store(trained, tmp_path):
+    """The c* store persists across DVC runs: new features under the same bottleneck must not reuse it."""
+    base, _ = trained
+    shutil.copytree(base, tmp_path / "copy")
+    layout = Layout(tmp_path / "copy" / "data" / "syn", tmp_path / "copy" / "metrics")
+    before = open_store(layout.salf_activations)["activations"][:]
+    features = open_store(layout.features("layer2"))["features"][:]
+    shutil.rmtree(layout.features("layer2"))
+    write_store(layout.features("layer2"), {"features": features[::-1].copy()}, ROWS_PER_SHARD, fingerprint="reversed")
+    result = invoke(tmp_path / "copy", "sparse")
+    assert result.exit_code == 0, result.output
+    np.testing.assert_allclose(open_store(layout.salf_activations)["activations"][:], before[::-1], rtol=1e-5, atol=1e-6)
 
 
 def test_explain_stage_writes_png_and_json_per_image_and_a_gallery(trained):

@@ -20,6 +20,7 @@ from lib.toy.world import (
     generate,
     rules_table,
     satisfied_rules,
+    shown_rules,
 )
 
 N, SIZE = 400, 64
@@ -100,7 +101,7 @@ def test_labels_balanced_and_object_counts_spread(world):
     assert np.isin(world.background, TYPE_IDS["background"]).all()
 
 
-def test_every_label_satisfies_its_rule_and_no_other(world):
+def test_every_label_satisfies_its_rule_and_shows_no_other(world):
     for i in range(N):  # straightforward per-image check, independent of satisfied_rules
         objects = [{CONCEPTS[c].name for c in row} for row in world.objects[i] if row[0] >= 0]
         background = CONCEPTS[world.background[i]].name
@@ -108,12 +109,16 @@ def test_every_label_satisfies_its_rule_and_no_other(world):
             (bg is None or bg == background) and any(attributes <= obj for obj in objects)
             for bg, attributes in CONTRACT_RULES
         ]
-        assert holds == [c == world.labels[i] for c in range(len(CLASSES))], (i, objects, background)
+        # no other rule's concepts anywhere, not even spread over several objects
+        shows = [(bg is None or bg == background) and attributes <= set().union(*objects) for bg, attributes in CONTRACT_RULES]
+        own = [c == world.labels[i] for c in range(len(CLASSES))]
+        assert holds == own and shows == own, (i, objects, background)
     one_hot = np.eye(len(CLASSES), dtype=bool)[world.labels]
     assert np.array_equal(satisfied_rules(world.objects, world.background), one_hot)
+    assert np.array_equal(shown_rules(world.objects, world.background), one_hot)
 
 
-def test_satisfied_rules_hand_examples_and_bad_input():
+def test_satisfied_and_shown_rules_hand_examples_and_bad_input():
     ids = concept_index
     objects = np.full((3, 2, 3), -1, np.int16)
     objects[0, 0] = [ids("blue"), ids("star"), ids("striped")]  # on sand: desert_star + blue_stripes
@@ -125,10 +130,13 @@ def test_satisfied_rules_hand_examples_and_bad_input():
     expected[0, [0, 4]] = True
     expected[1, 7] = True
     assert np.array_equal(satisfied_rules(objects, background), expected)
-    with pytest.raises(ValueError, match="objects must have shape"):
-        satisfied_rules(objects[..., :2], background)
-    with pytest.raises(ValueError, match="background must have shape"):
-        satisfied_rules(objects, background[:2])
+    expected[2, 7] = True  # split over two objects: shown, though not satisfied
+    assert np.array_equal(shown_rules(objects, background), expected)
+    for rules in (satisfied_rules, shown_rules):
+        with pytest.raises(ValueError, match="objects must have shape"):
+            rules(objects[..., :2], background)
+        with pytest.raises(ValueError, match="background must have shape"):
+            rules(objects, background[:2])
 
 
 def test_masks_partition_pixels_by_type(world):

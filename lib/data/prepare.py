@@ -14,7 +14,7 @@ from lib.data import segfolder
 from lib.data.imagefolder import DecodeDataset, list_images
 from lib.data.manifest import write_dataset_info, write_manifest
 from lib.layout import SPLITS, Layout
-from lib.params import DataParams, RuntimeParams, params_hash
+from lib.params import DataParams, RuntimeParams, params_hash, source_hash
 from lib.preview import save_preview
 from lib.stores import ArraySpec, ShardedWriter
 from lib.toy import captions as toy_captions
@@ -45,7 +45,7 @@ def prepare_toy(params: DataParams, layout: Layout, progress: Progress) -> Prepa
     world = toy_world.ToyWorld(**{f.name: np.concatenate([getattr(w, f.name) for w in worlds]) for f in fields(toy_world.ToyWorld)})
     splits = np.repeat(np.array(SPLITS, dtype=object), [len(w.labels) for w in worlds])
     n, size, k = len(splits), params.image_size, len(toy_world.CONCEPTS)
-    fingerprint = params_hash(params)
+    fingerprint = params_hash(params, source_hash(toy_world))
     provenance = {"stage": "prepare", "params_hash": fingerprint, "dataset": "toy"}
     # one store per image: pixels, label and the exact ground truth of every concept
     writer = ShardedWriter(

@@ -8,10 +8,10 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lib.circles import CircleEncoder, grid_centers
+from lib.concepts import encode_texts
 from lib.models.clip import LoadedClip
 from lib.models.preprocess import Preprocess
 from lib.toy.captions import point_concepts
@@ -91,11 +91,6 @@ def centre_pixels(centres: np.ndarray, input_size: int, image_size: int) -> tupl
     return pixels[:, 0], pixels[:, 1]
 
 
-@torch.inference_mode()
-def _encode_texts(model: nn.Module, tokenizer: Callable, texts: list[str], device: torch.device) -> torch.Tensor:
-    return F.normalize(model.encode_text(tokenizer(texts).to(device)).float(), dim=-1)
-
-
 def evaluate_toy_clip_model(
     model: nn.Module,
     tokenizer: Callable[[list[str]], torch.Tensor],
@@ -110,10 +105,10 @@ def evaluate_toy_clip_model(
     """Score a CLIP on the toy world; see evaluate_toy_clip. `model` must be in eval mode."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    device = next(model.parameters()).device
     encoder = CircleEncoder(model, preprocess, grid=grid, radius=ring_radius, width=ring_width, color=RING_COLOR)
-    concept_text = _encode_texts(model, tokenizer, concept_prompts(), device)  # (K, D)
-    class_text = _encode_texts(model, tokenizer, class_prompts(), device)  # (C, D)
+    with torch.inference_mode():
+        concept_text = encode_texts(model, tokenizer, concept_prompts())  # (K, D)
+        class_text = encode_texts(model, tokenizer, class_prompts())  # (C, D)
 
     n_images, image_size = len(world.images), world.images.shape[1]
     ys, xs = centre_pixels(grid_centers(preprocess.size, grid).numpy(), preprocess.size, image_size)

@@ -114,12 +114,16 @@ def _write_activations(
 
     The lambda path makes hundreds of passes over c*; reading it from this small store instead of
     recomputing it from the features keeps each pass cheap at any N. Its fingerprint is the
-    bottleneck's weights and the pooling, so a retrained bottleneck rebuilds it.
+    bottleneck's weights, the pooling and the feature store's fingerprint, so a retrained
+    bottleneck or new features rebuild it.
     """
-    features = open_store(layout.features(layer))["features"]
+    feature_store = open_store(layout.features(layer))
+    features = feature_store["features"]
     n, rows = features.shape[0], (features.shards or features.chunks)[0]
     weight = bottleneck.conv.weight.detach().cpu().numpy()
-    fingerprint = params_hash(pooling, layer, hashlib.sha256(weight.tobytes()).hexdigest())
+    fingerprint = params_hash(
+        pooling, layer, hashlib.sha256(weight.tobytes()).hexdigest(), feature_store.attrs["fingerprint"]
+    )
     spec = ArraySpec("activations", (n, bottleneck.conv.out_channels), "float32", ("item", "concept"))
 
     def make_writers(create: bool) -> dict[str, ShardedWriter]:

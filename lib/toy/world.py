@@ -1,8 +1,10 @@
 """Procedural toy world: objects with a colour, shape and pattern on a textured background.
 
 Every concept has an exact pixel mask and every class is a documented rule over concepts
-(CONTRACTS.md), so the explanation methods can be scored against ground truth. Rendering is
-hard-edged (no antialiasing): a mask pixel is exactly a drawn pixel.
+(CONTRACTS.md), so the explanation methods can be scored against ground truth. An image shows
+the concepts of its own class rule and never all the concepts of another's, so the class
+follows from which concepts are present. Rendering is hard-edged (no antialiasing): a mask
+pixel is exactly a drawn pixel.
 """
 
 from dataclasses import dataclass
@@ -117,21 +119,35 @@ class ToyWorld:
     background: np.ndarray  # int16 (N,): concept id of the background
 
 
-def satisfied_rules(objects: np.ndarray, background: np.ndarray) -> np.ndarray:
-    """Which class rules each scene satisfies: bool (N, len(CLASSES)).
-
-    objects: (N, M, 3) concept ids (color, shape, pattern), -1 for empty slots;
-    background: (N,) concept ids.
-    """
+def _check_scenes(objects: np.ndarray, background: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validated scene arrays and which rules' background each scene has: bool (N, C)."""
     objects, background = np.asarray(objects), np.asarray(background)
     if objects.ndim != 3 or objects.shape[2] != len(_OBJECT_TYPES):
         raise ValueError(f"objects must have shape (N, M, 3), got {objects.shape}")
     if background.shape != objects.shape[:1]:
         raise ValueError(f"background must have shape ({objects.shape[0]},), got {background.shape}")
-    background_ok = (_RULE_BACKGROUND < 0) | (background[:, None] == _RULE_BACKGROUND)  # (N, C)
+    return objects, background, (_RULE_BACKGROUND < 0) | (background[:, None] == _RULE_BACKGROUND)
+
+
+def satisfied_rules(objects: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """Which class rules each scene satisfies (a rule's object attributes all on one object):
+    bool (N, len(CLASSES)).
+
+    objects: (N, M, 3) concept ids (color, shape, pattern), -1 for empty slots;
+    background: (N,) concept ids.
+    """
+    objects, background, background_ok = _check_scenes(objects, background)
     attribute_ok = (_RULE_ATTRIBUTES < 0) | (objects[:, :, None, :] == _RULE_ATTRIBUTES)  # (N, M, C, 3)
     object_ok = attribute_ok.all(axis=3) & (objects[:, :, None, 0] >= 0)  # (N, M, C)
     return background_ok & object_ok.any(axis=1)
+
+
+def shown_rules(objects: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """Which class rules' concepts each scene shows, possibly spread over several objects:
+    bool (N, len(CLASSES)). A superset of satisfied_rules; same arguments."""
+    objects, background, background_ok = _check_scenes(objects, background)
+    shown = (objects[:, :, None, :] == _RULE_ATTRIBUTES).any(axis=1)  # (N, C, 3); -1 slots never match
+    return background_ok & ((_RULE_ATTRIBUTES < 0) | shown).all(axis=2)
 
 
 def _sample_scenes(rng: np.random.Generator, labels: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -154,17 +170,21 @@ def _sample_scenes(rng: np.random.Generator, labels: np.ndarray, counts: np.ndar
 def _sample_valid_scenes(
     rng: np.random.Generator, labels: np.ndarray, max_objects: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Scenes that satisfy exactly their own class rule: plant the rule, resample violators.
+    """Scenes that satisfy their own class rule and show no other rule's concepts, even spread
+    over several objects: plant the rule, resample violators.
 
+    So the label is a function of which concepts the image shows, and an image-level concept
+    bottleneck (SALF-CBM's pooled concepts) can classify exactly; the object-level binding of
+    a rule's attributes still decides where its evidence lies (ground-truth class masks).
     Object counts are drawn once and kept, so rejection does not skew them towards one object.
     """
     counts = rng.integers(1, max_objects + 1, len(labels))
     objects, background = _sample_scenes(rng, labels, counts)
     wanted = np.eye(len(CLASSES), dtype=bool)[labels]
-    bad = (satisfied_rules(objects, background) != wanted).any(axis=1)
+    bad = (shown_rules(objects, background) != wanted).any(axis=1)
     while bad.any():  # each round accepts a fixed share of the redrawn scenes, so this ends fast
         objects[bad], background[bad] = _sample_scenes(rng, labels[bad], counts[bad])
-        bad[bad] = (satisfied_rules(objects[bad], background[bad]) != wanted[bad]).any(axis=1)
+        bad[bad] = (shown_rules(objects[bad], background[bad]) != wanted[bad]).any(axis=1)
     return objects, background
 
 
