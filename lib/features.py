@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from rich.progress import Progress
@@ -24,6 +26,7 @@ class FeaturesReport:
     n_images: int
     shapes: dict[str, tuple[int, ...]]
     shards_written: int
+    removed: list[str] = field(default_factory=list)  # stores of layers no longer configured
 
 
 def _encoder(backbone: LoadedBackbone, layers: tuple[str, ...]):
@@ -38,6 +41,15 @@ def _encoder(backbone: LoadedBackbone, layers: tuple[str, ...]):
         return stores
 
     return encode
+
+
+def _remove_other_stores(directory: Path, keep: set[Path]) -> list[str]:
+    """Delete the stores in `directory` other than `keep` (layers dropped from features.layers):
+    DVC keeps this persistent output between runs, so nothing else would remove them."""
+    stale = sorted(path for path in directory.glob("*.zarr") if path not in keep)
+    for path in stale:
+        shutil.rmtree(path)
+    return [path.stem for path in stale]
 
 
 def extract_features(config: Params, layout: Layout, device: torch.device, ranks: Ranks, progress: Progress) -> FeaturesReport:
@@ -59,7 +71,12 @@ def extract_features(config: Params, layout: Layout, device: torch.device, ranks
     provenance = {"stage": "features", "params_hash": fingerprint, "model_id": backbone.model_id}
     dims = {"features": ("item", "channel", "y", "x"), "cls": ("item", "channel"), LOGITS: ("item", "class")}
 
+    removed: list[str] = []
+
     def make_writers(create: bool) -> dict[str, ShardedWriter]:
+        if create:  # rank 0, before any store is opened
+            keep = {layout.logits, *(layout.features(key) for key in probe if key != LOGITS)}
+            removed.extend(_remove_other_stores(layout.logits.parent, keep))
         writers = {}
         for key, arrays in probe.items():
             path = layout.logits if key == LOGITS else layout.features(key)
@@ -76,4 +93,4 @@ def extract_features(config: Params, layout: Layout, device: torch.device, ranks
             writers, images, encode, batch_size=config.features.batch_size, device=device, ranks=ranks, progress=progress, description="features"
         )
     shapes = {key: tuple(value.shape[1:]) for key, arrays in probe.items() for value in arrays.values()}
-    return FeaturesReport(n, shapes, written)
+    return FeaturesReport(n, shapes, written, removed)

@@ -16,4 +16,5 @@ def features(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
         with progress() as bar:
             report = extract_features(config, layout, device, ranks, bar)
     shapes = ", ".join(f"{k} {v}" for k, v in report.shapes.items())
-    summary("features", f"{report.n_images} images, {report.shards_written} shards written; {shapes}")
+    removed = f"; removed the stores of layers no longer configured: {', '.join(report.removed)}" if report.removed else ""
+    summary("features", f"{report.n_images} images, {report.shards_written} shards written; {shapes}{removed}")

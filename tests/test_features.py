@@ -97,6 +97,17 @@ def test_new_image_content_rebuilds_the_features(
     assert open_store(copy.features("layer3")).attrs["fingerprint"] != before
 
 
+def test_stores_of_layers_no_longer_configured_are_removed(toy_layout: tuple[Params, Layout], tmp_path: Path) -> None:
+    config, layout = toy_layout
+    run(config, layout)
+    copy = Layout(tmp_path / "toy")
+    shutil.copytree(layout.root, copy.root)
+    fewer = config.model_copy(update={"features": config.features.model_copy(update={"layers": ("layer3",)})})
+    assert run(fewer, copy).removed == ["layer2"]
+    assert sorted(p.name for p in copy.logits.parent.iterdir()) == ["layer3.zarr", "logits.zarr"]
+    assert run(fewer, copy).removed == []
+
+
 def test_unknown_layer_lists_valid_names(toy_layout: tuple[Params, Layout]) -> None:
     config, layout = toy_layout
     bad = config.model_copy(update={"features": config.features.model_copy(update={"layers": ("layer9",)})})
