@@ -8,11 +8,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from functools import partial
+from types import SimpleNamespace
 from typing import Literal
+from unittest import mock
 
 import torch
-from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, ScoreCAM
+import tqdm
+from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, ScoreCAM, score_cam
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import Tensor, nn
 
@@ -53,6 +58,14 @@ def centre_prior(
     return prior.expand(batch, height, width).clone()
 
 
+@contextmanager
+def _quiet_score_cam() -> Iterator[None]:
+    """Score-CAM draws a tqdm bar per image (600 lines for the toy test split) and has no switch
+    for it; the stage shows its own progress. Only the package's module reference is swapped."""
+    with mock.patch.object(score_cam, "tqdm", SimpleNamespace(tqdm=partial(tqdm.tqdm, disable=True))):
+        yield
+
+
 def cam_maps(
     model: nn.Module,
     target_layer: nn.Module,
@@ -67,7 +80,8 @@ def cam_maps(
     (B, H, W) in [0, 1] on images.device: the package's ReLU'd CAM, upsampled to the input size
     and min-max scaled per image (an all-zero CAM stays 0).
     Images go through the package `batch_size` at a time; Score-CAM also scores its masked
-    copies `batch_size` at a time (the package loops over images there, and prints progress).
+    copies `batch_size` at a time (the package loops over images there; its progress bars are
+    silenced).
     The package returns NumPy arrays, hence a round trip through host memory.
     Works with frozen parameters (requires_grad False). The model is put back in its original
     train/eval mode and its parameter gradients cleared.
@@ -91,7 +105,8 @@ def cam_maps(
     chunks = []
     # not `with cam:` — the package's __exit__ swallows IndexError (e.g. a class id out of range)
     try:
-        with torch.enable_grad():  # gradients are needed even when the caller runs under no_grad
+        # gradients are needed even when the caller runs under no_grad
+        with torch.enable_grad(), _quiet_score_cam():
             for start in range(0, images.shape[0], batch_size):
                 classes = [ClassifierOutputTarget(c) for c in targets[start : start + batch_size].tolist()]
                 # an input that requires grad makes the layer's activations differentiable even

@@ -95,6 +95,12 @@ def test_cam_maps_shape_range_and_side_effects(method):
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_score_cam_prints_no_progress_bars(capfd):
+    model, images = _tiny_cnn(), _images()
+    cam_maps(model, model[2], images, TARGETS, "scorecam", batch_size=2)
+    assert capfd.readouterr().err == ""
+
+
 @pytest.mark.parametrize("method", sorted(CAM_METHODS))
 def test_cam_maps_of_a_frozen_model_equal_the_trainable_ones(method):
     model, images = _tiny_cnn(), _images()
