@@ -18,7 +18,7 @@ from lib.data.prepare import toy_split
 from lib.models.backbones import load_backbone, save_backbone
 from lib.models.clip import load_clip
 from lib.models.toy_clip import TOY_CLIP_NAME, register_toy_clip_config, save_open_clip_checkpoint, train_toy_clip
-from lib.models.toy_clip_eval import evaluate_toy_clip
+from lib.models.toy_clip_eval import evaluate_toy_clip_model
 from lib.models.toy_cnn import build_toy, toy_preprocess
 from lib.models.train_classifier import evaluate_classifier, train_classifier
 from lib.params import Params
@@ -88,5 +88,10 @@ def evaluate_toy_models(config: Params, device: torch.device) -> dict:
     clip = load_clip(TOY_CLIP_NAME, f"local-dir:{CLIP_DIR}")
     clip.model.to(device)
     params = config.toy_clip
-    metrics.update(evaluate_toy_clip(clip, test, ring_radius=params.ring_radius, ring_width=params.ring_width, grid=params.grid))
+    metrics.update(
+        evaluate_toy_clip_model(
+            clip.model, clip.tokenizer, clip.preprocess, test,
+            ring_radius=params.ring_radius, ring_width=params.ring_width, grid=params.grid,
+        )
+    )
     return metrics

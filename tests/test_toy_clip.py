@@ -8,7 +8,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.loss import ClipLoss
 
 from lib.circles import grid_centers
-from lib.models.clip import LoadedClip, load_clip
+from lib.models.clip import load_clip
 from lib.models.preprocess import Preprocess
 from lib.models.toy_clip import (
     TOY_CLIP_NAME,
@@ -26,7 +26,7 @@ from lib.models.toy_clip_eval import (
     centre_pixels,
     class_prompts,
     concept_prompts,
-    evaluate_toy_clip,
+    evaluate_toy_clip_model,
     render_captions,
 )
 from lib.toy.captions import global_captions, point_concepts
@@ -255,8 +255,7 @@ def test_evaluation_gives_the_known_answer_on_an_oracle(world, wrong):
     preprocess = Preprocess(64, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
     square, grid = concept_index("square"), 3  # rings at 16/32/48, radius 6: wholly inside the image
     oracle = OracleClip(world, preprocess, square if wrong else None, 0 if wrong else None)
-    clip = LoadedClip(oracle, oracle.tokenize, preprocess, "oracle", len(oracle.prompts))
-    scores = evaluate_toy_clip(clip, world, ring_radius=6.0, ring_width=2.0, grid=grid, batch_size=5)
+    scores = evaluate_toy_clip_model(oracle, oracle.tokenize, preprocess, world, ring_radius=6.0, ring_width=2.0, grid=grid, batch_size=5)
 
     points = grid_centers(64, grid).long().numpy()
     n = len(world.images)

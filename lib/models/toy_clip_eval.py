@@ -12,7 +12,6 @@ from torch import nn
 
 from lib.circles import CircleEncoder, grid_centers
 from lib.concepts import encode_texts
-from lib.models.clip import LoadedClip
 from lib.models.preprocess import Preprocess
 from lib.toy.captions import point_concepts
 from lib.toy.world import CLASSES, CONCEPT_TYPES, CONCEPTS, ToyWorld, concept_index
@@ -102,7 +101,19 @@ def evaluate_toy_clip_model(
     grid: int = 7,
     batch_size: int = 32,
 ) -> dict:
-    """Score a CLIP on the toy world; see evaluate_toy_clip. `model` must be in eval mode."""
+    """Local (red-circle) and global (zero-shot class) accuracy of a CLIP on a toy world.
+
+    `model` (in eval mode), `tokenizer` and `preprocess`: a loaded CLIP's parts (lib.models.clip), or
+    a CLIP in training.
+
+    Local: every ring of the `grid` x `grid` prompt grid (radius/width in CLIP input pixels),
+    judged at the toy pixel under its centre. On an object, each of color/shape/pattern is right
+    when that object's value ranks first among its type's concept_prompts(); on the background,
+    background is right when the true background ranks first among the background prompts.
+    Global: zero-shot class of the plain image over class_prompts().
+    Returns {"clip_local_acc": {type: float}, "clip_local_points": {type: int points scored},
+    "clip_global_acc": float}.
+    """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     encoder = CircleEncoder(model, preprocess, grid=grid, radius=ring_radius, width=ring_width, color=RING_COLOR)
@@ -134,28 +145,3 @@ def evaluate_toy_clip_model(
         "clip_local_points": dict(zip(CONCEPT_TYPES, total.long().tolist())),
         "clip_global_acc": class_correct / n_images,
     }
-
-
-def evaluate_toy_clip(
-    clip: LoadedClip,
-    world: ToyWorld,
-    *,
-    ring_radius: float,
-    ring_width: float,
-    grid: int = 7,
-    batch_size: int = 32,
-) -> dict:
-    """Local (red-circle) and global (zero-shot class) accuracy of a loaded CLIP on a toy world.
-
-    Local: every ring of the `grid` x `grid` prompt grid (radius/width in CLIP input pixels),
-    judged at the toy pixel under its centre. On an object, each of color/shape/pattern is right
-    when that object's value ranks first among its type's concept_prompts(); on the background,
-    background is right when the true background ranks first among the background prompts.
-    Global: zero-shot class of the plain image over class_prompts().
-    Returns {"clip_local_acc": {type: float}, "clip_local_points": {type: int points scored},
-    "clip_global_acc": float}.
-    """
-    return evaluate_toy_clip_model(
-        clip.model, clip.tokenizer, clip.preprocess, world,
-        ring_radius=ring_radius, ring_width=ring_width, grid=grid, batch_size=batch_size,
-    )
