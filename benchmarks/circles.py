@@ -21,11 +21,11 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image, ImageDraw
 
-from lib.circles import CircleEncoder, autocast_dtype, grid_centers
-from lib.device import resolve_device
+from lib.core.device import resolve_device
+from lib.kernels.rings import CircleEncoder, autocast_dtype, grid_centers
 from lib.models.clip import load_clip
 from lib.models.preprocess import Preprocess
-from lib.models.toy_clip import register_toy_clip_config
+from lib.toy.train_clip import register_toy_clip_config
 
 
 def best_seconds(

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import yaml
 
-from lib.models.toy_clip import create_toy_clip, save_open_clip_checkpoint
-from lib.params import load_params
+from lib.core.params import load_params
+from lib.toy.train_clip import create_toy_clip, save_open_clip_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CLIP_DIR = Path("models/toy/clip")

@@ -9,7 +9,8 @@ from typing import Annotated
 
 import typer
 
-from lib.cli import DEFAULT_PARAMS_PATH, ParamsOption, app, stage_setup, summary, user_errors
+from lib.core.cli import DEFAULT_PARAMS_PATH, ParamsOption, run_stage, stage_setup, summary, user_errors
+from lib.core.errors import UserError
 
 IndexOption = Annotated[list[int] | None, typer.Option("--index", "-i", help="Store row of an image (repeatable).")]
 ImageOption = Annotated[list[Path] | None, typer.Option("--image", help="Image file (repeatable).")]
@@ -20,7 +21,7 @@ MaskOption = Annotated[Path | None, typer.Option("--mask", help="ROI mask image 
 
 def _setup(params: Path):
     """(config, layout, the trained model on runtime.device) of a command."""
-    from lib.salf.artifacts import SalfModel
+    from lib.methods.salf.artifacts import SalfModel
 
     config, layout, device = stage_setup(params)
     return config, layout, SalfModel.load(layout, device)
@@ -28,16 +29,15 @@ def _setup(params: Path):
 
 def _one_image(params: Path, index: list[int] | None, image: list[Path] | None):
     """(config, model, image size, concept maps (M, G, G)) of the single image a command works on."""
-    from lib.salf.images import load_inputs
+    from lib.methods.salf.images import load_inputs
 
     if len(index or []) + len(image or []) != 1:
-        raise ValueError("give exactly one image: --index ROW or --image FILE")
+        raise UserError("give exactly one image: --index ROW or --image FILE")
     config, layout, model = _setup(params)
     images, maps, _ = load_inputs(model, config, layout, index or [], image or [])
     return config, model, images.shape[1:3], maps[0]
 
 
-@app.command()
 def explain(
     params: ParamsOption = DEFAULT_PARAMS_PATH,
     index: IndexOption = None,
@@ -52,17 +52,11 @@ def explain(
     Without --index/--image: explain.n_images seeded test images and gallery.png (top-activating
     test images of random concepts) into data/<name>/explain (the DVC stage).
     """
-    with user_errors():
-        from lib.salf.render import run_explain
+    from lib.methods.salf.render import run_explain
 
-        config, layout, model = _setup(params)
-        report = run_explain(config, layout, model, index or [], image or [], class_index=class_index, out_dir=out)
-    predictions = ", ".join(f"{name}: {r['predicted_name']}" for name, r in report.records.items())
-    gallery = f"; gallery of {', '.join(report.gallery)}" if report.gallery else ""
-    summary("explain", f"{len(report.records)} images -> {report.out_dir} ({predictions}){gallery}")
+    run_stage("explain", params, run_explain, indices=index or [], paths=image or [], class_index=class_index, out_dir=out)
 
 
-@app.command()
 def probe(
     params: ParamsOption = DEFAULT_PARAMS_PATH,
     index: IndexOption = None,
@@ -75,8 +69,8 @@ def probe(
     with user_errors():
         import json
 
-        from lib.salf.explain import probe as probe_roi
-        from lib.salf.images import parse_roi
+        from lib.methods.salf.explain import probe as probe_roi
+        from lib.methods.salf.images import parse_roi
 
         roi = parse_roi(box, mask)
         config, model, size, maps = _one_image(params, index, image)
@@ -86,7 +80,6 @@ def probe(
     summary("probe", ", ".join(f"{c['name']} {c['score']:.2f}" for c in result["concepts"]))
 
 
-@app.command()
 def intervene(
     concept: Annotated[str, typer.Option("--concept", "-c", help="Concept name to edit.")],
     beta: Annotated[float, typer.Option("--beta", help="Added to the concept map inside the ROI (may be negative).")],
@@ -103,8 +96,8 @@ def intervene(
     with user_errors():
         import json
 
-        from lib.salf.explain import intervene as edit
-        from lib.salf.images import parse_roi
+        from lib.methods.salf.explain import intervene as edit
+        from lib.methods.salf.images import parse_roi
 
         roi = parse_roi(box, mask)
         _, model, size, maps = _one_image(params, index, image)

@@ -3,10 +3,14 @@
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 import yaml
+
+if TYPE_CHECKING:
+    from lib.core.layout import Layout
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -17,6 +21,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def prepared_toy(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., "Layout"]:
+    """make(data: DataParams) -> the Layout of a freshly prepared toy world in its own temporary
+    folder (data/<data.name>/ and metrics/ under it). Usable from module-scoped fixtures."""
+    from lib.core.cli import progress
+    from lib.core.layout import Layout
+    from lib.data.prepare import prepare_toy
+
+    def make(data) -> Layout:  # noqa: ANN001  (DataParams; imported lazily)
+        base = tmp_path_factory.mktemp("toy")
+        layout = Layout(base / "data" / data.name, base / "metrics")
+        layout.root.mkdir(parents=True)
+        with progress() as bar:
+            prepare_toy(data, layout, bar)
+        return layout
+
+    return make
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,17 +78,18 @@ def toy_inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder laid out like the repository for the CLIP-side stages: params.yaml (40 toy images in
     shards of 16, a 3 x 3 circle grid, the repository's concept templates), data/toy prepared,
     concepts/toy.txt and a random-init toy CLIP at models/toy/clip. Copy it before writing to it."""
-    from lib.cli import progress
+    from lib.core.cli import progress
+    from lib.core.layout import Layout
+    from lib.core.params import Params
     from lib.data.prepare import prepare_toy
-    from lib.layout import Layout
-    from lib.models.toy_clip import create_toy_clip, save_open_clip_checkpoint
-    from lib.params import Params
+    from lib.toy.models.clip import create_toy_clip, save_open_clip_checkpoint
 
     repo = Path(__file__).resolve().parents[1]
     root = tmp_path_factory.mktemp("toy_inputs")
     raw = {
         "runtime": {"device": "cpu"},
         "data": {"toy": {"n_train": 24, "n_val": 8, "n_test": 8}, "rows_per_shard": 16},
+        "clip_images": {"autocast": False},
         "circles": {"grid": 3, "radius": 12.0, "width": 2.0, "batch_size": 7, "chunk": 64, "autocast": False},
         # the repository's templates; its activation cutoff is tuned to the trained toy CLIP, not a random one
         "concepts": {**yaml.safe_load((repo / "params.yaml").read_text())["concepts"], "min_top5_similarity": -1.0},
@@ -111,12 +135,14 @@ def set_params() -> Callable[..., None]:
 
 @pytest.fixture(scope="session")
 def circled_inputs(toy_inputs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`toy_inputs` after the circles stage (data/toy/circles.zarr written). Copy it before writing to it."""
-    from lib.circle_store import extract_circles
-    from lib.cli import progress
-    from lib.distributed import Ranks
-    from lib.layout import Layout
-    from lib.params import load_params
+    """`toy_inputs` after the clip_images and circles stages (data/toy/clip_images.zarr, circles.zarr
+    written). Copy it before writing to it."""
+    from lib.core.cli import progress
+    from lib.core.distributed import Ranks
+    from lib.core.layout import Layout
+    from lib.core.params import load_params
+    from lib.pipeline.circles import run_circles
+    from lib.pipeline.clip_images import run_clip_images
 
     root = tmp_path_factory.mktemp("circled") / "project"
     shutil.copytree(toy_inputs, root)
@@ -125,6 +151,7 @@ def circled_inputs(toy_inputs: Path, tmp_path_factory: pytest.TempPathFactory) -
     with pytest.MonkeyPatch.context() as patch, progress() as bar:
         patch.chdir(root)  # the CLIP and the stores are found relative to the project
         config = load_params("params.yaml")
-        extract_circles(config, Layout.from_params(config), torch.device("cpu"), Ranks(), bar)
+        for run in (run_clip_images, run_circles):
+            run(config, Layout.from_params(config), torch.device("cpu"), Ranks(), bar)
     torch.set_num_threads(threads)
     return root

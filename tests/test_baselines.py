@@ -8,7 +8,7 @@ from pytorch_grad_cam import GradCAMPlusPlus, ScoreCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from lib.baselines import CAM_METHODS, cam_maps, centre_prior, random_maps
+from lib.kernels.cam import CAM_METHODS, cam_maps, centre_prior, random_maps
 
 
 def test_random_maps_are_seeded_uniform_noise():

@@ -11,17 +11,18 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lib import stores
-from lib.circle_store import CIRCLES, GLOBAL, extract_circles
-from lib.circles import CircleEncoder
-from lib.cli import app, progress
-from lib.distributed import Ranks
-from lib.layout import Layout
+from lib.core import stores
+from lib.core.cli import progress
+from lib.core.distributed import Ranks
+from lib.core.layout import Layout
+from lib.core.params import load_params
+from lib.core.schema import CIRCLES, CLIP_MODEL_KEY, EMBED_DIM_KEY, IMAGE_EMB
+from lib.core.stores import IncompleteStoreError, open_store
 from lib.models.clip import load_clip
-from lib.params import load_params
-from lib.similarity import CLIP_MODEL_KEY, EMBED_DIM_KEY
-from lib.stores import IncompleteStoreError, open_store
-from stages import circles as _circles_stage  # noqa: F401  (registers the command)
+from lib.pipeline import circles as circles_stage
+from lib.pipeline.circles import CircleEncoder
+from lib.pipeline.clip_images import run_clip_images
+from stages.__main__ import app
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,7 +31,7 @@ def run_circles(project: Path) -> int:
     """Run the stage's work in `project` (the working directory); returns the shards written."""
     config = load_params(project / "params.yaml")
     with progress() as bar:
-        return extract_circles(config, Layout.from_params(config), torch.device("cpu"), Ranks(), bar).shards_written
+        return circles_stage.run_circles(config, Layout.from_params(config), torch.device("cpu"), Ranks(), bar).shards_written
 
 
 def files(path: Path) -> dict[str, bytes]:
@@ -41,9 +42,9 @@ def test_stored_embeddings_equal_the_encoder(toy_inputs, enter_copy):
     project = enter_copy(toy_inputs)
     assert run_circles(project) == 3  # 40 images in shards of 16
     store = open_store("data/toy/circles.zarr")
-    circles, plain = store[CIRCLES], store[GLOBAL]
+    circles = store[CIRCLES]
     assert circles.shape == (40, 3, 3, 128) and circles.dtype == np.float16
-    assert plain.shape == (40, 128) and plain.dtype == np.float16
+    assert list(store.array_keys()) == [CIRCLES, "shard_done"]  # the plain images live in clip_images.zarr
     clip = load_clip("toy-clip", "local-dir:models/toy/clip")
     attrs = store.attrs
     assert attrs[CLIP_MODEL_KEY] == clip.model_id and attrs[EMBED_DIM_KEY] == 128
@@ -56,8 +57,23 @@ def test_stored_embeddings_equal_the_encoder(toy_inputs, enter_copy):
     images = torch.from_numpy(open_store("data/toy/images.zarr")["images"][rows])
     expected = CircleEncoder(clip.model, clip.preprocess, 3, 12.0, 2.0, autocast=False)(images)
     # fp16 storage: unit vectors keep ~3 significant digits
-    np.testing.assert_allclose(circles[rows], expected[0].numpy(), atol=1e-3, rtol=0)
-    np.testing.assert_allclose(plain[rows], expected[1].numpy(), atol=1e-3, rtol=0)
+    np.testing.assert_allclose(circles[rows], expected.numpy(), atol=1e-3, rtol=0)
+
+
+def test_clip_images_store_holds_the_plain_image_embeddings(toy_inputs, enter_copy):
+    project = enter_copy(toy_inputs)
+    config = load_params(project / "params.yaml")
+    with progress() as bar:
+        report = run_clip_images(config, Layout.from_params(config), torch.device("cpu"), Ranks(), bar)
+    assert report.shards_written == 3 and report.precision in ("fp32", "bf16")
+    emb = open_store("data/toy/clip_images.zarr")[IMAGE_EMB]
+    assert emb.shape == (40, 128) and emb.dtype == np.float16
+    clip = load_clip("toy-clip", "local-dir:models/toy/clip")
+    images = torch.from_numpy(open_store("data/toy/images.zarr")["images"][:8])
+    with torch.inference_mode():
+        expected = torch.nn.functional.normalize(clip.model.encode_image(clip.preprocess(images)), dim=-1)
+    tolerance = 1e-3 if report.precision == "fp32" else 3e-2  # bf16 keeps ~3 significant digits
+    np.testing.assert_allclose(emb[:8], expected.numpy(), atol=tolerance, rtol=0)
 
 
 def test_crash_then_rerun_equals_a_clean_run(toy_inputs, enter_copy, monkeypatch):
@@ -78,10 +94,13 @@ def test_crash_then_rerun_equals_a_clean_run(toy_inputs, enter_copy, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         run_circles(project)
     monkeypatch.setattr(stores.ShardedWriter, "write", original)
+    # the unfinished store waits in the scratch area, outside the stage's DVC output
+    scratch = project / "data/toy/.partial/circles.zarr"
+    assert not path.exists() and scratch.exists()
     with pytest.raises(IncompleteStoreError, match="1 shards finished"):
         open_store(path)
     assert run_circles(project) == 2  # the finished shard is kept
-    assert files(path) == clean
+    assert files(path) == clean and not scratch.exists()
 
 
 def test_two_torchrun_ranks_write_the_one_rank_store(toy_inputs, enter_copy):

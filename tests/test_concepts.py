@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 from open_clip.tokenizer import SimpleTokenizer
 
-from lib.concepts import concept_prompts, encode_texts, filter_concepts, read_concept_list
+from lib.core.errors import UserError
+from lib.kernels.text import encode_texts
+from lib.pipeline.concept_list import concept_prompts, filter_concepts, read_concept_list
 
 
 def write(tmp_path, text: str):
@@ -26,17 +28,17 @@ def test_read_concept_list_parses_types_and_skips_blank_and_comment_lines(tmp_pa
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("", r"concepts\.txt: concept list is empty"),
+        ("", r"concepts\.txt' — concept list is empty"),
         ("\n  \n# only a comment\n", "concept list is empty"),
-        ("blue\ngreen\nBlue \n", r"concepts\.txt:3: duplicate concept 'Blue' \(first on line 1\)"),
-        ("blue\tcolor\nstar\tshape kind\n", r"concepts\.txt:2: concept type 'shape kind'"),
-        ("blue\tcolor\tx\n", r"concepts\.txt:1: expected 'concept' or 'concept<TAB>type', got 3"),
-        ("\tcolor\n", r"concepts\.txt:1: empty concept"),
-        ("blue\tcolour\n", r"concepts\.txt:1: unknown concept type 'colour'"),
+        ("blue\ngreen\nBlue \n", r"line 3: duplicate concept 'Blue' \(first on line 1\)"),
+        ("blue\tcolor\nstar\tshape kind\n", r"line 2: concept type 'shape kind'"),
+        ("blue\tcolor\tx\n", r"line 1: expected 'concept' or 'concept<TAB>type', got 3"),
+        ("\tcolor\n", r"line 1: empty concept"),
+        ("blue\tcolour\n", r"line 1: unknown concept type 'colour'"),
     ],
 )
 def test_read_concept_list_rejects(tmp_path, text, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UserError, match=message):
         read_concept_list(write(tmp_path, text), allowed_types={"color"})
 
 
@@ -128,7 +130,7 @@ def test_filter_concepts_streamed_top5_equals_dense():
 
 def test_filter_concepts_rejects():
     text = torch.eye(3)
-    with pytest.raises(ValueError, match=r"all 3 concepts were filtered out: \{'low activation': 3\}.*range from 0.000 to 0.000"):
+    with pytest.raises(UserError, match=r"all 3 concepts were filtered out: \{'low activation': 3\}.*range from 0.000 to 0.000"):
         filter_concepts(["a", "b", "c"], text, [torch.zeros(6, 3)])
     with pytest.raises(ValueError, match="gave 4 images; the top-5 filter needs >= 5"):
         filter_concepts(["a", "b", "c"], text, [torch.eye(3), torch.eye(3)[:1]])

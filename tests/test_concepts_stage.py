@@ -10,19 +10,19 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from lib.circle_store import GLOBAL
-from lib.cli import app
-from lib.concept_store import TEXT_EMB, build_concepts, read_concepts
-from lib.concepts import encode_texts, read_concept_list
+from lib.core.layout import Layout
+from lib.core.params import load_params
+from lib.core.schema import CLIP_MODEL_KEY, EMBED_DIM_KEY, IMAGE_EMB, TEXT_EMB
+from lib.core.stores import open_store
 from lib.data.manifest import read_manifest, split_indices
-from lib.layout import Layout
+from lib.kernels.text import encode_texts
 from lib.models.clip import load_clip
-from lib.models.toy_clip import create_toy_clip, save_open_clip_checkpoint
-from lib.params import load_params
-from lib.similarity import CLIP_MODEL_KEY, EMBED_DIM_KEY
-from lib.stores import open_store
+from lib.pipeline.concept_list import read_concept_list
+from lib.pipeline.concepts import run_concepts
+from lib.pipeline.stored_concepts import read_concepts
+from lib.toy.train_clip import create_toy_clip, save_open_clip_checkpoint
 from lib.toy.world import CONCEPTS
-from stages import concepts as _concepts_stage  # noqa: F401  (registers the command)
+from stages.__main__ import app
 
 REPO = Path(__file__).resolve().parents[1]
 LONG = "an object with a checkerboard pattern"
@@ -30,7 +30,7 @@ LONG = "an object with a checkerboard pattern"
 
 def build(project: Path):  # type: ignore[no-untyped-def]
     config = load_params(project / "params.yaml")
-    return build_concepts(config, Layout.from_params(config), torch.device("cpu"))
+    return run_concepts(config, Layout.from_params(config), torch.device("cpu"))
 
 
 def test_toy_concept_file_is_the_ground_truth_then_distractors():
@@ -78,7 +78,7 @@ def test_activation_filter_uses_the_train_images(circled_inputs, enter_copy, set
     clip = load_clip("toy-clip", "local-dir:models/toy/clip")
     text = encode_texts(clip.model, clip.tokenizer, table["prompt"].tolist())
     rows = split_indices(read_manifest(Path("data/toy/manifest.parquet")), "train")
-    train = open_store("data/toy/circles.zarr")[GLOBAL].get_orthogonal_selection((rows,)).astype(np.float32)
+    train = open_store("data/toy/clip_images.zarr")[IMAGE_EMB].get_orthogonal_selection((rows,)).astype(np.float32)
     train = torch.nn.functional.normalize(torch.from_numpy(train), dim=-1)
     activation = (train @ text.T).topk(5, dim=0).values.mean(dim=0)
     cutoff = activation[table["name"] != LONG].median().item()
@@ -95,9 +95,9 @@ def test_activation_filter_uses_the_train_images(circled_inputs, enter_copy, set
     ("concept_file", "values", "message"),
     [
         ("# nothing but a comment\n\n", {}, "concept list is empty"),
-        ("blue\tcolor\nstar\tshap\n", {}, "concepts/toy.txt:2: unknown concept type 'shap'"),
+        ("blue\tcolor\nstar\tshap\n", {}, "concepts.file: 'concepts/toy.txt' — line 2: unknown concept type 'shap'"),
         ("blue\tcolor\nstar\tshape\n", {"min_top5_similarity": 1.0}, "all 2 concepts were filtered out: {'low activation': 2}"),
-        (None, {"file": "concepts/missing.txt"}, "concepts/missing.txt"),
+        (None, {"file": "concepts/missing.txt"}, "concepts.file: 'concepts/missing.txt' — No such file or directory"),
     ],
 )
 def test_bad_concept_lists_fail_without_writing(circled_inputs, enter_copy, set_params, concept_file, values, message):
@@ -111,12 +111,12 @@ def test_bad_concept_lists_fail_without_writing(circled_inputs, enter_copy, set_
     assert not (project / "data/toy/concepts").exists()
 
 
-def test_concepts_refuse_circles_made_by_another_clip(circled_inputs, enter_copy):
+def test_concepts_refuse_image_embeddings_made_by_another_clip(circled_inputs, enter_copy):
     project = enter_copy(circled_inputs)
     shutil.rmtree(project / "models/toy/clip")
     save_open_clip_checkpoint(create_toy_clip(seed=1), project / "models/toy/clip")  # same architecture, new weights
     result = CliRunner().invoke(app, ["concepts", "--params", "params.yaml"])
     assert result.exit_code == 2
     output = " ".join(result.output.split())
-    assert "circles and concepts come from different CLIPs: model_id" in output
+    assert "clip: clip_images and clip params come from different CLIPs: model_id" in output
     assert not (project / "data/toy/concepts").exists()

@@ -12,24 +12,22 @@ import yaml
 import zarr
 from typer.testing import CliRunner
 
-from lib.cli import app, progress
+from lib.core.layout import Layout
+from lib.core.params import DataParams, EvaluateParams, Params, ToyWorldParams
+from lib.core.stores import open_store
+from lib.core.streams import read_rows
 from lib.data.manifest import read_dataset_info, read_manifest, split_indices
-from lib.data.prepare import prepare_toy
-from lib.evaluate import registry
-from lib.evaluate.methods_baselines import CamBaseline, CentrePrior, RandomMaps
-from lib.evaluate.registry import ConceptMapMethod, ConceptMaps, EvalBatch, EvalContext, build_methods, discover, register
+from lib.evaluate.adapters import METHODS
+from lib.evaluate.adapters.baselines import CamBaseline, CentrePrior, RandomMaps
+from lib.evaluate.registry import ConceptMapMethod, ConceptMaps, EvalBatch, EvalContext, build_methods
 from lib.evaluate.report import summary_table, write_evaluation
 from lib.evaluate.run import CHANCE, IDEAL, evaluate_methods
 from lib.evaluate.scoring import ConceptMapScores, SegmentationScores, resize_maps
 from lib.evaluate.truth import GroundTruth
-from lib.layout import Layout
 from lib.models.backbones import save_backbone
-from lib.models.toy_cnn import build_toy, toy_preprocess
-from lib.params import DataParams, EvaluateParams, Params, ToyWorldParams
-from lib.stores import open_store
-from lib.streams import read_rows
 from lib.toy import world as toy_world
-from stages import evaluate as _evaluate_stage  # noqa: F401  (registers the command)
+from lib.toy.models.cnn import build_toy, toy_preprocess
+from stages.__main__ import app
 
 TOY_INFO = {
     "kind": "toy",
@@ -41,13 +39,8 @@ TOY_DATA = DataParams(name="micro", image_size=32, rows_per_shard=16, toy=ToyWor
 
 
 @pytest.fixture(scope="module")
-def toy_layout(tmp_path_factory: pytest.TempPathFactory) -> Layout:
-    base = tmp_path_factory.mktemp("toy")
-    layout = Layout(base / "data" / "micro", base / "metrics")
-    layout.root.mkdir(parents=True)
-    with progress() as bar:
-        prepare_toy(TOY_DATA, layout, bar)
-    return layout
+def toy_layout(prepared_toy) -> Layout:
+    return prepared_toy(TOY_DATA)
 
 
 # ---------------------------------------------------------------------------------- ground truth
@@ -106,7 +99,11 @@ def test_concept_scores_of_perfect_and_constant_maps():
     perfect = ConceptMapScores(["a", "b", "b"], fractions, 0.5)
     perfect.add(masks.float(), torch.arange(3), masks)
     assert perfect.n_pairs == 3  # (0, 0), (0, 1), (1, 0): absent concepts are not scored
-    assert perfect.summary() == {"avg": {"nra": 1.0, "epg": 1.0, "hit": 1.0}, "a": {"nra": 1.0, "epg": 1.0, "hit": 1.0}, "b": {"nra": 1.0, "epg": 1.0, "hit": 1.0}}
+    assert perfect.summary() == {
+        "avg": {"nra": 1.0, "epg": 1.0, "hit": 1.0},
+        "a": {"nra": 1.0, "epg": 1.0, "hit": 1.0},
+        "b": {"nra": 1.0, "epg": 1.0, "hit": 1.0},
+    }
     torch.testing.assert_close(perfect.curve.mean()[16], torch.tensor(1.0, dtype=torch.float64))  # top 25 % = the 16-px masks
 
     constant = ConceptMapScores(["a", "b", "b"], fractions, 0.5)
@@ -159,38 +156,31 @@ def test_bad_method_outputs_raise():
 
 
 # ------------------------------------------------------------------------------------- registry
-def test_discover_registers_the_baselines():
-    assert discover() == sorted(discover()) and "methods_baselines" in discover()
-    assert {"random", "centre", "gradcam", "gradcam++", "scorecam"} <= set(registry.REGISTRY)
+def test_the_method_table_lists_baselines_and_methods():
+    assert list(METHODS)[:5] == ["random", "centre", "gradcam", "gradcam++", "scorecam"] and "salf" in METHODS
 
 
-def test_build_methods_skips_unavailable_and_checks_names(monkeypatch: pytest.MonkeyPatch, toy_layout: Layout):
-    monkeypatch.setattr(registry, "REGISTRY", {})
-    register("centre")(lambda context: CentrePrior())
-    register("later")(lambda context: None)
-    with pytest.raises(ValueError, match="already registered"):
-        register("centre")(lambda context: CentrePrior())
+def test_build_methods_skips_unavailable_and_checks_names(toy_layout: Layout):
     context = EvalContext(Params(), toy_layout, torch.device("cpu"), GroundTruth.from_info(TOY_INFO))
-    methods, skipped = build_methods(context)
+    factories = {"centre": lambda context: CentrePrior(), "later": lambda context: None}
+    methods, skipped = build_methods(context, factories)
     assert [m.name for m in methods] == ["centre"] and skipped == ["later"]
-    register("wrong")(lambda context: CentrePrior())
     with pytest.raises(ValueError, match="registered as 'wrong' returned a method named 'centre'"):
-        build_methods(context)
+        build_methods(context, {"wrong": lambda context: CentrePrior()})
 
 
 def test_cam_factories_load_the_backbone_or_skip_missing_weights(toy_layout: Layout, tmp_path: Path):
-    discover()
     truth = GroundTruth.from_info(TOY_INFO)
     absent = Params.model_validate({"backbone": {"weights": str(tmp_path / "absent.pt")}})
-    assert registry.REGISTRY["gradcam"](EvalContext(absent, toy_layout, torch.device("cpu"), truth)) is None
-    assert isinstance(registry.REGISTRY["random"](EvalContext(absent, toy_layout, torch.device("cpu"), truth)), RandomMaps)
+    assert METHODS["gradcam"](EvalContext(absent, toy_layout, torch.device("cpu"), truth)) is None
+    assert isinstance(METHODS["random"](EvalContext(absent, toy_layout, torch.device("cpu"), truth)), RandomMaps)
 
     torch.manual_seed(0)
     weights = save_backbone(tmp_path / "cnn.pt", build_toy("cnn", 8), "toy:cnn", 8, toy_preprocess("cnn", 32))
     params = Params.model_validate({"backbone": {"arch": "toy:cnn", "weights": str(weights)}, "evaluate": {"cam_methods": ["gradcam"]}})
     context = EvalContext(params, toy_layout, torch.device("cpu"), truth)
-    assert registry.REGISTRY["gradcam++"](context) is None  # not in evaluate.cam_methods
-    method = registry.REGISTRY["gradcam"](context)
+    assert METHODS["gradcam++"](context) is None  # not in evaluate.cam_methods
+    method = METHODS["gradcam"](context)
     assert isinstance(method, CamBaseline) and method.layer is dict(method.model.named_modules())[params.features.layers[-1]]
     images = open_store(toy_layout.images)
     batch = EvalBatch(torch.arange(4), torch.from_numpy(images["images"][:4]), torch.from_numpy(images["labels"][:4]))
@@ -279,7 +269,11 @@ def test_random_maps_are_reproducible_per_batch(toy_layout: Layout):
 def test_cli_writes_metrics_and_reports_missing_inputs(toy_layout: Layout, monkeypatch: pytest.MonkeyPatch):
     base = toy_layout.root.parent.parent
     monkeypatch.chdir(base)
-    config = {"data": TOY_DATA.model_dump(mode="json"), "runtime": {"device": "cpu"}, "evaluate": {"cam_methods": [], "max_images": 12, "steps": 11}}
+    config = {
+        "data": TOY_DATA.model_dump(mode="json"),
+        "runtime": {"device": "cpu"},
+        "evaluate": {"cam_methods": [], "max_images": 12, "steps": 11},
+    }
     (base / "params.yaml").write_text(yaml.safe_dump(config))
     result = CliRunner().invoke(app, ["evaluate", "--params", "params.yaml"])
     assert result.exit_code == 0, result.output

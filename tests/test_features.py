@@ -7,19 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-from lib import stores
-from lib.cli import progress
+from lib.core import stores
+from lib.core.cli import progress
+from lib.core.distributed import Ranks
+from lib.core.layout import Layout
+from lib.core.params import Params
+from lib.core.stores import open_store
 from lib.data.prepare import prepare_toy
-from lib.distributed import Ranks
-from lib.features import FeaturesReport, extract_features
-from lib.layout import Layout
 from lib.models.backbones import load_backbone
-from lib.params import Params
-from lib.stores import open_store
+from lib.pipeline.features import FeaturesReport, run_features
 
 
 @pytest.fixture(scope="module")
-def toy_layout(tmp_path_factory: pytest.TempPathFactory) -> tuple[Params, Layout]:
+def toy_layout(prepared_toy) -> tuple[Params, Layout]:
     config = Params.model_validate(
         {
             "data": {"toy": {"n_train": 24, "n_val": 8, "n_test": 8}, "rows_per_shard": 16},
@@ -27,16 +27,12 @@ def toy_layout(tmp_path_factory: pytest.TempPathFactory) -> tuple[Params, Layout
             "features": {"layers": ["layer2", "layer3"], "batch_size": 7},
         }
     )
-    layout = Layout(tmp_path_factory.mktemp("data") / "toy")
-    layout.root.mkdir()
-    with progress() as bar:
-        prepare_toy(config.data, layout, bar)
-    return config, layout
+    return config, prepared_toy(config.data)
 
 
 def run(config: Params, layout: Layout) -> FeaturesReport:
     with progress() as bar:
-        return extract_features(config, layout, torch.device("cpu"), Ranks(), bar)
+        return run_features(config, layout, torch.device("cpu"), Ranks(), bar)
 
 
 def files(path: Path) -> dict[str, bytes]:

@@ -8,7 +8,7 @@ import torch
 from sklearn.metrics import accuracy_score, average_precision_score, jaccard_score
 from torchmetrics.classification import BinaryAveragePrecision, BinaryJaccardIndex
 
-from lib.baselines import random_maps
+from lib.kernels.cam import random_maps
 from lib.metrics.segmentation import COUNT_KEYS, aggregate_segmentation, average_precision, segmentation_scores
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -7,7 +7,7 @@ import torch
 from sklearn.metrics import jaccard_score
 from torchmetrics.classification import BinaryJaccardIndex
 
-from lib.baselines import random_maps
+from lib.kernels.cam import random_maps
 from lib.metrics.spatial import (
     default_fractions,
     epg,

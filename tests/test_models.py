@@ -10,18 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from lib.models.backbones import (
-    BcosWithInverse,
-    WeightsUnavailableError,
-    load_backbone,
-    parse_weights,
-    save_backbone,
-)
+from lib.models.backbones import BcosWithInverse, load_backbone, save_backbone
 from lib.models.clip import load_clip, save_clip_dir
 from lib.models.layers import extract_layers, resolve_layer, split_at
 from lib.models.preprocess import Preprocess
-from lib.models.toy_cnn import ToyBcosCNN, build_toy, toy_preprocess
-from lib.models.train_classifier import augment_batch, evaluate_classifier, train_classifier
+from lib.models.weights import WeightsUnavailableError, parse_weights
+from lib.toy.models.cnn import ToyBcosCNN, build_toy, toy_preprocess
+from lib.toy.train_classifier import augment_batch, evaluate_classifier, train_classifier
 
 torch.set_num_threads(1)
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lib.params import Params, ParamsError, load_params, params_hash
+from lib.core.params import Params, ParamsError, load_params, params_hash
 
 REPO = Path(__file__).resolve().parents[1]
 

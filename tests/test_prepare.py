@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from lib.cli import progress
+from lib.core.cli import progress
+from lib.core.layout import Layout
+from lib.core.params import DataParams, ImageFolderParams, RuntimeParams
+from lib.core.stores import open_store
 from lib.data.manifest import read_manifest, split_indices
 from lib.data.prepare import prepare_imagefolder, prepare_toy
-from lib.layout import Layout
-from lib.params import DataParams, ImageFolderParams, RuntimeParams
-from lib.stores import open_store
 
 
 def make_tree(root: Path) -> dict[str, Path]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lib.salf.cbl import (
+from lib.methods.salf.cbl import (
     ConceptBottleneck,
     concept_scores,
     cubic_cosine_loss,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lib.salf.explain import (
+from lib.methods.salf.explain import (
     ConceptClassifier,
     contributions,
     explain_batch,
@@ -16,9 +16,9 @@ from lib.salf.explain import (
     top_activating,
     upsample_maps,
 )
-from lib.salf.figures import explanation_figure, gallery_figure, loss_curve_figure, path_figure
-from lib.salf.glm import fit_elastic_net_path
-from lib.salf.pooling import Standardiser, pool_concepts
+from lib.methods.salf.figures import explanation_figure, gallery_figure, loss_curve_figure, path_figure
+from lib.methods.salf.glm import fit_elastic_net_path
+from lib.methods.salf.pooling import Standardiser, pool_concepts
 
 SIZE = (16, 16)  # grid 3 -> prompt centres at pixels 4, 8, 12
 CONCEPTS = ("blue", "star", "sand", "water")

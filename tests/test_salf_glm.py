@@ -8,8 +8,8 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
-from lib.salf.glm import ElasticNetPath, evaluate_accuracy, fit_dense, fit_elastic_net_path, select_lambda
-from lib.salf.pooling import Standardiser, pool_concepts
+from lib.methods.salf.glm import ElasticNetPath, evaluate_accuracy, fit_dense, fit_elastic_net_path, select_lambda
+from lib.methods.salf.pooling import Standardiser, pool_concepts
 
 # Float32 SAGA stopped at tol=1e-6 against float64 sklearn SAGA at tol=1e-10: measured max |dW|
 # is ~4e-5 on this problem (weights of order 1); the documented tolerance is 2e-4.

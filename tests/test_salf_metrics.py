@@ -5,7 +5,7 @@ import pytest
 import torch
 import zarr
 
-from lib.salf.metrics import rule_recovery, stored_accuracy
+from lib.methods.salf.metrics import rule_recovery, stored_accuracy
 
 INFO = {
     "classes": ["desert_star", "blue_stripes"],

@@ -23,28 +23,24 @@ import zarr
 from PIL import Image
 from typer.testing import CliRunner
 
-from lib.circle_store import CIRCLES
-from lib.cli import app
-from lib.concept_store import TEXT_EMB, read_concepts
+from lib.core.layout import Layout
+from lib.core.params import load_params
+from lib.core.schema import CIRCLES, TEXT_EMB, P, clip_provenance
+from lib.core.stores import ArraySpec, ShardedWriter, open_store
 from lib.data.manifest import read_manifest
-from lib.evaluate.methods_salf import SalfMaps
-from lib.evaluate.registry import REGISTRY, EvalBatch, EvalContext, discover
+from lib.evaluate.adapters import METHODS
+from lib.evaluate.adapters.salf import SalfMaps
+from lib.evaluate.registry import EvalBatch, EvalContext
 from lib.evaluate.truth import GroundTruth
-from lib.layout import Layout
+from lib.methods.salf.artifacts import SalfModel
+from lib.methods.salf.data import glm_batches, pair_batches, salf_splits, similarity_target
+from lib.methods.salf.model import resize_to_grid
+from lib.methods.salf.pooling import Standardiser, pool_concepts
 from lib.models.backbones import load_backbone, save_backbone
 from lib.models.layers import extract_layers
-from lib.models.toy_cnn import build_toy, toy_preprocess
-from lib.params import load_params
-from lib.salf.artifacts import SalfModel
-from lib.salf.cbl import resize_to_grid
-from lib.salf.data import glm_batches, pair_batches, salf_splits, similarity_target
-from lib.salf.pooling import Standardiser, pool_concepts
-from lib.similarity import clip_provenance
-from lib.similarity_store import P
-from lib.stores import ArraySpec, ShardedWriter, open_store
-from stages import cbl as _cbl  # noqa: F401  (register the commands)
-from stages import explain as _explain
-from stages import sparse as _sparse
+from lib.pipeline.stored_concepts import read_concepts
+from lib.toy.models.cnn import build_toy, toy_preprocess
+from stages.__main__ import app
 
 N, TRAIN, VAL = 160, 100, 30  # rows 0-99 train, 100-129 val, 130-159 test
 GRID, SIZE, ROWS_PER_SHARD = 3, 16, 32
@@ -360,10 +356,9 @@ def test_mask_roi_equals_the_box(trained):
 # ------------------------------------------------------------------------------------- evaluate
 def test_evaluate_method_maps_and_class_map(trained):
     base, layout = trained
-    discover()
     config = load_params(base / "params.yaml")
     truth = GroundTruth.from_info(INFO)
-    method = REGISTRY["salf"](EvalContext(config, layout, torch.device("cpu"), truth))
+    method = METHODS["salf"](EvalContext(config, layout, torch.device("cpu"), truth))
     assert isinstance(method, SalfMaps)
     rows = torch.arange(130, 140)
     images = open_store(layout.images)
@@ -392,10 +387,9 @@ def test_evaluate_method_maps_and_class_map(trained):
 
 
 def test_evaluate_method_is_skipped_before_training(world, tmp_path):
-    discover()
     config = load_params(world[0] / "params.yaml")
     context = EvalContext(config, Layout(tmp_path / "none"), torch.device("cpu"), GroundTruth.from_info(INFO))
-    assert REGISTRY["salf"](context) is None
+    assert METHODS["salf"](context) is None
 
 
 def test_missing_inputs_and_bad_layer_are_clear_errors(world, tmp_path):

@@ -7,14 +7,14 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from lib.cli import progress
+from lib.core.cli import progress
+from lib.core.layout import Layout
+from lib.core.params import DataParams, RuntimeParams, SegFolderParams
+from lib.core.stores import open_store
 from lib.data.manifest import read_dataset_info, read_manifest
 from lib.data.prepare import prepare_segfolder
 from lib.data.segfolder import concept_map, mask_values, read_vocabulary
 from lib.evaluate.truth import GroundTruth
-from lib.layout import Layout
-from lib.params import DataParams, RuntimeParams, SegFolderParams
-from lib.stores import open_store
 
 CLASSES = ("ball", "cup")
 SIZE = 16  # stored side; the sources are 24 wide x 20 high, so the fit crops 2 columns each side

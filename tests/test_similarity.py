@@ -7,9 +7,12 @@ import torch
 import torch.nn.functional as F
 from open_clip.tokenizer import SimpleTokenizer
 
-from lib.circles import CircleEncoder, grid_centers, ring_alpha
-from lib.concepts import encode_texts
-from lib.similarity import CLIP_MODEL_KEY, EMBED_DIM_KEY, check_compatible, clip_provenance, similarity_batch
+from lib.core.errors import UserError
+from lib.core.schema import CLIP_MODEL_KEY, EMBED_DIM_KEY, check_compatible, clip_provenance
+from lib.kernels.rings import grid_centers, ring_alpha
+from lib.kernels.similarity import similarity_batch
+from lib.kernels.text import encode_texts
+from lib.pipeline.circles import CircleEncoder
 
 RED = (255, 0, 0)
 
@@ -41,7 +44,7 @@ def test_p_equals_direct_per_variant_computation(tiny_clip, clip_preprocess):
     gen = torch.Generator().manual_seed(3)
     images = torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8, generator=gen)
     text = encode_texts(model, tokenizer, ["a star", "a blue", "a grass"])
-    circles, _ = CircleEncoder(model, prep, grid, radius, width, chunk=64, autocast=False)(images)
+    circles = CircleEncoder(model, prep, grid, radius, width, chunk=64, autocast=False)(images)
     p = similarity_batch(circles, text)
     assert p.shape == (2, 3, grid, grid)
 
@@ -69,11 +72,11 @@ def test_similarity_batch_rejects_mismatched_dims():
 def test_check_compatible():
     attrs = {**clip_provenance("toy-clip@abc", 64), "stage": "circles"}
     check_compatible(attrs, clip_provenance("toy-clip@abc", 64))
-    with pytest.raises(ValueError, match="model_id = 'toy-clip@abc' \\(circles\\) vs 'ViT-B-16'"):
+    with pytest.raises(UserError, match="model_id = 'toy-clip@abc' \\(circles\\) vs 'ViT-B-16'"):
         check_compatible(attrs, {**attrs, CLIP_MODEL_KEY: "ViT-B-16"})
-    with pytest.raises(ValueError, match="embed_dim = 64 \\(circles\\) vs 512"):
+    with pytest.raises(UserError, match="embed_dim = 64 \\(circles\\) vs 512"):
         check_compatible(attrs, {**attrs, EMBED_DIM_KEY: 512})
-    with pytest.raises(ValueError, match="concepts attributes lack 'embed_dim'"):
+    with pytest.raises(UserError, match="concepts store attributes lack 'embed_dim'"):
         check_compatible(attrs, {CLIP_MODEL_KEY: "toy-clip@abc"})
-    with pytest.raises(ValueError, match="circles attributes lack 'model_id'"):
+    with pytest.raises(UserError, match="circles store attributes lack 'model_id'"):
         check_compatible({EMBED_DIM_KEY: 64}, attrs)

@@ -10,19 +10,18 @@ from dvc.dependency.param import ParamsDependency
 from dvc.repo import Repo
 from typer.testing import CliRunner
 
-from lib.circle_store import CIRCLES
-from lib.cli import app, progress
-from lib.concept_store import build_concepts, read_concepts
-from lib.distributed import Ranks
-from lib.layout import Layout
-from lib.models.toy_clip import create_toy_clip, save_open_clip_checkpoint
-from lib.params import load_params
-from lib.similarity import CLIP_MODEL_KEY, similarity_batch
-from lib.similarity_store import P, build_similarity
-from lib.stores import open_store
-from stages import circles as _circles  # noqa: F401  (register the commands)
-from stages import concepts as _concepts
-from stages import similarity as _similarity
+from lib.core.cli import progress
+from lib.core.distributed import Ranks
+from lib.core.layout import Layout
+from lib.core.params import load_params
+from lib.core.schema import CIRCLES, CLIP_MODEL_KEY, P
+from lib.core.stores import open_store
+from lib.kernels.similarity import similarity_batch
+from lib.pipeline.concepts import run_concepts
+from lib.pipeline.similarity import run_similarity
+from lib.pipeline.stored_concepts import read_concepts
+from lib.toy.train_clip import create_toy_clip, save_open_clip_checkpoint
+from stages.__main__ import app
 
 REPO = Path(__file__).resolve().parents[1]
 CLIP_STAGES = ("circles", "concepts", "similarity")
@@ -31,9 +30,9 @@ CLIP_STAGES = ("circles", "concepts", "similarity")
 def concepts_then_similarity(project: Path):  # type: ignore[no-untyped-def]
     config = load_params(project / "params.yaml")
     layout = Layout.from_params(config)
-    build_concepts(config, layout, torch.device("cpu"))
+    run_concepts(config, layout, torch.device("cpu"))
     with progress() as bar:
-        return build_similarity(config, layout, torch.device("cpu"), Ranks(), bar)
+        return run_similarity(config, layout, torch.device("cpu"), Ranks(), bar)
 
 
 def test_materialised_p_is_the_cosine_of_stored_embeddings(circled_inputs, enter_copy):

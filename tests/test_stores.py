@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lib.stores import ArraySpec, IncompleteStoreError, ShardedWriter, dask_view, iter_blocks, open_store
+from lib.core.stores import ArraySpec, IncompleteStoreError, ShardedWriter, dask_view, open_store
 
 N, ROWS = 70, 16  # 5 shards, the last one partial
 
@@ -61,9 +61,6 @@ def test_store_layout_and_reading(tmp_path: Path) -> None:
     assert group.attrs["stage"] == "test" and group.attrs["complete"] is True
     # one file per shard per array (+ metadata and the done markers): never one per item
     assert len(list((path / "x").rglob("c/*"))) <= 5
-    blocks = list(iter_blocks(group["label"], 10, 50))
-    assert [(s.start, s.stop) for s, _ in blocks] == [(10, 16), (16, 32), (32, 48), (48, 50)]
-    assert np.array_equal(np.concatenate([b for _, b in blocks]), np.arange(10, 50))
     lazy = dask_view(group["x"])
     assert lazy.chunks[0] == (16, 16, 16, 16, 6)
     np.testing.assert_array_equal(lazy[20:30].compute(), group["x"][20:30])

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from lib.streams import batch_source, read_rows, shard_groups
+from lib.core.streams import batch_source, read_rows, shard_groups
 
 
 def make_array(tmp_path: Path) -> zarr.Array:

@@ -7,29 +7,24 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.loss import ClipLoss
 
-from lib.circles import grid_centers
+from lib.kernels.rings import grid_centers
 from lib.models.clip import load_clip
 from lib.models.preprocess import Preprocess
-from lib.models.toy_clip import (
-    TOY_CLIP_NAME,
-    _Batch,
-    _swap_one,
-    caption_matches,
-    create_toy_clip,
-    multi_positive_clip_loss,
-    register_toy_clip_config,
-    save_open_clip_checkpoint,
-    toy_clip_preprocess,
-    train_toy_clip,
-)
-from lib.models.toy_clip_eval import (
+from lib.toy.captions import global_captions, point_concepts, render_captions
+from lib.toy.clip_eval import (
     centre_pixels,
     class_prompts,
     concept_prompts,
     evaluate_toy_clip_model,
-    render_captions,
 )
-from lib.toy.captions import global_captions, point_concepts
+from lib.toy.models.clip import (
+    TOY_CLIP_NAME,
+    create_toy_clip,
+    register_toy_clip_config,
+    save_open_clip_checkpoint,
+    toy_clip_preprocess,
+)
+from lib.toy.train_clip import _Batch, _swap_one, caption_matches, multi_positive_clip_loss, train_toy_clip
 from lib.toy.world import CONCEPT_TYPES, CONCEPTS, ToyWorld, concept_index, generate
 
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lib.preview import save_preview
-from lib.toy.captions import global_captions, point_captions, point_concepts
+from lib.data.preview import save_preview
+from lib.toy.captions import global_captions, point_concepts
 from lib.toy.world import (
     _BACKGROUND_AMPLITUDE,
     _BACKGROUND_RGB,
@@ -289,12 +289,10 @@ def test_captions_name_the_concepts_at_points(world):
         assert set(captions[i].replace(",", "").split()) - {"a", "and", "on", "at"} == present
     rng = np.random.default_rng(1)
     index, ys, xs = rng.integers(0, N, 200), rng.integers(0, SIZE, 200), rng.integers(0, SIZE, 200)
-    at_points = point_captions(world, index, ys, xs)
+    at_points = point_concepts(world, index, ys, xs)
     truth = world.concept_masks[index, :, ys, xs]
-    for text, row in zip(at_points, truth):
-        names = [CONCEPTS[k].name for k in np.flatnonzero(row)]
-        expected = names[0] if len(names) == 1 else f"a {names[0]} {names[2]} {names[1]}"  # colour pattern shape
-        assert text == expected
+    for ids, row in zip(at_points, truth):
+        assert sorted(k for k in ids.tolist() if k >= 0) == np.flatnonzero(row).tolist()
 
 
 def test_save_preview_with_and_without_masks(world, tmp_path):

@@ -1,4 +1,4 @@
-"""Real images: a class-per-folder tree or a CSV/parquet list, decoded with Pillow to fixed-size RGB."""
+"""Real images: a class-per-folder tree or a CSV/parquet list, decoded (lib/data/decode.py) to fixed-size RGB."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
-from lib.params import ImageFolderParams
+from lib.core.params import ImageFolderParams
+from lib.data.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_rgb
 
-
-class BadImageError(ValueError):
-    """An image file that cannot be decoded (unreadable, truncated or empty)."""
+# An image file that cannot be decoded (missing, empty, truncated, too large, ...). The same class as
+# decode's DecodeError, so `except BadImageError` also catches everything decode_rgb raises.
+BadImageError = DecodeError
 
 
 @dataclass(frozen=True)
@@ -89,34 +90,27 @@ def list_images(params: ImageFolderParams, seed: int) -> ImageList:
     return ImageList([frame["path"].iloc[i] for i in order], labels[order], splits[order], classes)
 
 
-def load_rgb(path: str, size: int) -> np.ndarray:
-    """Decode to RGB, resize the shorter side to ``size`` and centre-crop: uint8 (size, size, 3)."""
-    file = Path(path)
-    if not file.exists():
-        raise BadImageError(f"{path}: file not found")
-    if file.stat().st_size == 0:
-        raise BadImageError(f"{path}: empty file")
-    try:
-        with Image.open(file) as image:
-            image.load()  # decodes fully, so truncation is caught here, not later
-            rgb = ImageOps.fit(image.convert("RGB"), (size, size), Image.Resampling.BICUBIC)
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise BadImageError(f"{path}: cannot decode image ({exc})") from None
-    return np.asarray(rgb, dtype=np.uint8)
+def load_rgb(path: str, size: int, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, exif_transpose: bool = True) -> np.ndarray:
+    """Decode to RGB (`decode_rgb`: any mode, alpha over white, EXIF orientation applied), resize
+    the shorter side to ``size`` and centre-crop: uint8 (size, size, 3). Raises BadImageError."""
+    rgb = decode_rgb(path, max_pixels=max_pixels, exif_transpose=exif_transpose)
+    fitted = ImageOps.fit(Image.fromarray(rgb), (size, size), Image.Resampling.BICUBIC)
+    return np.asarray(fitted, dtype=np.uint8)
 
 
 class DecodeDataset(torch.utils.data.Dataset):
     """Decodes images in DataLoader workers; a bad file yields ok=False and its message."""
 
-    def __init__(self, paths: list[str], size: int) -> None:
+    def __init__(self, paths: list[str], size: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
         self.paths = paths
         self.size = size
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, bool, str]:
         try:
-            return load_rgb(self.paths[i], self.size), True, ""
+            return load_rgb(self.paths[i], self.size, max_pixels=self.max_pixels), True, ""
         except BadImageError as exc:
             return np.zeros((self.size, self.size, 3), np.uint8), False, str(exc)

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lib.layout import SPLITS
+from lib.core.errors import UserError
+from lib.core.layout import SPLITS
 
 COLUMNS = ("index", "source", "label", "split")
 
@@ -33,7 +34,7 @@ def write_manifest(path: Path, frame: pd.DataFrame) -> None:
 
 def read_manifest(path: Path) -> pd.DataFrame:
     if not path.exists():
-        raise FileNotFoundError(f"{path}: manifest not found; run the prepare stage first")
+        raise UserError(f"{path}: manifest not found", fix="run the prepare stage first (dvc repro prepare)")
     return pd.read_parquet(path)
 
 
@@ -52,5 +53,5 @@ def write_dataset_info(path: Path, info: dict[str, Any]) -> None:
 
 def read_dataset_info(path: Path) -> dict[str, Any]:
     if not path.exists():
-        raise FileNotFoundError(f"{path}: dataset info not found; run the prepare stage first")
+        raise UserError(f"{path}: dataset info not found", fix="run the prepare stage first (dvc repro prepare)")
     return json.loads(path.read_text())

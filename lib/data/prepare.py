@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +13,10 @@ from rich.progress import Progress
 from lib.data import segfolder
 from lib.data.imagefolder import DecodeDataset, list_images
 from lib.data.manifest import write_dataset_info, write_manifest
-from lib.layout import SPLITS, Layout
-from lib.params import DataParams, RuntimeParams, params_hash, source_hash
-from lib.preview import save_preview
-from lib.stores import ArraySpec, ShardedWriter
+from lib.core.layout import SPLITS, Layout
+from lib.core.params import DataParams, Params, RuntimeParams, params_hash, source_hash
+from lib.data.preview import save_preview
+from lib.core.stores import ArraySpec, ShardedWriter
 from lib.toy import captions as toy_captions
 from lib.toy import world as toy_world
 
@@ -26,6 +26,13 @@ class PrepareReport:
     n_images: int
     split_counts: dict[str, int]
     bad_images: list[str] = field(default_factory=list)
+    root: Path | None = None
+    bad_list: Path | None = None
+
+    def summary(self) -> str:
+        counts = ", ".join(f"{k} {v}" for k, v in self.split_counts.items())
+        bad = f"; {len(self.bad_images)} bad images skipped (see {self.bad_list})" if self.bad_images else ""
+        return f"{self.n_images} images ({counts}) in {self.root}{bad}"
 
 
 def toy_split(params: DataParams, split: str) -> toy_world.ToyWorld:
@@ -214,3 +221,15 @@ def prepare_segfolder(params: DataParams, runtime: RuntimeParams, layout: Layout
     )
     splits = pairs.splits[keep]
     return PrepareReport(len(keep), {s: int((splits == s).sum()) for s in SPLITS}, problems)
+
+
+def run_prepare(config: Params, layout: Layout, device: torch.device, progress: Progress) -> PrepareReport:
+    """The prepare stage: build data/<name>/ for `data.kind` (decoding runs on CPU workers, not `device`)."""
+    layout.root.mkdir(parents=True, exist_ok=True)
+    if config.data.kind == "toy":
+        report = prepare_toy(config.data, layout, progress)
+    elif config.data.kind == "imagefolder":
+        report = prepare_imagefolder(config.data, config.runtime, layout, progress)
+    else:
+        report = prepare_segfolder(config.data, config.runtime, layout, progress)
+    return replace(report, root=layout.root, bad_list=layout.bad_images)

@@ -31,8 +31,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lib.data.imagefolder import BadImageError, assign_splits, load_rgb, scan_tree
-from lib.layout import SPLITS
-from lib.params import SegFolderParams
+from lib.core.layout import SPLITS
+from lib.core.params import SegFolderParams
 
 CONCEPTS_FILE = "concepts.csv"
 MASK_SUFFIX = ".png"
@@ -131,7 +131,9 @@ def fit_like_image(ids: np.ndarray, size: int) -> np.ndarray:
 def load_pair(image: str, mask: str, label: int, vocabulary: Vocabulary, size: int) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 image (size, size, 3), int16 concept map (size, size)); BadImageError names the file."""
     values = mask_values(mask)
-    rgb = load_rgb(image, size)
+    # masks are matched to the stored pixel grid (the size check below is on the raw header size),
+    # so the image must not be turned upright by its EXIF orientation while its mask is not
+    rgb = load_rgb(image, size, exif_transpose=False)
     with Image.open(image) as header:  # the size only; load_rgb has decoded the pixels
         width, height = header.size
     if values.shape != (height, width):

@@ -1,40 +1,27 @@
-"""The method registry of the evaluate stage: every explanation method that can draw maps.
+"""What an explanation method gives `evaluate`: the method protocol, its inputs and its factories.
 
 A method is a name plus functions giving maps for a batch of evaluation images:
 `concept_maps` (one map per ground-truth concept it covers, scored with NRA / EPG / Hit) and
-`class_maps` (one map per image for its class, scored as zero-shot segmentation). A method
-module `lib/evaluate/methods_<name>.py` registers a factory with :func:`register`; the evaluate
-stage imports every such module (:func:`discover`), calls each factory and evaluates the methods
-it gets back. A factory returns None while the method's stage outputs do not exist yet, so the
-stage runs with whatever the pipeline has produced.
-
-Registering a method (e.g. in lib/evaluate/methods_salf.py)::
-
-    @register("salf")
-    def _salf(context: EvalContext) -> ConceptMapMethod | None:
-        if not context.layout.salf.exists():
-            return None
-        return SalfMaps(...)  # a ConceptMapMethod subclass
+`class_maps` (one map per image for its class, scored as zero-shot segmentation). Each method has
+a factory (EvalContext -> method, or None while the method's stage outputs do not exist yet, so
+the stage runs with whatever the pipeline has produced); `lib/evaluate/adapters/__init__.py`
+lists every factory in one explicit table, and `build_methods` calls them.
 
 Maps may have any resolution; the evaluator resizes them bilinearly to the image size.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
+from lib.core.layout import Layout
+from lib.core.params import Params
 from lib.evaluate.truth import GroundTruth
-from lib.layout import Layout
-from lib.params import Params
-
-METHOD_MODULE_PREFIX = "methods_"
 
 
 @dataclass(frozen=True)
@@ -97,36 +84,10 @@ class EvalContext:
 
 
 MethodFactory = Callable[[EvalContext], ConceptMapMethod | None]
-REGISTRY: dict[str, MethodFactory] = {}
-
-
-def register(name: str) -> Callable[[MethodFactory], MethodFactory]:
-    """Decorator: register `factory` under `name` (the key used in metrics/evaluate.json)."""
-
-    def decorate(factory: MethodFactory) -> MethodFactory:
-        if name in REGISTRY:
-            raise ValueError(f"method name {name!r} is already registered; pick another name")
-        REGISTRY[name] = factory
-        return factory
-
-    return decorate
-
-
-def discover() -> list[str]:
-    """Import every `lib/evaluate/methods_*.py` module (their decorators fill REGISTRY);
-    returns the module names, sorted."""
-    package = importlib.import_module(__package__)
-    names = sorted(m.name for m in pkgutil.iter_modules(package.__path__) if m.name.startswith(METHOD_MODULE_PREFIX))
-    for name in names:
-        importlib.import_module(f"{__package__}.{name}")
-    return names
-
-
-def build_methods(context: EvalContext) -> tuple[list[ConceptMapMethod], list[str]]:
-    """Call every registered factory: (the methods available, names of those skipped)."""
-    discover()
+def build_methods(context: EvalContext, factories: Mapping[str, MethodFactory]) -> tuple[list[ConceptMapMethod], list[str]]:
+    """Call every factory: (the methods available, names of those skipped)."""
     methods, skipped = [], []
-    for name, factory in REGISTRY.items():
+    for name, factory in factories.items():
         method = factory(context)
         if method is None:
             skipped.append(name)

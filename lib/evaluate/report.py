@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from lib.core.layout import Layout
+from lib.core.outputs import json_safe, write_csv, write_json, write_text
 from lib.evaluate.run import Evaluation
 from lib.evaluate.scoring import SEGMENTATION_KEYS
-from lib.layout import Layout
 from lib.metrics.spatial import AVERAGE_KEY
-from lib.outputs import json_safe, write_csv, write_json, write_text
 
 CONCEPT_KEYS = ("nra", "epg", "hit")
 HEADERS = {"nra": "NRA", "epg": "EPG", "hit": "Hit rate", "pixel_acc": "pixel acc", "miou": "mIoU", "map": "mAP"}
@@ -26,7 +26,9 @@ def summary_table(evaluation: Evaluation) -> str:
     columns = [*CONCEPT_KEYS, *SEGMENTATION_KEYS]
 
     def cell(method: str, key: str) -> str:
-        group = evaluation.concept_maps.get(method, {}).get(AVERAGE_KEY, {}) if key in CONCEPT_KEYS else evaluation.segmentation.get(method, {})
+        group = (
+            evaluation.concept_maps.get(method, {}).get(AVERAGE_KEY, {}) if key in CONCEPT_KEYS else evaluation.segmentation.get(method, {})
+        )
         value = group.get(key)
         return "–" if value is None or math.isnan(value) else f"{value:.3f}"
 

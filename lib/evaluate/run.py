@@ -11,14 +11,16 @@ import torch
 import zarr
 from rich.progress import Progress
 
+from lib.core.errors import UserError
+from lib.core.layout import Layout
+from lib.core.params import EvaluateParams, Params
+from lib.core.stores import open_store
+from lib.core.streams import batch_source
 from lib.data.manifest import read_dataset_info, read_manifest, split_indices
+from lib.evaluate.adapters import METHODS
 from lib.evaluate.registry import ConceptMapMethod, EvalBatch, EvalContext, build_methods
 from lib.evaluate.scoring import ConceptMapScores, CurveMean, SegmentationScores, reference_curves
 from lib.evaluate.truth import GroundTruth
-from lib.layout import Layout
-from lib.params import EvaluateParams, Params
-from lib.stores import open_store
-from lib.streams import batch_source
 
 # reference curves of the IoU plot, beside the methods' own curves
 CHANCE, IDEAL = "chance", "ideal"
@@ -100,19 +102,20 @@ def evaluate_methods(
     )
 
 
-def run_evaluate(params: Params, layout: Layout, device: torch.device, progress: Progress | None = None) -> Evaluation:
-    """Build every registered method whose inputs exist and evaluate it on `evaluate.split`."""
+def evaluate_all(params: Params, layout: Layout, device: torch.device, progress: Progress | None = None) -> Evaluation:
+    """Build every method of the adapters' table whose inputs exist and evaluate it on `evaluate.split`."""
     truth = GroundTruth.from_info(read_dataset_info(layout.dataset_info))
     indices = split_indices(read_manifest(layout.manifest), params.evaluate.split)
     if params.evaluate.max_images is not None:
         indices = indices[: params.evaluate.max_images]
     store = open_store(layout.images)
     if "masks" not in store:
-        raise ValueError(
-            f"{layout.images} has no ground-truth masks: evaluate needs data.kind 'toy' or 'segfolder' "
-            f"(got a '{read_dataset_info(layout.dataset_info)['kind']}' dataset)"
+        raise UserError(
+            f"{layout.images} has no ground-truth masks: evaluate needs a 'toy' or 'segfolder' dataset",
+            key="data.kind", value=read_dataset_info(layout.dataset_info)["kind"],
+            fix="set data.kind: segfolder with masks, or run the stages before evaluate only",
         )
-    methods, skipped = build_methods(EvalContext(params, layout, device, truth))
+    methods, skipped = build_methods(EvalContext(params, layout, device, truth), METHODS)
     evaluation = evaluate_methods(methods, store, store["masks"], indices, truth, params.evaluate, device, progress)
     evaluation.skipped = skipped
     return evaluation

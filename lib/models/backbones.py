@@ -9,34 +9,30 @@ A checkpoint written by `save_backbone` carries its arch, class count and prepro
 state dict (e.g. a library's release file) gets the tag's or else the arch's default preprocessing.
 """
 
-import difflib
-import hashlib
 import logging
 import math
 import os
-import pickle
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from unittest import mock
 
 import torch
 from bcos.data.transforms import AddInverse
 from torch import nn
 
 from lib.models.preprocess import Preprocess
-from lib.models.toy_cnn import build_toy, toy_preprocess
+from lib.models.weights import (
+    CHECKPOINT_FORMAT,
+    fetching,
+    file_id,
+    load_state_file,
+    parse_weights,
+    portable_state_dict,
+    unknown_name_error,
+)
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("torchvision", "timm", "bcos", "toy")
-CHECKPOINT_FORMAT = "conceptrace-backbone/1"
-_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
-
-
-class WeightsUnavailableError(RuntimeError):
-    """Named weights could not be downloaded (typically: no network access)."""
 
 
 @dataclass
@@ -47,84 +43,6 @@ class LoadedBackbone:
     preprocess: Preprocess
     model_id: str  # provenance: "<source>:<name>|<weights>", e.g. "toy:cnn|file=cnn.pt sha256=1a2b..."
     num_classes: int
-
-
-@dataclass(frozen=True)
-class WeightsSpec:
-    """A parsed `weights` argument: a tag, a local file, both (tag@file) or neither (random)."""
-
-    tag: str | None
-    path: Path | None
-
-
-def parse_weights(weights: str | os.PathLike | None) -> WeightsSpec:
-    """Classify `weights` (see module doc); a path-like value that does not exist raises ValueError."""
-    if weights is None or str(weights).strip().lower() in ("", "none"):
-        return WeightsSpec(None, None)
-    text = str(weights)
-    if Path(text).is_file():
-        return WeightsSpec(None, Path(text))
-    tag, at, rest = text.partition("@")
-    if at:
-        if not tag or not Path(rest).is_file():
-            raise ValueError(f"weights {text!r}: expected '<tag>@<existing file>', file {rest!r} not found")
-        return WeightsSpec(tag, Path(rest))
-    if os.sep in text or "/" in text or text.endswith(_FILE_SUFFIXES):
-        raise ValueError(f"weights file {text!r} not found (weights may be None, a tag, a file, or '<tag>@<file>')")
-    return WeightsSpec(text, None)
-
-
-def file_id(path: Path) -> str:
-    """Provenance of a weights file: its name and a short content hash."""
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-    return f"file={path.name} sha256={digest}"
-
-
-def load_state_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """(state_dict, conceptrace metadata or None) from a checkpoint, never unpickling code.
-
-    Accepts safetensors, plain state dicts, {"state_dict": ...} / {"model": ...} training
-    checkpoints and `save_backbone` files; a DataParallel "module." prefix is removed.
-    """
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path)), None
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"{path} holds pickled objects besides tensors and is not loaded (weights_only=True); "
-            f"re-save it as torch.save(model.state_dict(), path)"
-        ) from error
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, expected a state dict")
-    meta = checkpoint.get("meta") if checkpoint.get("format") == CHECKPOINT_FORMAT else None
-    for key in ("state_dict", "model"):
-        if isinstance(checkpoint.get(key), dict):
-            checkpoint = checkpoint[key]
-            break
-    if checkpoint and all(k.startswith("module.") for k in checkpoint):
-        checkpoint = {k.removeprefix("module."): v for k, v in checkpoint.items()}
-    return checkpoint, meta
-
-
-@contextmanager
-def fetching(what: str, offline_hint: str) -> Iterator[None]:
-    """Guard a library download: force weights_only loading, turn network errors into a clear error.
-
-    torch.hub and libraries built on it call torch.load(weights_only=False); the environment
-    switch makes torch refuse pickled code there too.
-    """
-    with mock.patch.dict(os.environ, {"TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1"}):
-        try:
-            yield
-        except OSError as error:  # URLError, socket errors and huggingface_hub's offline errors
-            raise WeightsUnavailableError(
-                f"could not download {what} ({type(error).__name__}: {error}). Named weights need network "
-                f"access; offline, fetch the file elsewhere and pass its local path instead, e.g. {offline_hint}"
-            ) from error
 
 
 class BcosWithInverse(nn.Module):
@@ -141,12 +59,6 @@ class BcosWithInverse(nn.Module):
     def explanation_mode(self):
         """The wrapped network's explanation-mode context (detached dynamic weights)."""
         return self.net.explanation_mode()
-
-
-def unknown_name_error(kind: str, value: str, valid: list[str]) -> ValueError:
-    """ValueError for an unknown model name, listing the closest valid ones."""
-    close = difflib.get_close_matches(value, valid, n=8, cutoff=0.4)
-    return ValueError(f"unknown {kind} {value!r}; close matches: {', '.join(close) or 'none'} ({len(valid)} available)")
 
 
 # Builders: (name, tag, num_classes, fetch) -> (model, preprocess, num_classes); `fetch` False means
@@ -196,11 +108,16 @@ def _timm(name: str, tag: str | None, num_classes: int | None, fetch: bool) -> t
         model = timm.create_model(full, pretrained=False, **kwargs)  # `full` still selects the tag's data config
     cfg = timm.data.resolve_model_data_config(model)
     if cfg["crop_mode"] != "center" or cfg["input_size"][1] != cfg["input_size"][2]:
-        raise ValueError(f"timm:{full} needs crop_mode {cfg['crop_mode']!r} / input {cfg['input_size']}; only square centre crops are supported")
+        raise ValueError(
+            f"timm:{full} needs crop_mode {cfg['crop_mode']!r} / input {cfg['input_size']}; only square centre crops are supported"
+        )
     size = cfg["input_size"][-1]
     resize = math.floor(size / cfg["crop_pct"])  # timm's eval transform: resize to size / crop_pct, crop
     preprocess = Preprocess(
-        size=size, mean=cfg["mean"], std=cfg["std"], interpolation=cfg["interpolation"],
+        size=size,
+        mean=cfg["mean"],
+        std=cfg["std"],
+        interpolation=cfg["interpolation"],
         resize_size=resize if resize != size else None,
     )
     return model, preprocess, model.num_classes
@@ -222,15 +139,22 @@ def _bcos(name: str, tag: str | None, num_classes: int | None, fetch: bool) -> t
         net = entrypoint(pretrained=False, progress=False, **kwargs)
     args = net.transform.args  # the package's eval preset: resize, crop, [0, 1], AddInverse (done by the wrapper)
     preprocess = Preprocess(
-        size=args["crop_size"], mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
-        interpolation=args["interpolation"].value, resize_size=args["resize_size"],
+        size=args["crop_size"],
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+        interpolation=args["interpolation"].value,
+        resize_size=args["resize_size"],
     )
     return BcosWithInverse(net), preprocess, net.num_classes
 
 
 def _toy(name: str, tag: str | None, num_classes: int | None, fetch: bool) -> tuple[nn.Module, Preprocess, int]:
+    # The toy world's models register here and nowhere else: only this family reaches lib.toy.
+    from lib.toy.models.cnn import TOY_ARCHS, build_toy, toy_preprocess
     from lib.toy.world import CLASSES
 
+    if name not in TOY_ARCHS:
+        raise unknown_name_error("toy model", name, list(TOY_ARCHS))
     if tag is not None:
         raise ValueError(f"toy models have no named weights ({tag!r}); pass the checkpoint written by the toy_backbone stage")
     num_classes = num_classes or len(CLASSES)
@@ -255,9 +179,7 @@ def _parse_arch(arch: str, source: str) -> tuple[str, str]:
     return prefix, name
 
 
-def load_backbone(
-    arch: str, weights: str | os.PathLike | None, num_classes: int | None = None, source: str = "auto"
-) -> LoadedBackbone:
+def load_backbone(arch: str, weights: str | os.PathLike | None, num_classes: int | None = None, source: str = "auto") -> LoadedBackbone:
     """Build `arch` ("<source>:<name>", e.g. "torchvision:resnet50", "timm:vit_small_patch16_224",
     "bcos:resnet50", "toy:cnn", "toy:bcos"; or a bare name with `source`) and load `weights`.
 
@@ -288,17 +210,16 @@ def load_backbone(
     if meta is not None:
         preprocess = Preprocess.from_dict(meta["preprocess"])
     elif spec.path is not None and spec.tag is None:
-        log.warning("%s has no preprocessing record; using %s:%s's default %s (pass '<tag>@<file>' to pick a tag's)",
-                    spec.path, source, name, preprocess)
+        log.warning(
+            "%s has no preprocessing record; using %s:%s's default %s (pass '<tag>@<file>' to pick a tag's)",
+            spec.path,
+            source,
+            name,
+            preprocess,
+        )
     weights_id = file_id(spec.path) if spec.path else (f"tag={spec.tag}" if spec.tag else "random")
     model.eval().requires_grad_(False)
     return LoadedBackbone(model, preprocess, f"{source}:{name}|{weights_id}", num_classes)
-
-
-def portable_state_dict(model: nn.Module, half: bool) -> dict[str, torch.Tensor]:
-    """`model`'s state dict on the CPU; half=True stores floating tensors as fp16 (they load into fp32)."""
-    return {k: v.detach().cpu().half() if half and v.is_floating_point() else v.detach().cpu()
-            for k, v in model.state_dict().items()}
 
 
 def save_backbone(

@@ -12,17 +12,28 @@ A bare file without a config is refused rather than silently given OpenAI's mean
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import open_clip
 import torch
 from open_clip.factory import _find_checkpoint_in_dir  # the file open_clip itself will pick
 from torch import nn
 
-from lib.models.backbones import fetching, file_id, parse_weights, portable_state_dict, unknown_name_error
+from lib.core.errors import user_error_for
+from lib.core.params import ClipParams
 from lib.models.preprocess import Preprocess
+from lib.models.weights import (
+    UnknownNameError,
+    WeightsUnavailableError,
+    fetching,
+    file_id,
+    parse_weights,
+    portable_state_dict,
+    unknown_name_error,
+)
 
 CONFIG_NAME = "open_clip_config.json"  # open_clip's (and the HF hub's) config file name
 WEIGHTS_NAME = "open_clip_pytorch_model.bin"
@@ -125,7 +136,9 @@ def load_clip(model_name: str, pretrained: str | os.PathLike | None) -> LoadedCl
     return _finish(model, open_clip.get_tokenizer(model_name), f"open_clip:{model_name}|{weights_id}", model_cfg["embed_dim"])
 
 
-def save_clip_dir(folder: str | os.PathLike, model: nn.Module, model_cfg: dict[str, Any], preprocess: Preprocess, half: bool = False) -> Path:
+def save_clip_dir(
+    folder: str | os.PathLike, model: nn.Module, model_cfg: dict[str, Any], preprocess: Preprocess, half: bool = False
+) -> Path:
     """Write `model` as an open_clip local-dir folder that `load_clip(..., "local-dir:<folder>")` reads.
 
     model_cfg: the open_clip model config the model was built from (embed_dim, vision_cfg,
@@ -140,3 +153,10 @@ def save_clip_dir(folder: str | os.PathLike, model: nn.Module, model_cfg: dict[s
     (folder / CONFIG_NAME).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": pp}, indent=2))
     torch.save(portable_state_dict(model, half), folder / WEIGHTS_NAME)
     return folder
+
+
+def load_clip_checked(settings: ClipParams) -> LoadedClip:
+    """`load_clip` for the `clip` params section: what the user can fix is a UserError naming the key."""
+    with user_error_for("clip.model", settings.model, catch=(UnknownNameError,)):
+        with user_error_for("clip.pretrained", settings.pretrained, catch=(ValueError, FileNotFoundError, WeightsUnavailableError)):
+            return load_clip(settings.model, settings.pretrained)

@@ -6,14 +6,34 @@ from lib.toy.world import CONCEPTS, ToyWorld
 
 # Concept names indexable by concept id, with id -1 (empty slot / no object) mapping to "".
 _NAMES = np.array([c.name for c in CONCEPTS] + [""])
-# How a caption places the objects on each background: "on sand", but "at night".
-_SETTING = np.array([f" at {c.name}" if c.name == "night" else f" on {c.name}" for c in CONCEPTS] + [""])
 
 
-def _object_phrases(objects: np.ndarray) -> np.ndarray:
-    """'a <color> <pattern> <shape>' for each (color, shape, pattern) id row; "" where empty."""
+def render_captions(objects: np.ndarray, background: np.ndarray) -> list[str]:
+    """Text of structured captions: objects (P, M, 3) ids [color, shape, pattern], background (P,).
+
+    -1 means "not said". An object reads "a [color] [pattern] <shape|object>"; objects are joined
+    with ", " and " and "; the background follows as " on sand" / " at night", or stands alone
+    ("sand") when no object is named.
+    """
+    objects, background = np.asarray(objects), np.asarray(background)
+    if objects.ndim != 3 or objects.shape[2] != 3 or background.shape != objects.shape[:1]:
+        raise ValueError(f"objects must be (P, M, 3) and background (P,), got {objects.shape} and {background.shape}")
     color, shape, pattern = (_NAMES[objects[..., a]] for a in range(3))
-    return np.where(objects[..., 0] >= 0, "a " + color + " " + pattern + " " + shape, "")
+    named = (objects >= 0).any(axis=-1)  # (P, M)
+    noun = np.where(shape != "", shape, "object")
+    phrase = "a" + np.where(color != "", " " + color, "") + np.where(pattern != "", " " + pattern, "") + " " + noun
+    # Named objects first (stable), so the separators depend on the count only.
+    order = np.argsort(~named, axis=1, kind="stable")
+    phrase = np.take_along_axis(np.where(named, phrase, ""), order, axis=1)
+    counts = named.sum(axis=1)
+    text = phrase[:, 0]
+    for slot in range(1, phrase.shape[1]):
+        separator = np.where(slot == counts - 1, " and ", np.where(slot < counts, ", ", ""))
+        text = text + separator + phrase[:, slot]
+    place = _NAMES[background]
+    setting = np.where(place == "night", " at night", " on " + place)
+    setting = np.where(background < 0, "", np.where(counts > 0, setting, place))
+    return (text + setting).tolist()
 
 
 def global_captions(world: ToyWorld) -> list[str]:
@@ -21,14 +41,7 @@ def global_captions(world: ToyWorld) -> list[str]:
 
     Three objects read 'a ..., a ... and a ... on water'; the night background reads 'at night'.
     """
-    phrases = _object_phrases(world.objects)  # (N, M)
-    counts = (world.objects[:, :, 0] >= 0).sum(axis=1)
-    caption = phrases[:, 0]
-    # Join slot by slot (objects fill the first `count` slots): ", " between, " and " before the last.
-    for slot in range(1, phrases.shape[1]):
-        separator = np.where(slot == counts - 1, " and ", np.where(slot < counts, ", ", ""))
-        caption = caption + separator + phrases[:, slot]
-    return (caption + _SETTING[world.background]).tolist()
+    return render_captions(world.objects, world.background)
 
 
 def point_concepts(world: ToyWorld, index: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
@@ -52,10 +65,3 @@ def point_concepts(world: ToyWorld, index: np.ndarray, ys: np.ndarray, xs: np.nd
     out[:, :3] = np.where(on_object[:, None], attributes, -1)
     out[:, 3] = np.where(on_object, -1, world.background[index])
     return out
-
-
-def point_captions(world: ToyWorld, index: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> list[str]:
-    """What lies at each point in words: 'a yellow striped triangle' on an object, else e.g. 'sand'."""
-    concepts = point_concepts(world, index, ys, xs)
-    objects = concepts[:, :3]
-    return np.where(objects[:, 0] >= 0, _object_phrases(objects), _NAMES[concepts[:, 3]]).tolist()

@@ -1,0 +1,107 @@
+"""What every stage command shares: the --params option, error reporting, progress, set-up, `run_stage`.
+
+The Typer app itself is built in `stages/__main__.py` from one explicit table of commands.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from lib.core.errors import UserError
+from lib.core.params import DEFAULT_PARAMS
+
+if TYPE_CHECKING:  # torch and the stage modules load only when a command runs
+    import torch
+
+    from lib.core.distributed import Ranks
+    from lib.core.layout import Layout
+    from lib.core.params import Params
+
+console = Console(stderr=True)
+
+ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="Params file to read.")]
+DEFAULT_PARAMS_PATH = DEFAULT_PARAMS
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Show a UserError as one red message and exit with status 2; anything else keeps its traceback."""
+    try:
+        yield
+    except UserError as exc:
+        console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def progress() -> Progress:
+    """The progress bar every long loop uses (to stderr, so stdout stays parseable)."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def summary(stage: str, text: str) -> None:
+    """The one-line summary a stage prints when it finishes."""
+    console.print(f"[bold green]{stage}[/bold green]: {text}", highlight=False)
+
+
+def stage_setup(params: Path) -> tuple[Params, Layout, torch.device]:
+    """What a stage starts with: validated params, its layout and its device (runtime.device)."""
+    from lib.core.device import resolve_device
+    from lib.core.layout import Layout
+    from lib.core.params import load_params
+
+    config = load_params(params)
+    return config, Layout.from_params(config), resolve_device(config.runtime.device)
+
+
+def sharded_stage(params: Path) -> tuple[Params, Layout, torch.device, Ranks]:
+    """stage_setup for a store-writing stage: under torchrun, this rank's ranks and device
+    (one GPU per rank)."""
+    from lib.core.distributed import init_ranks
+
+    config, layout, device = stage_setup(params)
+    ranks, device = init_ranks(device)
+    return config, layout, device, ranks
+
+
+class StageReport(Protocol):
+    """What a stage's lib entry point returns: `summary()` is the line the command prints."""
+
+    def summary(self) -> str: ...
+
+
+def run_stage(name: str, params: Path, entry: Callable[..., StageReport], *, sharded: bool = False, **options: Any) -> StageReport:
+    """The body of every pipeline command: set up, call the stage's one lib entry point, print its summary.
+
+    `entry(config, layout, device, [ranks,] progress, **options)`; `sharded` stages get this
+    torchrun rank's ranks and device. A UserError is one line and exit status 2.
+    """
+    with user_errors():
+        if sharded:
+            config, layout, device, ranks = sharded_stage(params)
+            with progress() as bar:
+                report = entry(config, layout, device, ranks, bar, **options)
+        else:
+            config, layout, device = stage_setup(params)
+            with progress() as bar:
+                report = entry(config, layout, device, bar, **options)
+    details = getattr(report, "details", None)
+    if details:
+        from rich.markdown import Markdown
+
+        console.print(Markdown(details()))
+    summary(name, report.summary())
+    return report

@@ -1,0 +1,13 @@
+"""CE-FAM (Kuroki & Yamasaki, 2025): concept explanations by fusing a backbone's activation maps.
+
+A translator MLP maps the concatenated, globally average-pooled features of several backbone
+layers to a vision-language model's image embedding; a concept's score is the scaled cosine of
+that embedding with the concept's text embedding. A concept's region in layer l is a Grad-CAM of
+its score over that layer's activation maps; the layer's association score and the concept's
+contribution to a class are areas under masking curves over the concept's top channels.
+
+Modules: `translator` (the MLP, its default widths, the concept scores and the training loss),
+`regions` (Grad-CAM weights of every concept in one Jacobian per image, and the region maps),
+`association` (layer association scores, best layer and candidates, class contributions).
+This package imports nothing from the rest of the project.
+"""

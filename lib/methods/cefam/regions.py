@@ -1,0 +1,160 @@
+"""CE-FAM concept regions: Grad-CAM of every concept score at every layer (paper eq. 11-12).
+
+R^l_t = ReLU(sum_k beta^t_k A^l_k), beta^t_k = (1/(H_l W_l)) sum_ij dS^t / dA^l_k(i, j).
+
+Two ways to get the betas:
+
+* `concept_betas` — through the translator only. If A^l reaches the scores only through its
+  global average pool z^l, then dS^t/dA^l_k(i, j) = dS^t/dz^l_k / (H_l W_l) at every (i, j), and
+  its mean over space is beta^t_k = dS^t/dz^l_k / (H_l W_l). One Jacobian of the translator per
+  image then serves every concept and layer. This holds exactly for the last layer, and for
+  every layer when the maps are treated as separate inputs (the translator branch alone).
+* `concept_betas_total` — through the backbone as well. In a backbone, A^l also feeds layer l+1,
+  whose pool also enters z_cat; the authors' code (utils/cefam.py, BaseCAM: gradient hooks on the
+  layer outputs, one `backward` per (image, concept)) therefore takes the *total* derivative,
+  which adds the paths through the later layers for every layer but the last. This function
+  computes that total with min(D, M) batched backward passes per batch instead of M.
+
+The reference backpropagates once per (image, concept) through deep copies of the models.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import jacrev, vmap
+
+from lib.methods.cefam.translator import concept_scores
+
+__all__ = ["concept_betas", "concept_betas_total", "concept_regions", "pool_features"]
+
+
+def pool_features(feature_maps: Sequence[Tensor]) -> tuple[list[Tensor], list[int]]:
+    """Global average pools z^l (B, C_l) and pixel counts H_l*W_l of activation maps (B, C_l, H_l, W_l)."""
+    for a in feature_maps:
+        if a.ndim != 4:
+            raise ValueError(f"feature maps must be (B, C, H, W); got {tuple(a.shape)}")
+    return [a.mean(dim=(2, 3)) for a in feature_maps], [a.shape[2] * a.shape[3] for a in feature_maps]
+
+
+def _pixels(hw: int | Sequence[int]) -> int:
+    n = hw if isinstance(hw, int) else math.prod(hw)
+    if n < 1:
+        raise ValueError(f"a layer's spatial size must be >= 1 pixel; got {hw}")
+    return n
+
+
+def _score_params(translator: nn.Module) -> tuple[Tensor | float, Tensor | float]:
+    # the Translator keeps the VLM's logit scale and bias as buffers; other modules get CLIP's
+    return getattr(translator, "scale", 100.0), getattr(translator, "bias", 0.0)
+
+
+def _cosine_grad(emb: Tensor, text: Tensor, scale: Tensor | float) -> Tensor:
+    """d(scale * cos(h, t_m))/dh for embeddings (B, D) and unit text rows (M, D): (B, M, D).
+
+    d<h/|h|, t>/dh = (t - <t, h^> h^) / |h|: the projection removes the radial direction, the
+    one the cosine ignores.
+    """
+    norm = emb.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (B, 1)
+    unit = emb / norm
+    cos = unit @ text.T  # (B, M)
+    return scale * (text[None] - cos[..., None] * unit[:, None]) / norm[..., None]
+
+
+def concept_betas(
+    translator: nn.Module,
+    z_list: Sequence[Tensor],
+    text_emb: Tensor,
+    hw_list: Sequence[int | Sequence[int]],
+    chunk_size: int | None = None,
+) -> list[Tensor]:
+    """Grad-CAM weights beta (B, M, C_l) of every concept for every layer, through the translator.
+
+    z_list: pooled features z^l (B, C_l) in the translator's concatenation order; text_emb (M, D);
+    hw_list: each layer's H_l*W_l (or (H_l, W_l)). One Jacobian per image, batched with
+    torch.func: of the M scores w.r.t. z_cat when M <= D, else of the D embedding coordinates,
+    composed with the derivative of the scaled cosine (which goes through the normalisation of
+    h). chunk_size bounds jacrev's vectorised rows (memory). Returns detached float tensors on the
+    inputs' device. Put the translator in eval mode (dropout, batch norm).
+    """
+    if len(z_list) != len(hw_list) or not z_list:
+        raise ValueError(f"z_list and hw_list must be non-empty and of one length; got {len(z_list)} and {len(hw_list)}")
+    z_cat = torch.cat(list(z_list), dim=1)
+    text = F.normalize(text_emb.to(z_cat), dim=-1)
+    scale, bias = _score_params(translator)
+    m, d = text.shape
+
+    def embed(z: Tensor) -> Tensor:  # one image (C,) -> (D,); modules may expect a batch dim
+        return translator(z[None])[0]
+
+    # the outer no_grad keeps autograd from recording w.r.t. the translator's parameters;
+    # torch.func's transforms differentiate w.r.t. z regardless
+    with torch.no_grad():
+        if m <= d:
+            grads = vmap(jacrev(lambda z: concept_scores(embed(z), text, scale, bias), chunk_size=chunk_size))(z_cat)
+        else:
+            jac = vmap(jacrev(embed, chunk_size=chunk_size))(z_cat)  # (B, D, C)
+            grads = _cosine_grad(translator(z_cat), text, scale) @ jac  # (B, M, C)
+    sizes = [z.shape[1] for z in z_list]
+    return [g / _pixels(hw) for g, hw in zip(grads.split(sizes, dim=2), hw_list, strict=True)]
+
+
+def concept_betas_total(
+    translator: nn.Module, feature_maps: Sequence[Tensor], text_emb: Tensor, chunk_size: int = 64
+) -> list[Tensor]:
+    """Grad-CAM weights beta (B, M, C_l) with the total derivative through the backbone.
+
+    feature_maps: the layers' activation maps (B, C_l, H_l, W_l) from one forward pass of the
+    backbone, still in its autograd graph (A^{l+1} computed from A^l; run the backbone with the
+    input or the parameters requiring grad and without no_grad). They are pooled and concatenated
+    in the given order and fed to the translator here. The derivatives of min(M, D) outputs (the
+    scores, or the embedding coordinates composed with the cosine's derivative) are taken in
+    batched backward passes of `chunk_size` rows (is_grads_batched), each averaged over space
+    right away so only (rows, B, C_l) is kept; peak memory is about chunk_size * B * sum_l
+    C_l H_l W_l gradient values. Equals `concept_betas` when the maps do not feed each other.
+    Returns detached tensors.
+    """
+    if not feature_maps:
+        raise ValueError("feature_maps is empty")
+    z_list, _ = pool_features(feature_maps)
+    if not all(a.requires_grad for a in feature_maps):
+        raise ValueError("feature_maps must be in an autograd graph (requires_grad); run the backbone with grad enabled")
+    with torch.enable_grad():
+        emb = translator(torch.cat(z_list, dim=1))
+        text = F.normalize(text_emb.to(emb), dim=-1)
+        scale, bias = _score_params(translator)
+        by_scores = text.shape[0] <= emb.shape[1]
+        out = concept_scores(emb, text, scale, bias) if by_scores else emb  # (B, R)
+        rows = out.shape[1]
+        parts: list[list[Tensor]] = [[] for _ in feature_maps]
+        for start in range(0, rows, chunk_size):
+            r = min(chunk_size, rows - start)
+            cot = torch.zeros(r, *out.shape, dtype=out.dtype, device=out.device)
+            rows_i = torch.arange(r, device=out.device)
+            cot[rows_i, :, start + rows_i] = 1.0  # batched cotangent i selects output start + i
+            grads = torch.autograd.grad(out, list(feature_maps), grad_outputs=cot, retain_graph=True, is_grads_batched=True)
+            for part, g in zip(parts, grads, strict=True):
+                part.append(g.mean(dim=(3, 4)))  # (r, B, C_l): the spatial mean is all Grad-CAM keeps
+    jac = [torch.cat(p).permute(1, 0, 2) for p in parts]  # (B, R, C_l)
+    if by_scores:
+        return [j.detach() for j in jac]
+    proj = _cosine_grad(emb.detach(), text, scale)  # (B, M, D)
+    return [(proj @ j).detach() for j in jac]
+
+
+def concept_regions(betas: Sequence[Tensor], feature_maps: Sequence[Tensor]) -> list[Tensor]:
+    """Concept regions R^l = ReLU(sum_k beta_k A^l_k) (B, M, H_l, W_l) for all concepts and layers.
+
+    betas: (B, M, C_l) per layer; feature_maps: (B, C_l, H_l, W_l) per layer (cast to the betas'
+    dtype: stores hold fp16). Memory is B*M*H_l*W_l per layer: chunk images or concepts upstream.
+    """
+    if len(betas) != len(feature_maps):
+        raise ValueError(f"betas and feature_maps must have one entry per layer; got {len(betas)} and {len(feature_maps)}")
+    return [
+        torch.einsum("bmk,bkhw->bmhw", beta, a.to(beta.dtype)).relu()
+        for beta, a in zip(betas, feature_maps, strict=True)
+    ]

@@ -1,0 +1,95 @@
+"""The cbl stage's work: train the SALF-CBM concept bottleneck and keep the concepts it learned."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from rich.progress import Progress
+
+from lib.core.layout import Layout
+from lib.core.outputs import write_csv, write_figure, write_json
+from lib.core.params import Params, params_hash
+from lib.core.progress import progress_callback
+from lib.core.stores import open_store
+from lib.methods.salf.artifacts import save_bottleneck
+from lib.methods.salf.cbl import concept_scores, filter_concepts, train_bottleneck
+from lib.methods.salf.data import pair_batches, similarity_target, splits_of
+from lib.methods.salf.figures import loss_curve_figure
+from lib.pipeline.stored_concepts import read_concepts
+
+__all__ = ["CblReport", "cbl_layer", "run_cbl"]
+
+
+def cbl_layer(config: Params) -> str:
+    """The backbone layer the bottleneck reads (cbl.layer, default the last of features.layers)."""
+    return config.cbl.layer or config.features.layers[-1]
+
+
+@dataclass(frozen=True)
+class CblReport:
+    n_train: int
+    n_val: int
+    val_from_train: bool
+    n_concepts: int
+    dropped: list[str]
+    best_step: int
+    best_val_loss: float
+    stopped_early: bool
+
+    def summary(self) -> str:
+        val = "val carved from train" if self.val_from_train else "manifest val split"
+        dropped = f" (dropped: {', '.join(self.dropped)})" if self.dropped else ""
+        return (
+            f"{self.n_concepts - len(self.dropped)}/{self.n_concepts} concepts kept{dropped}; best val cos^3 "
+            f"{-self.best_val_loss:.3f} at step {self.best_step}{' (early stop)' if self.stopped_early else ''}; "
+            f"{self.n_train} train / {self.n_val} val images ({val})"
+        )
+
+
+def run_cbl(config: Params, layout: Layout, device: torch.device, progress: Progress | None = None) -> CblReport:
+    """Train the bottleneck on the train split, early-stopped on val; drop concepts whose val
+    cos^3 is below cbl.cos3_threshold. Writes the bottleneck, the concept list and the loss curve."""
+    params = config.cbl
+    splits = splits_of(config, layout)
+    layer = cbl_layer(config)
+    features = open_store(layout.features(layer))["features"]
+    concepts = read_concepts(layout.concepts)
+    target = similarity_target(layout, concepts)
+    stream = dict(device=device, in_memory_mb=params.in_memory_mb)
+    train = pair_batches(features, target, splits.train, params.batch_size, shuffle=True, seed=params.seed, **stream)
+    val = pair_batches(features, target, splits.val, params.batch_size, **stream)
+    model, history = train_bottleneck(
+        train, val, features.shape[1], target.n_concepts, target.grid,
+        lr=params.lr, max_steps=params.max_steps, eval_every=params.eval_every, patience=params.patience,
+        seed=params.seed, device=device,
+        progress=progress_callback(progress, "cbl", params.max_steps, "val_loss"),
+    )
+    scores = concept_scores(model, val).cpu()
+    kept_model, keep = filter_concepts(model, scores, params.cos3_threshold)
+    rows = [{"name": n, "type": t, "cos3": float(s)} for n, t, s in zip(concepts.names, concepts.types, scores)]
+    is_kept = set(keep.tolist())
+    kept = [rows[i] for i in keep.tolist()]
+    dropped = [row for i, row in enumerate(rows) if i not in is_kept]
+    provenance = {
+        "stage": "cbl",
+        "params_hash": params_hash(config.cbl, config.similarity, config.features, config.backbone, config.data),
+    }
+    save_bottleneck(layout.salf_bottleneck, kept_model, layer, kept, provenance)
+    write_json(layout.salf_concepts, {"threshold": params.cos3_threshold, "kept": kept, "dropped": dropped})
+    write_csv(layout.salf_plot("cbl_train"), pd.DataFrame({"step": history["step"], "train_loss": history["train_loss"]}))
+    write_csv(layout.salf_plot("cbl_val"), pd.DataFrame({"step": history["val_step"], "val_loss": history["val_loss"]}))
+    write_figure(layout.salf_figure("cbl_loss"), loss_curve_figure(history))
+    return CblReport(
+        n_train=len(splits.train),
+        n_val=len(splits.val),
+        val_from_train=splits.val_from_train,
+        n_concepts=len(rows),
+        dropped=[row["name"] for row in dropped],
+        best_step=history["best_step"],
+        best_val_loss=history["best_val_loss"],
+        stopped_early=history["stopped_early"],
+    )
+
+

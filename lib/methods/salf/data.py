@@ -1,0 +1,221 @@
+"""SALF-CBM stage inputs: the splits, the similarity target P and batch streams over the stores.
+
+Every stream is a re-iterable source built on :func:`lib.core.streams.batch_source` (shard-grouped
+reads, shuffled by shard for training), so memory is bounded by the batch size and the shard
+buffer, never by the number of images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+import zarr
+from torch import Tensor
+
+from lib.core.layout import Layout
+from lib.core.params import Params
+from lib.core.schema import CIRCLES, P, check_compatible
+from lib.core.stores import open_store
+from lib.core.streams import batch_source
+from lib.data.manifest import read_manifest, split_indices
+from lib.kernels.similarity import similarity_batch
+from lib.methods.salf.cbl import BatchSource
+from lib.methods.salf.glm import Source
+from lib.methods.salf.model import resize_to_grid
+from lib.methods.salf.pooling import Standardiser
+from lib.pipeline.stored_concepts import Concepts
+
+__all__ = ["SimilarityTarget", "Splits", "glm_batches", "pair_batches", "salf_splits", "similarity_target", "splits_of"]
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Sorted store rows of the three splits SALF-CBM uses."""
+
+    train: np.ndarray
+    val: np.ndarray  # early stopping, the cos^3 filter and lambda selection
+    test: np.ndarray  # final metrics only
+    val_from_train: bool  # True when the manifest has no val split and val was carved from train
+
+
+def salf_splits(manifest: pd.DataFrame, val_fraction: float, seed: int) -> Splits:
+    """The manifest's train/val/test rows; without a val split (e.g. segfolder data) a seeded
+    `val_fraction` of train becomes val, so no decision ever looks at the test split."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    train, val, test = (split_indices(manifest, split) for split in ("train", "val", "test"))
+    carved = len(val) == 0
+    if carved:
+        n_val = round(val_fraction * len(train))
+        if not 1 <= n_val < len(train):
+            raise ValueError(
+                f"the manifest has no val split and val_fraction={val_fraction} of {len(train)} train images "
+                "leaves no val or no train images; add a val split or change cbl.val_fraction"
+            )
+        chosen = np.random.default_rng(seed).choice(len(train), size=n_val, replace=False)
+        is_val = np.zeros(len(train), dtype=bool)
+        is_val[chosen] = True
+        train, val = train[~is_val], train[is_val]
+    for name, rows in (("train", train), ("val", val), ("test", test)):
+        if len(rows) == 0:
+            raise ValueError(f"the manifest's {name} split is empty; SALF-CBM needs train, val and test images")
+    return Splits(train, val, test, carved)
+
+
+def splits_of(config: Params, layout: Layout) -> Splits:
+    """The splits every SALF-CBM stage uses: :func:`salf_splits` with cbl.val_fraction and cbl.seed."""
+    return salf_splits(read_manifest(layout.manifest), config.cbl.val_fraction, config.cbl.seed)
+
+
+@dataclass(frozen=True)
+class SimilarityTarget:
+    """Where the bottleneck's target P (B, M, G, G) comes from, one batch at a time.
+
+    `array` is either the similarity store's P (N, M, G, G) (materialised, `text_emb` None) or
+    the circles store's embeddings (N, G, G, D) with the concepts' text embeddings (M, D), in
+    which case P is one matmul per batch (lib.kernels.similarity.similarity_batch).
+    """
+
+    array: zarr.Array
+    text_emb: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.array.ndim != 4:
+            raise ValueError(f"similarity array must be 4-D (N, M, G, G) or (N, G, G, D), got shape {self.array.shape}")
+        if self.text_emb is not None and (self.text_emb.ndim != 2 or self.text_emb.shape[1] != self.array.shape[3]):
+            raise ValueError(
+                f"text_emb must have shape (M, {self.array.shape[3]}) to match the circle embeddings, "
+                f"got {tuple(self.text_emb.shape)}"
+            )
+
+    @property
+    def n_concepts(self) -> int:
+        return self.array.shape[1] if self.text_emb is None else self.text_emb.shape[0]
+
+    @property
+    def grid(self) -> int:
+        return self.array.shape[2]
+
+    def __call__(self, block: Tensor) -> Tensor:
+        """P (B, M, G, G) float32 of one block of `array` rows (on the block's device)."""
+        if self.text_emb is None:
+            return block.to(torch.float32)
+        return similarity_batch(block, self.text_emb.to(block.device))
+
+
+def similarity_target(layout: Layout, concepts: Concepts) -> SimilarityTarget:
+    """P from the similarity store when it holds it (similarity.materialize), else from the
+    circle embeddings and the concepts' text embeddings; checked against the concept list."""
+    stored = open_store(layout.similarity)
+    if P in stored:
+        target = SimilarityTarget(stored[P])
+    else:
+        circles = open_store(layout.circles)
+        check_compatible(circles.attrs, concepts.attrs)
+        target = SimilarityTarget(circles[CIRCLES], concepts.text_emb)
+    if target.n_concepts != len(concepts.names):
+        raise ValueError(
+            f"{layout.similarity} has {target.n_concepts} concepts but {layout.concepts} lists {len(concepts.names)}; "
+            "rerun the similarity stage"
+        )
+    return target
+
+
+def pair_batches(
+    features: zarr.Array,
+    target: SimilarityTarget,
+    rows: np.ndarray,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    in_memory_mb: float = 0.0,
+) -> BatchSource:
+    """(features (B, C, h, w), P (B, M, G, G) fp32) batches of store `rows` on `device`.
+
+    When the split's features, resized to the G x G grid, plus P fit in `in_memory_mb`, they are
+    read once and held on the device (features then arrive already resized, which the bottleneck
+    accepts as is); otherwise every pass streams from the stores, shuffled by shard.
+    With `shuffle` (training) a pass drops its final partial batch whenever a full one exists:
+    the cubic cosine loss centres across the batch, and a remainder of a few images would give a
+    noisy, badly scaled step.
+    """
+    if features.shape[0] != target.array.shape[0]:
+        raise ValueError(
+            f"features has {features.shape[0]} rows but the similarity store {target.array.shape[0]}; "
+            "both must cover the same images"
+        )
+    smallest = min(batch_size, len(rows)) if shuffle else 1
+    cached_bytes = len(rows) * (features.shape[1] + target.n_concepts) * target.grid**2 * 4
+    if cached_bytes <= in_memory_mb * 2**20:
+        return _cached_pairs(features, target, rows, batch_size, smallest, shuffle=shuffle, seed=seed, device=device)
+    source = batch_source(
+        {"features": features, "target": target.array}, rows, batch_size, shuffle=shuffle, seed=seed, device=device
+    )
+
+    def batches() -> Iterator[tuple[Tensor, Tensor]]:
+        for block in source():
+            if block["features"].shape[0] >= smallest:
+                yield block["features"], target(block["target"])
+
+    return batches
+
+
+def _cached_pairs(
+    features: zarr.Array,
+    target: SimilarityTarget,
+    rows: np.ndarray,
+    batch_size: int,
+    smallest: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    device: torch.device | str,
+) -> BatchSource:
+    """The in-memory branch of :func:`pair_batches`: one read, then seeded reshuffles on the device."""
+    blocks = batch_source({"features": features, "target": target.array}, rows, batch_size, device=device)()
+    parts = [(resize_to_grid(b["features"], target.grid), target(b["target"])) for b in blocks]
+    x, p = torch.cat([f for f, _ in parts]), torch.cat([t for _, t in parts])
+    generator = torch.Generator().manual_seed(seed)
+
+    def batches() -> Iterator[tuple[Tensor, Tensor]]:
+        order = torch.randperm(len(x), generator=generator) if shuffle else torch.arange(len(x))
+        for idx in order.to(x.device).split(batch_size):
+            if len(idx) >= smallest:
+                yield x[idx], p[idx]
+
+    return batches
+
+
+def glm_batches(
+    activations: zarr.Array,
+    labels: zarr.Array,
+    rows: np.ndarray,
+    standardiser: Standardiser,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> Source:
+    """(standardised c* (B, M), labels (B,) int64, position (B,)) batches for lib.methods.salf.glm.
+
+    position is each row's place in the sorted `rows`: the index of its SAGA table entry.
+    """
+    sorted_rows = torch.as_tensor(np.sort(rows), device=device)
+    standardiser = standardiser.to(device)
+    source = batch_source(
+        {"activations": activations, "labels": labels}, rows, batch_size, shuffle=shuffle, seed=seed, device=device
+    )
+
+    def batches() -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        for block in source():
+            position = torch.searchsorted(sorted_rows, block["index"].to(sorted_rows.dtype))
+            yield standardiser(block["activations"]), block["labels"].long(), position
+
+    return batches
