@@ -22,9 +22,9 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image, ImageDraw
 
 from lib.core.device import resolve_device
+from lib.kernels.preprocess import Preprocess
 from lib.kernels.rings import CircleEncoder, autocast_dtype, grid_centers
 from lib.models.clip import load_clip
-from lib.models.preprocess import Preprocess
 from lib.toy.train_clip import register_toy_clip_config
 
 

@@ -68,7 +68,7 @@ def clip_preprocess():
     """OpenAI CLIP normalisation at `tiny_clip`'s input size (images of that size are not resized)."""
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-    from lib.models.preprocess import Preprocess
+    from lib.kernels.preprocess import Preprocess
 
     return Preprocess(TINY_CLIP_SIZE, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
 

@@ -9,9 +9,8 @@ import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image, ImageDraw
 
-from lib.kernels.rings import blend_rings, grid_centers, ring_alpha, validate_grid
-from lib.models.preprocess import Preprocess
-from lib.pipeline.circles import CircleEncoder
+from lib.kernels.preprocess import Preprocess
+from lib.kernels.rings import CircleEncoder, blend_rings, grid_centers, ring_alpha, validate_grid
 
 RED = (255, 0, 0)
 

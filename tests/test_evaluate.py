@@ -24,7 +24,7 @@ from lib.evaluate.report import summary_table, write_evaluation
 from lib.evaluate.run import CHANCE, IDEAL, evaluate_methods
 from lib.evaluate.scoring import ConceptMapScores, SegmentationScores, resize_maps
 from lib.evaluate.truth import GroundTruth
-from lib.models.backbones import save_backbone
+from lib.models.weights import save_backbone
 from lib.toy import world as toy_world
 from lib.toy.models.cnn import build_toy, toy_preprocess
 from stages.__main__ import app

@@ -10,11 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from lib.models.backbones import BcosWithInverse, load_backbone, save_backbone
-from lib.models.clip import load_clip, save_clip_dir
+from lib.kernels.preprocess import Preprocess
+from lib.models.backbones import BcosWithInverse, load_backbone
+from lib.models.clip import load_clip
+from lib.models.clip_format import save_clip_dir
 from lib.models.layers import extract_layers, resolve_layer, split_at
-from lib.models.preprocess import Preprocess
-from lib.models.weights import WeightsUnavailableError, parse_weights
+from lib.models.weights import WeightsUnavailableError, parse_weights, save_backbone
 from lib.toy.models.cnn import ToyBcosCNN, build_toy, toy_preprocess
 from lib.toy.train_classifier import augment_batch, evaluate_classifier, train_classifier
 

@@ -36,8 +36,9 @@ from lib.methods.salf.artifacts import SalfModel
 from lib.methods.salf.data import glm_batches, pair_batches, salf_splits, similarity_target
 from lib.methods.salf.model import resize_to_grid
 from lib.methods.salf.pooling import Standardiser, pool_concepts
-from lib.models.backbones import load_backbone, save_backbone
+from lib.models.backbones import load_backbone
 from lib.models.layers import extract_layers
+from lib.models.weights import save_backbone
 from lib.pipeline.stored_concepts import read_concepts
 from lib.toy.models.cnn import build_toy, toy_preprocess
 from stages.__main__ import app

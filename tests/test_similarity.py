@@ -9,10 +9,9 @@ from open_clip.tokenizer import SimpleTokenizer
 
 from lib.core.errors import UserError
 from lib.core.schema import CLIP_MODEL_KEY, EMBED_DIM_KEY, check_compatible, clip_provenance
-from lib.kernels.rings import grid_centers, ring_alpha
+from lib.kernels.rings import CircleEncoder, grid_centers, ring_alpha
 from lib.kernels.similarity import similarity_batch
 from lib.kernels.text import encode_texts
-from lib.pipeline.circles import CircleEncoder
 
 RED = (255, 0, 0)
 

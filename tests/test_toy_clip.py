@@ -7,9 +7,9 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.loss import ClipLoss
 
+from lib.kernels.preprocess import Preprocess
 from lib.kernels.rings import grid_centers
 from lib.models.clip import load_clip
-from lib.models.preprocess import Preprocess
 from lib.toy.captions import global_captions, point_concepts, render_captions
 from lib.toy.clip_eval import (
     centre_pixels,

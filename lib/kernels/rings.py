@@ -1,13 +1,19 @@
-"""Red-circle visual prompts (SALF-CBM §3.2): ring masks and their on-device blending.
+"""Red-circle visual prompts (SALF-CBM §3.2): ring masks, on-device blending, CLIP encoding of all variants.
 
 Coordinates: pixel (i, j) has its centre at (y, x) = (i, j); a ring is the annulus
 |rho - radius| <= width / 2 around a centre, rasterised with antialiasing (pixel coverage).
 """
 
 
-import torch
+from collections.abc import Sequence
 
-__all__ = ["blend_rings", "grid_centers", "ring_alpha", "validate_grid"]
+import torch
+import torch.nn.functional as F
+
+from lib.core.device import autocast_dtype
+from lib.kernels.preprocess import Preprocess
+
+__all__ = ["CircleEncoder", "blend_rings", "grid_centers", "ring_alpha", "validate_grid"]
 
 
 def grid_centers(size: int, grid: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -132,3 +138,49 @@ def validate_grid(size: int, grid: int, radius: float, width: float) -> None:
             f"radius={radius} is too large for size={size}, grid={grid}: some rings would lie wholly "
             f"outside the image; need radius - width/2 < {reach:.1f}"
         )
+
+
+class CircleEncoder:
+    """CLIP embeddings of every red-circle variant of a batch of images.
+
+    The ring masks are made once on the model's device; each call normalises the batch once,
+    blends all grid*grid variants into the normalised tensor and encodes them in forwards of at
+    most `chunk` images (whole source images of grid*grid variants each, at least one).
+    `autocast` follows `lib.core.device.autocast_dtype` ("auto": low precision only where the
+    hardware runs it natively).
+    """
+
+    def __init__(
+        self,
+        clip_model: torch.nn.Module,
+        preprocess: Preprocess,
+        grid: int = 7,
+        radius: float = 32.0,
+        width: float = 2.0,
+        color: Sequence[int] = (255, 0, 0),
+        chunk: int = 512,
+        autocast: bool | str = "auto",
+    ) -> None:
+        validate_grid(preprocess.size, grid, radius, width)
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1 images per forward, got {chunk}")
+        self.clip_model = clip_model
+        self.preprocess = preprocess
+        self.grid = grid
+        self.device = next(clip_model.parameters()).device
+        self.alpha = ring_alpha(preprocess.size, grid_centers(preprocess.size, grid, self.device), radius, width)
+        self.color_norm = preprocess.normalise_color(tuple(color), self.device)
+        self.images_per_forward = max(1, chunk // self.alpha.shape[0])
+        self.dtype = autocast_dtype(self.device, autocast)
+
+    @torch.inference_mode()
+    def __call__(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        """L2-normalised float32 (B, G, G, D) embeddings of uint8 (B, H, W, 3) images, a ring at cell (h, w)."""
+        x = self.preprocess(images_uint8.to(self.device, non_blocking=True))
+        embeddings = []
+        for start in range(0, x.shape[0], self.images_per_forward):
+            blended = blend_rings(x[start : start + self.images_per_forward], self.alpha, self.color_norm, per_image=False)
+            with torch.autocast(self.device.type, self.dtype or torch.bfloat16, enabled=self.dtype is not None):
+                embeddings.append(self.clip_model.encode_image(blended).float())
+        emb = F.normalize(torch.cat(embeddings), dim=-1)
+        return emb.view(x.shape[0], self.grid, self.grid, -1)

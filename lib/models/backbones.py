@@ -19,14 +19,12 @@ import torch
 from bcos.data.transforms import AddInverse
 from torch import nn
 
-from lib.models.preprocess import Preprocess
+from lib.kernels.preprocess import Preprocess
 from lib.models.weights import (
-    CHECKPOINT_FORMAT,
     fetching,
     file_id,
     load_state_file,
     parse_weights,
-    portable_state_dict,
     unknown_name_error,
 )
 
@@ -220,20 +218,3 @@ def load_backbone(arch: str, weights: str | os.PathLike | None, num_classes: int
     weights_id = file_id(spec.path) if spec.path else (f"tag={spec.tag}" if spec.tag else "random")
     model.eval().requires_grad_(False)
     return LoadedBackbone(model, preprocess, f"{source}:{name}|{weights_id}", num_classes)
-
-
-def save_backbone(
-    path: str | os.PathLike, model: nn.Module, arch: str, num_classes: int, preprocess: Preprocess, half: bool = True
-) -> Path:
-    """Write `model` so that `load_backbone(arch, path)` rebuilds it with `preprocess`.
-
-    half=True stores floating tensors as fp16 (they load back into fp32 models), halving the
-    size of shipped toy weights. Returns the path.
-    """
-    source, name = _parse_arch(arch, "auto")
-    state = portable_state_dict(model, half)
-    meta = {"arch": f"{source}:{name}", "num_classes": num_classes, "preprocess": preprocess.to_dict()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": CHECKPOINT_FORMAT, "meta": meta, "state_dict": state}, path)
-    return path

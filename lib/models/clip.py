@@ -10,12 +10,14 @@
 A bare file without a config is refused rather than silently given OpenAI's mean/std.
 """
 
+from __future__ import annotations
+
 import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import open_clip
 import torch
@@ -23,20 +25,13 @@ from open_clip.factory import _find_checkpoint_in_dir  # the file open_clip itse
 from torch import nn
 
 from lib.core.errors import user_error_for
-from lib.core.params import ClipParams
-from lib.models.preprocess import Preprocess
-from lib.models.weights import (
-    UnknownNameError,
-    WeightsUnavailableError,
-    fetching,
-    file_id,
-    parse_weights,
-    portable_state_dict,
-    unknown_name_error,
-)
+from lib.kernels.preprocess import Preprocess
+from lib.models.clip_format import CONFIG_NAME, preprocess_from_open_clip
+from lib.models.weights import UnknownNameError, WeightsUnavailableError, fetching, file_id, parse_weights, unknown_name_error
 
-CONFIG_NAME = "open_clip_config.json"  # open_clip's (and the HF hub's) config file name
-WEIGHTS_NAME = "open_clip_pytorch_model.bin"
+if TYPE_CHECKING:
+    from lib.core.params import ClipParams
+
 LOCAL_DIR = "local-dir:"
 
 
@@ -49,21 +44,6 @@ class LoadedClip:
     preprocess: Preprocess
     model_id: str  # provenance: "open_clip:<model>|<weights>"
     embed_dim: int
-
-
-def preprocess_from_open_clip(cfg: dict[str, Any]) -> Preprocess:
-    """Preprocess from an open_clip preprocess_cfg dict (square sizes; padding fill 0)."""
-    size = cfg["size"]
-    if isinstance(size, (list, tuple)):
-        if len(set(size)) != 1:
-            raise ValueError(f"only square CLIP inputs are supported, got size {size!r}")
-        size = size[0]
-    if cfg.get("fill_color", 0) != 0:
-        raise ValueError(f"only fill_color 0 is supported, got {cfg['fill_color']!r}")
-    return Preprocess(
-        size=int(size), mean=cfg["mean"], std=cfg["std"],
-        interpolation=cfg.get("interpolation", "bicubic"), resize_mode=cfg.get("resize_mode", "shortest"),
-    )
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -134,25 +114,6 @@ def load_clip(model_name: str, pretrained: str | os.PathLike | None) -> LoadedCl
     )
     weights_id = file_id(checkpoint) if spec.path else (f"tag={spec.tag}" if spec.tag else "random")
     return _finish(model, open_clip.get_tokenizer(model_name), f"open_clip:{model_name}|{weights_id}", model_cfg["embed_dim"])
-
-
-def save_clip_dir(
-    folder: str | os.PathLike, model: nn.Module, model_cfg: dict[str, Any], preprocess: Preprocess, half: bool = False
-) -> Path:
-    """Write `model` as an open_clip local-dir folder that `load_clip(..., "local-dir:<folder>")` reads.
-
-    model_cfg: the open_clip model config the model was built from (embed_dim, vision_cfg,
-    text_cfg, ...). half=True stores floating tensors as fp16. Returns the folder.
-    """
-    if preprocess.resize_size is not None:
-        raise ValueError(f"open_clip configs have no resize_size; got {preprocess.resize_size} (use resize_size=None)")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    pp = preprocess.to_dict()
-    pp.pop("resize_size")
-    (folder / CONFIG_NAME).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": pp}, indent=2))
-    torch.save(portable_state_dict(model, half), folder / WEIGHTS_NAME)
-    return folder
 
 
 def load_clip_checked(settings: ClipParams) -> LoadedClip:

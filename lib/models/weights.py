@@ -17,6 +17,8 @@ from unittest import mock
 import torch
 from torch import nn
 
+from lib.kernels.preprocess import Preprocess
+
 CHECKPOINT_FORMAT = "conceptrace-backbone/1"
 _FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 
@@ -117,3 +119,22 @@ def portable_state_dict(model: nn.Module, half: bool) -> dict[str, torch.Tensor]
     """`model`'s state dict on the CPU; half=True stores floating tensors as fp16 (they load into fp32)."""
     return {k: v.detach().cpu().half() if half and v.is_floating_point() else v.detach().cpu()
             for k, v in model.state_dict().items()}
+
+
+def save_backbone(
+    path: str | os.PathLike, model: nn.Module, arch: str, num_classes: int, preprocess: Preprocess, half: bool = True
+) -> Path:
+    """Write `model` so that `load_backbone(arch, path)` rebuilds it with `preprocess`.
+
+    half=True stores floating tensors as fp16 (they load back into fp32 models), halving the
+    size of shipped toy weights. Returns the path.
+    """
+    source, colon, name = arch.partition(":")
+    if not (source and colon and name):
+        raise ValueError(f"arch {arch!r} must look like '<source>:<name>', e.g. 'toy:cnn'")
+    state = portable_state_dict(model, half)
+    meta = {"arch": arch, "num_classes": num_classes, "preprocess": preprocess.to_dict()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": CHECKPOINT_FORMAT, "meta": meta, "state_dict": state}, path)
+    return path

@@ -11,10 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lib.kernels.rings import grid_centers
+from lib.kernels.preprocess import Preprocess
+from lib.kernels.rings import CircleEncoder, grid_centers
 from lib.kernels.text import encode_texts
-from lib.models.preprocess import Preprocess
-from lib.pipeline.circles import CircleEncoder
 from lib.toy.captions import point_concepts, render_captions
 from lib.toy.world import CLASSES, CONCEPT_TYPES, CONCEPTS, ToyWorld, concept_index
 

@@ -18,7 +18,7 @@ from rich.progress import Progress
 from lib.core.layout import Layout
 from lib.core.outputs import write_csv
 from lib.core.params import Params
-from lib.models.backbones import save_backbone
+from lib.models.weights import save_backbone
 from lib.toy import world as toy_world
 from lib.toy.models import BACKBONE_FILES
 from lib.toy.models.cnn import build_toy, toy_preprocess

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lib.models.preprocess import Preprocess
+from lib.kernels.preprocess import Preprocess
 
 LOSSES = ("ce", "bce")
 MAX_SHIFT = 4  # pixels of random translation when augmenting

@@ -17,9 +17,9 @@ from torch import Tensor, nn
 
 from lib.evaluate.registry import ConceptMapMethod, ConceptMaps, EvalBatch, EvalContext, MethodFactory
 from lib.kernels.cam import CAM_METHODS, CamMethod, cam_maps, centre_prior, random_maps
+from lib.kernels.preprocess import Preprocess
 from lib.models.backbones import load_backbone
 from lib.models.layers import resolve_layer
-from lib.models.preprocess import Preprocess
 from lib.models.weights import parse_weights
 
 

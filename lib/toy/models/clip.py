@@ -9,8 +9,8 @@ import open_clip
 import torch
 from torch import nn
 
-from lib.models.clip import preprocess_from_open_clip, save_clip_dir
-from lib.models.preprocess import Preprocess
+from lib.kernels.preprocess import Preprocess
+from lib.models.clip_format import preprocess_from_open_clip, save_clip_dir
 
 TOY_CLIP_NAME = "toy-clip"
 CONFIG_DIR = Path(__file__).parent / "configs"

@@ -18,7 +18,7 @@ from bcos.data.transforms import AddInverse
 from bcos.modules import BcosConv2d, LogitLayer, norms
 from torch import nn
 
-from lib.models.preprocess import Preprocess
+from lib.kernels.preprocess import Preprocess
 
 TOY_ARCHS = ("cnn", "bcos")
 DEFAULT_WIDTHS = (16, 32, 64, 128)  # conv1, layer1, layer2, layer3 channels
