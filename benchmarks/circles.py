@@ -1,12 +1,12 @@
 """Benchmark the red-circle CLIP kernel against bare CLIP and a reference-style per-variant loop.
 
-    .venv/bin/python -m benchmarks.circles [--images 8] [--device auto] [--autocast]
+    .venv/bin/python -m benchmarks.circles [--images 8] [--device auto] [--autocast auto|true|false]
 
-Prints embeddings/s for (a) CircleEncoder (uint8 images in, normalised circled embeddings out;
-its plain-image embedding is computed too but not counted), (b) bare `encode_image` on
-already-made batches of the size (a) forwards, (c) the reference style: per variant a Pillow
+Prints embeddings/s for (a) CircleEncoder (uint8 images in, normalised circled embeddings out),
+(b) bare `encode_image` on already-made batches of the size (a) forwards, (c) the reference style: per variant a Pillow
 ring on the uint8 image, preprocess, one single-image forward. Same model, images and autocast
-for all three. The last line is `vs_bare=<a/b> vs_reference=<a/c>`.
+for all three: by default the precision the circles stage picks on this machine (circles.autocast:
+auto, lib/core/device.py). The last line is `vs_bare=<a/b> vs_reference=<a/c>`.
 Default model: a random-init open_clip ViT (width 192, 4 layers, 64 px, patch 8) standing in
 for the toy CLIP; random weights cost the same FLOPs as trained ones.
 """
@@ -21,11 +21,11 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image, ImageDraw
 
-from lib.core.device import resolve_device
+from lib.core.device import precision_name, resolve_device
 from lib.kernels.preprocess import Preprocess
-from lib.kernels.rings import CircleEncoder, autocast_dtype, grid_centers
+from lib.kernels.rings import CircleEncoder, grid_centers
 from lib.models.clip import load_clip
-from lib.toy.train_clip import register_toy_clip_config
+from lib.toy.models.clip import register_toy_clip_config
 
 
 def best_seconds(
@@ -52,6 +52,28 @@ def best_seconds(
     return best
 
 
+def autocast_context(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    """torch.autocast at `dtype` on `device` (None: off, fp32)."""
+    return torch.autocast(device.type, dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+@torch.inference_mode()
+def reference_loop(
+    model: torch.nn.Module, preprocess: Preprocess, images: torch.Tensor, grid: int, radius: float, width: float,
+    device: torch.device, dtype: torch.dtype | None,
+) -> None:
+    """What reference implementations do, one variant at a time: an aliased Pillow ring on the uint8
+    image (H, W, 3) of `images`, preprocess, one single-image forward."""
+    centers = grid_centers(preprocess.size, grid).int().tolist()
+    for raw in images.numpy():
+        for cy, cx in centers:
+            drawn = Image.fromarray(raw)
+            ImageDraw.Draw(drawn).ellipse([cx - radius, cy - radius, cx + radius, cy + radius], outline=(255, 0, 0), width=round(width))
+            x = preprocess(torch.from_numpy(np.asarray(drawn).copy())[None].to(device))
+            with autocast_context(device, dtype):
+                torch.nn.functional.normalize(model.encode_image(x).float(), dim=-1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=8, help="images per call of (a)")
@@ -68,14 +90,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds; the fastest counts")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--autocast", action=argparse.BooleanOptionalAction, default=None,
-                        help="bf16/fp16 autocast (default: on for CUDA, off for CPU)")
+    parser.add_argument("--autocast", choices=("auto", "true", "false"), default="auto",
+                        help="as circles.autocast: auto = bf16/fp16 where the hardware runs it natively, else fp32")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    autocast = device.type == "cuda" if args.autocast is None else args.autocast
+    autocast = {"auto": "auto", "true": True, "false": False}[args.autocast]
     torch.manual_seed(0)
     if args.clip_model is not None:
         register_toy_clip_config()
@@ -94,37 +116,22 @@ def main() -> None:
                             autocast=autocast)
     images = torch.randint(0, 256, (args.images, args.size, args.size, 3), dtype=torch.uint8)
     variants = args.grid**2
-
-    def cast() -> torch.autocast:
-        return torch.autocast(device.type, autocast_dtype(device), enabled=autocast)
+    dtype = encoder.dtype  # the precision CircleEncoder chose; (b) and (c) run at the same
 
     # (b): the forwards (a) makes, on batches that already exist on the device.
-    per_forward = encoder.images_per_forward * (variants + 1)
-    total = args.images * (variants + 1)
+    per_forward = encoder.images_per_forward * variants
+    total = args.images * variants
     batch = torch.randn(min(per_forward, total), 3, args.size, args.size, device=device)
     forwards = -(-total // batch.shape[0])
 
     @torch.inference_mode()
     def bare() -> None:
-        with cast():
+        with autocast_context(device, dtype):
             for _ in range(forwards):
                 model.encode_image(batch)
 
-    # (c): what reference implementations do, one variant at a time (aliased Pillow ring).
-    centers = grid_centers(args.size, args.grid).int().tolist()
-    red = (255, 0, 0)
-    r = args.radius
-
-    @torch.inference_mode()
-    def reference() -> None:
-        for raw in images[: args.reference_images].numpy():
-            for cy, cx in centers:
-                drawn = Image.fromarray(raw)
-                box = [cx - r, cy - r, cx + r, cy + r]
-                ImageDraw.Draw(drawn).ellipse(box, outline=red, width=round(args.width))
-                x = preprocess(torch.from_numpy(np.asarray(drawn).copy())[None].to(device))
-                with cast():
-                    torch.nn.functional.normalize(model.encode_image(x).float(), dim=-1)
+    def reference() -> None:  # (c)
+        reference_loop(model, preprocess, images[: args.reference_images], args.grid, args.radius, args.width, device, dtype)
 
     seconds = best_seconds({"a": lambda: encoder(images), "b": bare, "c": reference}, device, args.rounds)
     rate_a = args.images * variants / seconds["a"]
@@ -132,7 +139,7 @@ def main() -> None:
     rate_c = args.reference_images * variants / seconds["c"]
 
     name = args.clip_model or f"random vit {args.vit_width}x{args.vit_layers}"
-    print(f"device={device} threads={torch.get_num_threads()} autocast={autocast} size={args.size} "
+    print(f"device={device} threads={torch.get_num_threads()} autocast={args.autocast} ({precision_name(dtype)}) size={args.size} "
           f"grid={args.grid} model={name} images={args.images}")
     print(f"(a) circled embeddings/s        {rate_a:10.1f}")
     print(f"(b) bare encode_image images/s  {rate_b:10.1f}  (batches of {batch.shape[0]})")

@@ -12,31 +12,18 @@ Prints one line per size and finally `ratio=<peak at factor*N / peak at N>`.
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
 
+from benchmarks.rss import run_child
 from lib.core.params import load_params
-from lib.toy.train_clip import create_toy_clip, save_open_clip_checkpoint
+from lib.toy.models.clip import create_toy_clip, save_open_clip_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CLIP_DIR = Path("models/toy/clip")
-
-
-def run_child(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float]:
-    """Run `command`; return (peak RSS in MiB, wall seconds) of that child alone; raise if it fails."""
-    start = time.perf_counter()
-    child = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    # wait4 reports this child's own rusage (getrusage(RUSAGE_CHILDREN) would mix all children).
-    _, status, usage = os.wait4(child.pid, 0)
-    seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{child.stderr.read().decode()[-3000:]}")
-    return usage.ru_maxrss / 1024, seconds  # Linux reports KiB
 
 
 def measure(n_images: int, circles: dict, env: dict[str, str]) -> tuple[float, float]:

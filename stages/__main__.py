@@ -12,15 +12,23 @@ from stages import (
     circles,
     clip_images,
     concepts,
+    contributions,
     evaluate,
     explain,
+    fact_explain,
     features,
     prepare,
+    regions,
+    sae,
+    sae_data,
+    salf_stats,
     similarity,
     sparse,
+    stats,
     toy_backbone,
     toy_clip,
     toy_report,
+    translator,
 )
 
 COMMANDS: dict[str, Callable[..., None]] = {
@@ -35,10 +43,18 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "similarity": similarity.similarity,
     "cbl": cbl.cbl,
     "sparse": sparse.sparse,
+    "salf-stats": salf_stats.salf_stats,
     "explain": explain.explain,
     "probe": explain.probe,
     "intervene": explain.intervene,
+    "translator": translator.translator,
+    "regions": regions.regions,
+    "sae-data": sae_data.sae_data,
+    "sae": sae.sae,
+    "contributions": contributions.contributions,
+    "fact-explain": fact_explain.fact_explain,
     "evaluate": evaluate.evaluate,
+    "stats": stats.stats,
 }
 
 

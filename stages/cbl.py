@@ -7,4 +7,4 @@ def cbl(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
     """Write data/<name>/salf/bottleneck.pt, salf/concepts.json (kept/dropped by val cos^3) and the loss curve."""
     from lib.methods.salf.bottleneck_stage import run_cbl
 
-    run_stage("cbl", params, run_cbl)
+    run_stage("cbl", params, run_cbl, sharded=True)

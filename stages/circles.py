@@ -8,6 +8,6 @@ def circles(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
 
     Resumes an interrupted run; runs under torchrun too: each rank writes the shards it owns.
     """
-    from lib.pipeline.circles import run_circles
+    from lib.pipeline.circles import check_circles, run_circles
 
-    run_stage("circles", params, run_circles, sharded=True)
+    run_stage("circles", params, run_circles, sharded=True, check=check_circles)

@@ -8,6 +8,6 @@ def clip_images(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
 
     Resumes an interrupted run; runs under torchrun too: each rank writes the shards it owns.
     """
-    from lib.pipeline.clip_images import run_clip_images
+    from lib.pipeline.clip_images import check_clip_images, run_clip_images
 
-    run_stage("clip_images", params, run_clip_images, sharded=True)
+    run_stage("clip_images", params, run_clip_images, sharded=True, check=check_clip_images)

@@ -8,6 +8,6 @@ def concepts(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
 
     data/<name>/concepts.tsv lists every concept of the file with its prompt and why it was dropped.
     """
-    from lib.pipeline.concepts import run_concepts
+    from lib.pipeline.concepts import check_concepts, run_concepts
 
-    run_stage("concepts", params, run_concepts)
+    run_stage("concepts", params, run_concepts, check=check_concepts)

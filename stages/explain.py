@@ -28,14 +28,14 @@ def _setup(params: Path):
 
 
 def _one_image(params: Path, index: list[int] | None, image: list[Path] | None):
-    """(config, model, image size, concept maps (M, G, G)) of the single image a command works on."""
+    """(config, model, concept maps (M, G, G)) of the single image a command works on."""
     from lib.methods.salf.images import load_inputs
 
     if len(index or []) + len(image or []) != 1:
         raise UserError("give exactly one image: --index ROW or --image FILE")
     config, layout, model = _setup(params)
-    images, maps, _ = load_inputs(model, config, layout, index or [], image or [])
-    return config, model, images.shape[1:3], maps[0]
+    maps = load_inputs(model, config, layout, index or [], image or []).maps
+    return config, model, maps[0]
 
 
 def explain(
@@ -73,9 +73,9 @@ def probe(
         from lib.methods.salf.images import parse_roi
 
         roi = parse_roi(box, mask)
-        config, model, size, maps = _one_image(params, index, image)
+        config, model, maps = _one_image(params, index, image)
         k = top_k if top_k is not None else min(config.explain.top_k, maps.shape[0])
-        result = probe_roi(model.classifier, maps, roi, size, k=k)
+        result = probe_roi(model.classifier, maps, roi, model.registration, k=k)
     typer.echo(json.dumps(result, indent=2))
     summary("probe", ", ".join(f"{c['name']} {c['score']:.2f}" for c in result["concepts"]))
 
@@ -100,13 +100,13 @@ def intervene(
         from lib.methods.salf.images import parse_roi
 
         roi = parse_roi(box, mask)
-        _, model, size, maps = _one_image(params, index, image)
-        result = edit(model.classifier, maps, concept, roi, beta, size, target=class_index)
+        _, model, maps = _one_image(params, index, image)
+        result = edit(model.classifier, maps, concept, roi, beta, model.registration, target=class_index)
     typer.echo(json.dumps(result, indent=2))
     old, new = result["old_class"], result["new_class"]
     summary(
         "intervene",
-        f"{result['concept']} {beta:+g} on {result['cells']} cells: {result['old_class_name']} "
+        f"{result['concept']} {beta:+g} on {result['cells']} cells ({result['cell_share']:.2f} cells' worth): {result['old_class_name']} "
         f"({result['old_logits'][old]:.2f}) -> {result['new_class_name']} ({result['new_logits'][new]:.2f}); "
         f"{result['target_class_name']} logit {result['target_logit_change']:+.3f}",
     )

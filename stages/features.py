@@ -8,6 +8,6 @@ def features(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
 
     Resumes an interrupted run; runs under torchrun too: each rank writes the shards it owns.
     """
-    from lib.pipeline.features import run_features
+    from lib.pipeline.features import check_features, run_features
 
-    run_stage("features", params, run_features, sharded=True)
+    run_stage("features", params, run_features, sharded=True, check=check_features)

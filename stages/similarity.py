@@ -6,7 +6,8 @@ from lib.core.cli import DEFAULT_PARAMS_PATH, ParamsOption, run_stage
 def similarity(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
     """Write data/<name>/similarity.zarr: P (N, M, G, G) fp16.
 
-    With similarity.materialize false it holds only P's provenance; later stages compute P on the fly.
+    With similarity.materialize false (or auto, when P would exceed similarity.max_stored_gb) it holds
+    only P's provenance; later stages compute P on the fly.
     """
     from lib.pipeline.similarity import run_similarity
 

@@ -1,6 +1,9 @@
 """Shared pytest fixtures."""
 
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +24,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def torchrun() -> Callable[..., subprocess.CompletedProcess]:
+    """run(*args, cwd=None, nproc=2): `python -m torch.distributed.run --standalone --nproc-per-node nproc
+    *args` (e.g. "-m", "stages", "circles", "--params", "params.yaml") on CPU ranks (gloo), the
+    repository importable; asserts it succeeded and returns the result (the stages' summaries are in
+    its stderr). torchrun gives each rank OMP_NUM_THREADS=1, like the tests' single thread."""
+
+    def run(*args: str, cwd: Path | None = None, nproc: int = 2) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *args]
+        env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+        result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    return run
 
 
 @pytest.fixture(scope="session")

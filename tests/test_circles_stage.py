@@ -1,9 +1,6 @@
 """circles stage: the stored embeddings, crash + resume, two torchrun ranks, bad geometry."""
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +20,6 @@ from lib.models.clip import load_clip
 from lib.pipeline import circles as circles_stage
 from lib.pipeline.clip_images import run_clip_images
 from stages.__main__ import app
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def run_circles(project: Path) -> int:
@@ -103,20 +98,19 @@ def test_crash_then_rerun_equals_a_clean_run(toy_inputs, enter_copy, monkeypatch
     assert files(path) == clean and not scratch.exists()
 
 
-def test_two_torchrun_ranks_write_the_one_rank_store(toy_inputs, enter_copy):
-    project = enter_copy(toy_inputs)
-    run_circles(project)
-    one_rank = files(project / "data/toy/circles.zarr")
-    shutil.rmtree(project / "data/toy/circles.zarr")
-    # torchrun sets OMP_NUM_THREADS=1 per rank, matching this process's single thread.
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "stages", "circles", "--params", "params.yaml"]
-    result = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    # each rank computed only its own shards (rank 0: shards 0 and 2, rank 1: shard 1)
-    assert result.stderr.count("circles: 40 images") == 2
-    assert "2 shards written" in result.stderr and "1 shards written" in result.stderr
-    assert files(project / "data/toy/circles.zarr") == one_rank
+def test_two_torchrun_ranks_write_the_one_rank_stores(circled_inputs, enter_copy, torchrun):
+    """circles and clip_images: each rank computes only its own shards (rank 0: shards 0 and 2, rank 1:
+    shard 1), and the stores equal the one-process ones (circled_inputs) byte for byte."""
+    project = enter_copy(circled_inputs)
+    stores = [project / "data/toy/circles.zarr", project / "data/toy/clip_images.zarr"]
+    one_rank = [files(path) for path in stores]
+    for path in stores:
+        shutil.rmtree(path)
+    for stage in ("circles", "clip-images"):
+        result = torchrun("-m", "stages", stage, "--params", "params.yaml", cwd=project)
+        assert result.stderr.count("40 images") == 2
+        assert "2 shards written" in result.stderr and "1 shards written" in result.stderr
+    assert [files(path) for path in stores] == one_rank
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """The evaluate stage: ground truth, score accumulation, the method registry, outputs and the CLI."""
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +22,11 @@ from lib.evaluate.adapters import METHODS
 from lib.evaluate.adapters.baselines import CamBaseline, CentrePrior, RandomMaps
 from lib.evaluate.registry import ConceptMapMethod, ConceptMaps, EvalBatch, EvalContext, build_methods
 from lib.evaluate.report import summary_table, write_evaluation
-from lib.evaluate.run import CHANCE, IDEAL, evaluate_methods
+from lib.evaluate.run import CEFAM_LOWER, CHANCE, IDEAL, evaluate_methods
 from lib.evaluate.scoring import ConceptMapScores, SegmentationScores, resize_maps
 from lib.evaluate.truth import GroundTruth
+from lib.metrics.spatial import cefam_fractions
+from lib.models.classes import ClassMap
 from lib.models.weights import save_backbone
 from lib.toy import world as toy_world
 from lib.toy.models.cnn import build_toy, toy_preprocess
@@ -99,31 +102,74 @@ def test_concept_scores_of_perfect_and_constant_maps():
     perfect = ConceptMapScores(["a", "b", "b"], fractions, 0.5)
     perfect.add(masks.float(), torch.arange(3), masks)
     assert perfect.n_pairs == 3  # (0, 0), (0, 1), (1, 0): absent concepts are not scored
-    assert perfect.summary() == {
-        "avg": {"nra": 1.0, "epg": 1.0, "hit": 1.0},
-        "a": {"nra": 1.0, "epg": 1.0, "hit": 1.0},
-        "b": {"nra": 1.0, "epg": 1.0, "hit": 1.0},
-    }
+    ones = {"nra": 1.0, "nra_chance": 1.0, "epg": 1.0, "hit": 1.0, "coverage": 1.0}
+    assert perfect.summary() == {"avg": ones, "a": ones, "b": ones}
     torch.testing.assert_close(perfect.curve.mean()[16], torch.tensor(1.0, dtype=torch.float64))  # top 25 % = the 16-px masks
 
     constant = ConceptMapScores(["a", "b", "b"], fractions, 0.5)
     constant.add(torch.ones(2, 3, 8, 8), torch.arange(3), masks)
     summary = constant.summary()
-    assert summary["a"]["nra"] == pytest.approx(0.0, abs=1e-12) and summary["a"]["hit"] == 0.0
-    assert summary["a"]["epg"] == pytest.approx(16 / 64) and summary["b"]["epg"] == pytest.approx(16 / 64)
+    # a constant map selects at random: the chance curve a·n / (n + a - a·n), a = 16/64. NRA (chance) is 0 by
+    # construction; CE-FAM's lower curve a·n (area a/2) lies below chance, so its NRA is the chance curve's
+    # normalised area, about 0.17 here (it was 0 under the old definition). EPG: min-max rescaling leaves
+    # nothing to point with, so 0 (was 16/64, the raw energy share).
+    a, n = 0.25, fractions
+    chance = torch.trapezoid(a * n / (n + a - a * n), n).item()
+    ideal = torch.trapezoid(torch.minimum(n, torch.tensor(a)) / torch.maximum(n, torch.tensor(a)), n).item()
+    expected = (chance - a / 2) / (ideal - a / 2)
+    assert 0.15 < expected < 0.2
+    for kind in ("a", "b"):
+        assert summary[kind]["nra"] == pytest.approx(expected, abs=1e-12)
+        assert summary[kind]["nra_chance"] == pytest.approx(0.0, abs=1e-12)
+        assert summary[kind]["epg"] == 0.0 and summary[kind]["hit"] == 0.0 and summary[kind]["coverage"] == 1.0
 
 
-def test_concept_scores_only_cover_the_methods_concepts_and_low_resolution_maps_are_resized():
+def test_hit_counts_concepts_without_maps_as_misses():
     masks = _two_images()
     scores = ConceptMapScores(["a", "b", "b"], torch.linspace(0, 1, 33, dtype=torch.float64), 0.5)
     # a 4x4 map of concept 1 only: bilinear upsampling keeps every mask pixel above every other
     low = masks[:, 1:2].float().reshape(2, 1, 4, 2, 4, 2).amax(dim=(3, 5))
     scores.add(low, torch.tensor([1]), masks)
-    assert scores.n_pairs == 1
+    assert scores.n_pairs == 1  # of the 3 ground-truth pairs, one has a map
     summary = scores.summary()
-    assert set(summary) == {"avg", "b"}  # only the covered concept's type
-    assert summary["b"]["nra"] == pytest.approx(1.0) and summary["b"]["hit"] == 1.0
+    # CE-FAM's Hit rate is over every ground-truth pair: concept 0 (type a, present in both images) has
+    # no map, so type a scores Hit 0 and coverage 0 with NRA/EPG undefined, and the average over the
+    # types halves Hit (it was {"avg", "b"} only, Hit 1.0, before)
+    assert set(summary) == {"avg", "a", "b"}
+    assert summary["a"]["hit"] == 0.0 and summary["a"]["coverage"] == 0.0 and math.isnan(summary["a"]["nra"])
+    assert math.isnan(summary["a"]["epg"]) and math.isnan(summary["a"]["nra_chance"])
+    assert summary["b"]["nra"] == pytest.approx(1.0) and summary["b"]["hit"] == 1.0 and summary["b"]["coverage"] == 1.0
     assert 0.5 < summary["b"]["epg"] < 1.0  # the blurred edge puts some energy outside
+    assert summary["avg"]["nra"] == pytest.approx(1.0) and summary["avg"]["hit"] == 0.5 and summary["avg"]["coverage"] == 0.5
+
+
+def test_all_metrics_average_over_the_same_rows():
+    # image 0: concept 0 covers the whole image (NRA undefined: no row for any metric); concept 1 a 2x2 mask
+    # with an all-zero map (EPG 0 and kept: it was NaN and dropped while its NRA row stayed)
+    masks = torch.zeros(1, 2, 4, 4, dtype=torch.bool)
+    masks[0, 0] = True
+    masks[0, 1, :2, :2] = True
+    scores = ConceptMapScores(["a", "b"], torch.linspace(0, 1, 17, dtype=torch.float64), 0.5)
+    scores.add(torch.zeros(1, 2, 4, 4), torch.arange(2), masks)
+    summary = scores.summary()
+    assert set(summary) == {"avg", "b"}  # the whole-image mask is no row
+    assert summary["b"]["epg"] == 0.0 and summary["b"]["nra_chance"] == pytest.approx(0.0, abs=1e-12)
+    assert summary["b"]["hit"] == 0.0 and summary["avg"] == summary["b"]
+
+
+def test_candidate_maps_are_scored_by_the_best_one():
+    masks = _two_images()
+    fractions = torch.linspace(0, 1, 65, dtype=torch.float64)
+    good, bad = masks.float(), (~masks).float()
+    # concept 0: the good map is the second candidate in image 0 and the first in image 1
+    candidates = torch.stack([bad, good], dim=2)
+    candidates[1, 0] = torch.stack([good[1, 0], bad[1, 0]])
+    scores = ConceptMapScores(["a", "b", "b"], fractions, 0.5)
+    scores.add(candidates, torch.arange(3), masks)
+    single = ConceptMapScores(["a", "b", "b"], fractions, 0.5)
+    single.add(good, torch.arange(3), masks)
+    assert scores.summary() == single.summary() and scores.summary()["avg"]["nra"] == 1.0
+    torch.testing.assert_close(scores.curve.mean(), single.curve.mean())
 
 
 def test_resize_maps_is_bilinear_and_a_no_op_at_size():
@@ -144,6 +190,8 @@ def test_segmentation_scores_skip_images_without_target():
 
 
 def test_bad_method_outputs_raise():
+    with pytest.raises(ValueError, match=r"\(B, M', h, w\) or \(B, M', K, h, w\)"):
+        ConceptMaps(torch.zeros(1, 2, 4), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="one per map channel"):
         ConceptMaps(torch.zeros(1, 2, 4, 4), torch.tensor([0]))
     with pytest.raises(ValueError, match="float tensor"):
@@ -157,7 +205,8 @@ def test_bad_method_outputs_raise():
 
 # ------------------------------------------------------------------------------------- registry
 def test_the_method_table_lists_baselines_and_methods():
-    assert list(METHODS)[:5] == ["random", "centre", "gradcam", "gradcam++", "scorecam"] and "salf" in METHODS
+    assert list(METHODS)[:5] == ["random", "centre", "gradcam", "gradcam++", "scorecam"]
+    assert {"salf", "cefam", "cefam_best4"} <= set(METHODS)
 
 
 def test_build_methods_skips_unavailable_and_checks_names(toy_layout: Layout):
@@ -182,10 +231,13 @@ def test_cam_factories_load_the_backbone_or_skip_missing_weights(toy_layout: Lay
     assert METHODS["gradcam++"](context) is None  # not in evaluate.cam_methods
     method = METHODS["gradcam"](context)
     assert isinstance(method, CamBaseline) and method.layer is dict(method.model.named_modules())[params.features.layers[-1]]
+    assert method.class_map.outputs == tuple(range(8))  # the toy classes are the toy CNN's outputs
     images = open_store(toy_layout.images)
     batch = EvalBatch(torch.arange(4), torch.from_numpy(images["images"][:4]), torch.from_numpy(images["labels"][:4]))
     maps = method.class_maps(batch)  # the loaded backbone's parameters are frozen
     assert maps.shape == (4, 32, 32) and maps.max().item() == pytest.approx(1.0)
+    new_head = params.model_copy(update={"backbone": params.backbone.model_copy(update={"new_head": True})})
+    assert METHODS["gradcam"](EvalContext(new_head, toy_layout, torch.device("cpu"), truth)) is None  # no output per class
 
 
 # ------------------------------------------------------------------------------ the whole pass
@@ -215,11 +267,12 @@ def test_evaluate_methods_end_to_end(toy_layout: Layout):
     masks = open_store(toy_layout.images)["masks"]
     torch.manual_seed(0)
     model = build_toy("cnn", len(truth.class_names)).eval()
+    identity = ClassMap(tuple(range(len(truth.class_names))), len(truth.class_names), "toy world")
     methods = [
         Oracle(masks, truth),
         RandomMaps(truth.n_concepts, seed=0),
         CentrePrior(),
-        CamBaseline("gradcam", model, model.layer3, toy_preprocess("cnn", 32), batch_size=8),
+        CamBaseline("gradcam", model, model.layer3, toy_preprocess("cnn", 32), batch_size=8, class_map=identity),
     ]
     indices = split_indices(read_manifest(toy_layout.manifest), "test")
     params = EvaluateParams(batch_size=10, steps=21)
@@ -229,17 +282,22 @@ def test_evaluate_methods_end_to_end(toy_layout: Layout):
     assert set(evaluation.concept_maps) == {"oracle", "random"}
     assert set(evaluation.segmentation) == {"oracle", "random", "centre", "gradcam"}
     for group in evaluation.concept_maps["oracle"].values():
-        assert group == {"nra": pytest.approx(1.0), "epg": 1.0, "hit": 1.0}
+        assert group == {"nra": pytest.approx(1.0), "nra_chance": pytest.approx(1.0), "epg": 1.0, "hit": 1.0, "coverage": 1.0}
     assert set(evaluation.concept_maps["oracle"]) == {"avg", "color", "shape", "pattern", "background"}
-    assert abs(evaluation.concept_maps["random"]["avg"]["nra"]) < 0.05
+    # random maps: 0 under the chance lower curve, above 0 under CE-FAM's a·n (spatial.py), and no hits
+    random = evaluation.concept_maps["random"]["avg"]
+    assert abs(random["nra_chance"]) < 0.05 and 0.05 < random["nra"] < 0.4 and random["hit"] < 0.05
     assert evaluation.segmentation["oracle"] == {"pixel_acc": 1.0, "miou": 1.0, "map": 1.0}
     for scores in evaluation.segmentation.values():
         assert all(0 <= v <= 1 for v in scores.values())
 
     curves = evaluation.iou_curves.pivot(index="top_percent", columns="method", values="iou")
-    assert list(curves.index) == pytest.approx(np.linspace(0, 100, 21))
+    # CE-FAM's grid: pixel steps through the first of the 20 bins of a 32 x 32 image, then the bins
+    assert list(curves.index) == pytest.approx((cefam_fractions(32 * 32, bins=20) * 100).tolist())
+    assert curves.index[1] == pytest.approx(100 / 1024) and curves.index[-2] == pytest.approx(95)
     np.testing.assert_allclose(curves["oracle"], curves[IDEAL], atol=1e-12)  # the mask ranked first is the ideal curve
     np.testing.assert_allclose(curves["random"], curves[CHANCE], atol=0.02)
+    assert (curves[CEFAM_LOWER] <= curves[CHANCE] + 1e-12).all()  # CE-FAM's lower curve lies below chance
     assert evaluation.accuracy_path.to_dict("records") == [
         {"method": "oracle", "nonzeros_per_class": 1.0, "accuracy": 0.5},
         {"method": "oracle", "nonzeros_per_class": 2.0, "accuracy": 0.75},
@@ -248,11 +306,13 @@ def test_evaluate_methods_end_to_end(toy_layout: Layout):
     write_evaluation(evaluation, toy_layout)
     metrics = json.loads(toy_layout.evaluate_metrics.read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
     assert metrics["segmentation"]["oracle"] == {"pixel_acc": 1.0, "miou": 1.0, "map": 1.0}
-    assert metrics["concept_maps"]["random"]["avg"].keys() == {"nra", "epg", "hit"}
+    assert metrics["concept_maps"]["random"]["avg"].keys() == {"nra", "nra_chance", "epg", "hit", "coverage"}
     table = toy_layout.evaluate_summary.read_text()
     assert table == summary_table(evaluation)
-    assert "| oracle | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 |" in table
-    assert "| centre | – | – | – |" in table
+    assert "| method | NRA | NRA (chance) | EPG | Hit rate | coverage | pixel acc | mIoU | mAP |" in table
+    assert "| oracle | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 |" in table
+    assert "| centre | – | – | – | – | – |" in table
+    assert "| oracle | color | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 |" in table  # the per-type table
     assert toy_layout.iou_curves.read_text().startswith("method,top_percent,iou\n")
 
 

@@ -7,6 +7,7 @@ whatever it depends on; stages that join its upstream add their micro settings t
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -29,6 +30,12 @@ MICRO = {
     "cbl": {"max_steps": 10, "eval_every": 5, "cos3_threshold": -1.0},
     "sparse": {"n_lambdas": 4, "max_epochs": 5},
     "evaluate": {"batch_size": 16, "steps": 21, "cam_methods": ["gradcam"]},
+    "cefam": {"translator": {"max_epochs": 3, "batch_size": 16}, "regions": {"batch_size": 16, "n_figures": 1, "contribution_concepts": 2}},
+    "fact": {
+        "sae": {"n_concepts": 16, "k": 2, "aux_k": 4, "dead_after": 1000, "steps": 10, "batch_size": 64, "warmup_steps": 2,
+                "checkpoint_every": 5},
+        "c2_concepts": 2,
+    },
 }
 
 
@@ -63,17 +70,23 @@ def _copy_project(target: Path) -> None:
         shutil.copy2(source, target / name)
 
 
-@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
-def test_exp_run_changes_the_metrics(tmp_path: Path) -> None:
+def _micro_repo(tmp_path: Path) -> Path:
+    """A git repository holding the project's sources with the MICRO params, not yet reproduced."""
     repo = tmp_path / "repo"
     repo.mkdir()
     _copy_project(repo)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     (repo / "params.yaml").write_text(yaml.safe_dump(_merge(params, MICRO), sort_keys=False))
     _run(repo, "git", "init", "-q")
+    return repo
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_exp_run_changes_the_metrics(tmp_path: Path) -> None:
+    repo = _micro_repo(tmp_path)
     _run(repo, "dvc", "repro", "evaluate")
     baseline = json.loads((repo / "metrics" / "evaluate.json").read_text())
-    assert {"random", "centre", "gradcam", "salf"} <= set(baseline["segmentation"])
+    assert {"random", "centre", "gradcam", "salf", "fact"} <= set(baseline["segmentation"])
     _run(repo, "git", "add", "-A")
     _run(repo, "git", "commit", "-q", "-m", "micro baseline")
 
@@ -93,3 +106,36 @@ def test_exp_run_changes_the_metrics(tmp_path: Path) -> None:
         if r["data"]["params"]["params.yaml"]["data"]["evaluate"]["seed"] == 1
     ]
     assert values == [nra["new"]]
+
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_returning_to_a_configuration_restores_every_stage_from_the_run_cache(tmp_path: Path) -> None:
+    """A, B, A again: the third run restores every stage from DVC's run-cache (no persist outs;
+    metrics and plots declared as such) instead of re-running it, and gives A's outputs."""
+    repo = _micro_repo(tmp_path)
+    _run(repo, "dvc", "repro", "evaluate")
+    baseline = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    ran_stages = re.compile(r"Running stage '(\w+)'")
+
+    def round_trip(change, undo, expected: set[str]) -> None:
+        change()
+        ran = set(ran_stages.findall(_run(repo, "dvc", "repro", "evaluate")))
+        assert expected <= ran and not ran & {"circles", "clip_images", "features"}, ran
+        undo()
+        back = _run(repo, "dvc", "repro", "evaluate")
+        assert not ran_stages.findall(back), back
+        assert all(f"Stage '{stage}' is cached - skipping run" in back for stage in ran), back
+        assert json.loads((repo / "metrics" / "evaluate.json").read_text()) == baseline
+
+    # a concept out, another in, then the list put back (git checkout would do the same)
+    concepts = repo / "concepts" / "toy.txt"
+    original = concepts.read_text()
+    edited = original.replace("\nblue\tcolor", "\nteal\tcolor")
+    assert edited != original
+    round_trip(lambda: concepts.write_text(edited), lambda: concepts.write_text(original), {"concepts"})
+    # a params round trip, as `dvc exp run -S` makes them
+    params = repo / "params.yaml"
+    text = params.read_text()
+    seeded = yaml.safe_dump(_merge(yaml.safe_load(text), {"cbl": {"seed": 1}}), sort_keys=False)
+    round_trip(lambda: params.write_text(seeded), lambda: params.write_text(text), {"cbl", "sparse", "evaluate"})

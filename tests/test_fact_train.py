@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lib.core.distributed import Ranks
 from lib.methods.fact import train as train_module
 from lib.methods.fact.sae import BiasFreeTopKSAE
 from lib.methods.fact.train import (
@@ -198,3 +199,13 @@ def test_train_and_resume_on_cuda(tmp_path: Path):
     fve_straight = fraction_of_variance_explained(straight.model, held_out)
     fve_resumed = fraction_of_variance_explained(resumed.model, held_out)
     assert fve_straight > 0.7 and fve_resumed == pytest.approx(fve_straight, abs=0.05)
+
+
+def test_ddp_on_two_ranks_equals_one_process_on_the_global_batch(torchrun, tmp_path):
+    from tests.ddp_worker import sae_case
+
+    torchrun("tests/ddp_worker.py", "sae", str(tmp_path / "ddp.pt"), cwd=Path(__file__).resolve().parents[1])
+    ddp, one = torch.load(tmp_path / "ddp.pt"), sae_case(Ranks())
+    assert one["loss"][-1] < one["loss"][0] and one["aux"].max() > 0  # it learns, and the aux-k loss took part
+    for key in one:
+        torch.testing.assert_close(ddp[key], one[key], rtol=1e-4, atol=1e-5)

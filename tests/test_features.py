@@ -10,12 +10,13 @@ import torch
 from lib.core import stores
 from lib.core.cli import progress
 from lib.core.distributed import Ranks
+from lib.core.errors import UserError
 from lib.core.layout import Layout
 from lib.core.params import Params
 from lib.core.stores import open_store
 from lib.data.prepare import prepare_toy
 from lib.models.backbones import load_backbone
-from lib.pipeline.features import FeaturesReport, run_features
+from lib.pipeline.features import FeaturesReport, check_features, run_features
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,8 @@ def test_stored_features_equal_a_direct_forward(toy_layout: tuple[Params, Layout
     with torch.inference_mode():
         logits = backbone.model(backbone.preprocess(images))
     np.testing.assert_allclose(open_store(layout.logits)["logits"][30:35], logits.numpy(), rtol=1e-4, atol=1e-4)
+    # the toy classes are the toy CNN's outputs, in order: an identity mapping
+    assert open_store(layout.logits).attrs["class_map"] == {"outputs": list(range(8)), "n_outputs": 8, "how": "by name (toy world)"}
 
 
 def test_interrupted_features_resume_to_identical_bytes(toy_layout: tuple[Params, Layout], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -104,8 +107,9 @@ def test_stores_of_layers_no_longer_configured_are_removed(toy_layout: tuple[Par
     assert run(fewer, copy).removed == []
 
 
-def test_unknown_layer_lists_valid_names(toy_layout: tuple[Params, Layout]) -> None:
-    config, layout = toy_layout
-    bad = config.model_copy(update={"features": config.features.model_copy(update={"layers": ("layer9",)})})
-    with pytest.raises(ValueError, match="layer9.*layer3"):
-        run(bad, layout)
+def test_unknown_layer_is_checked_before_any_work(toy_layout: tuple[Params, Layout]) -> None:
+    config, _ = toy_layout
+    check_features(config)
+    bad = config.model_copy(update={"features": config.features.model_copy(update={"layers": ("layer2", "layer9")})})
+    with pytest.raises(UserError, match=r"^features.layers: 'layer9' — layer 'layer9' not found in ToyCNN; closest: layer\d"):
+        check_features(bad)

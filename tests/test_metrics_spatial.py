@@ -7,14 +7,21 @@ import torch
 from sklearn.metrics import jaccard_score
 from torchmetrics.classification import BinaryJaccardIndex
 
-from lib.kernels.cam import random_maps
 from lib.metrics.spatial import (
+    best_candidate,
+    cefam_fractions,
+    cefam_lower_iou_curve,
     default_fractions,
     epg,
+    epg_raw,
     hit,
+    hit_rate,
+    hit_with_coverage,
     ideal_iou_curve,
     iou_curve,
     nra,
+    nra_chance,
+    nra_chance_from_curves,
     nra_from_curves,
     random_iou_curve,
     summarise_by_type,
@@ -22,6 +29,12 @@ from lib.metrics.spatial import (
 )
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def random_maps(shape, seed: int) -> torch.Tensor:
+    """Uniform [0, 1) float32 maps from a seeded CPU generator (kept here so this test does not
+    depend on where the project's baselines live)."""
+    return torch.rand(tuple(shape), generator=torch.Generator().manual_seed(seed))
 
 
 def _square_mask(batch: int = 1, size: int = 4, side: int = 2) -> torch.Tensor:
@@ -101,7 +114,9 @@ def test_curves_do_not_depend_on_resolution():
         return x.repeat_interleave(3, dim=1).repeat_interleave(3, dim=2)
 
     torch.testing.assert_close(iou_curve(up(maps), up(masks), fractions), iou_curve(maps, masks, fractions))
-    torch.testing.assert_close(nra(up(maps), up(masks)), nra(maps, masks))
+    # on a fixed grid; the default CE-FAM grid follows the pixel count on purpose
+    torch.testing.assert_close(nra_chance(up(maps), up(masks), fractions), nra_chance(maps, masks, fractions))
+    torch.testing.assert_close(nra(up(maps), up(masks), fractions), nra(maps, masks, fractions))
 
 
 def test_iou_curve_ignores_pixel_order():
@@ -145,26 +160,86 @@ def test_nra_hand_computed():
     found = auc([0, 0, 1 / 2, 1 / 3, 1 / 4])
     high = auc([0, 1, 1 / 2, 1 / 3, 1 / 4])
     low = auc([0, 0.25 / 1.75, 0.5 / 2.5, 0.75 / 3.25, 1 / 4])
-    assert nra(maps, masks, fractions).item() == pytest.approx((found - low) / (high - low), abs=1e-12)
+    assert nra_chance(maps, masks, fractions).item() == pytest.approx((found - low) / (high - low), abs=1e-12)
+    # CE-FAM: lower curve a·n with a = 1/4, area a/2 = 1/8: (0.2395833 - 0.125) / (0.4895833 - 0.125)
+    assert nra(maps, masks, fractions).item() == pytest.approx((found - 1 / 8) / (high - 1 / 8), abs=1e-12)
+    assert nra(maps, masks, fractions).item() == pytest.approx(0.114583333 / 0.364583333, abs=1e-9)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_nra_reference_points(device):
     masks = (random_maps((8, 12, 12), seed=11) > 0.6).to(device)
-    assert torch.allclose(nra(masks.float(), masks), torch.ones(8, dtype=torch.float64, device=device))
-    assert (nra((~masks).float(), masks) < 0).all()  # mask ranked last: below chance
+    ones = torch.ones(8, dtype=torch.float64, device=device)
+    for metric in (nra, nra_chance):
+        assert torch.allclose(metric(masks.float(), masks), ones)
+    assert (nra_chance((~masks).float(), masks) < 0).all()  # mask ranked last: below chance
+    assert (nra((~masks).float(), masks, clamp=False) < 0).all()
+    assert (nra((~masks).float(), masks) == 0).all()  # CE-FAM clips at 0 (the authors' max(., 0))
     constant = torch.full((8, 12, 12), 0.3, device=device)
-    torch.testing.assert_close(nra(constant, masks), torch.zeros(8, dtype=torch.float64, device=device))
-    torch.testing.assert_close(nra(torch.zeros_like(constant), masks), torch.zeros_like(nra(constant, masks)))
+    torch.testing.assert_close(nra_chance(constant, masks), torch.zeros(8, dtype=torch.float64, device=device))
+    torch.testing.assert_close(nra_chance(torch.zeros_like(constant), masks), torch.zeros_like(ones))
+    # CE-FAM's lower curve a·n lies below chance: a constant map scores the chance curve's normalised area
+    fractions = cefam_fractions(144, device=device)
+    chance_auc = torch.trapezoid(random_iou_curve(masks, fractions), fractions, dim=1)
+    ideal_auc = torch.trapezoid(ideal_iou_curve(masks, fractions), fractions, dim=1)
+    a = masks.sum(dim=(1, 2)).double() / 144
+    expected = (chance_auc - a / 2) / (ideal_auc - a / 2)
+    assert (expected > 0.05).all()
+    torch.testing.assert_close(nra(constant, masks), expected)
+    torch.testing.assert_close(nra(torch.zeros_like(constant), masks), expected)
 
 
-def test_random_maps_score_nra_zero_on_average():
+def test_cefam_fractions_step_pixel_by_pixel_in_the_first_percent():
+    grid = cefam_fractions(64 * 64)  # 4096 px: one bin = 40.96 px
+    assert grid.dtype == torch.float64 and grid.numel() == 41 + 100
+    torch.testing.assert_close(grid[:41], torch.arange(41, dtype=torch.float64) / 4096)
+    torch.testing.assert_close(grid[41:], torch.arange(1, 101, dtype=torch.float64) / 100)
+    assert cefam_fractions(100 * 100).numel() == 101 + 99  # 100 px = exactly one bin: merged
+    assert cefam_fractions(8 * 8).numel() == 101  # bins finer than a pixel already
+    with pytest.raises(ValueError, match="n_pixels"):
+        cefam_fractions(0)
+
+
+def test_small_mask_nra_is_resolved_and_pinned():
+    # 64x64, a 20-pixel mask; the map ranks 20 wrong pixels first, then the 20 mask pixels, then the rest
+    n, m = 4096, 20
+    maps = torch.zeros(1, 64, 64)
+    flat = maps.view(-1)
+    flat[:40] = torch.arange(40, 0, -1, dtype=torch.float32)  # pixels 0..19 wrong, 20..39 the mask
+    masks = torch.zeros(1, 64, 64, dtype=torch.bool)
+    masks.view(-1)[20:40] = True
+    # by hand, in pixel units (area · N): on pixels 0..40 the map's IoU is 0 up to k = 20, then
+    # (k - 20)/40: area 5. The ideal is k/20 up to 20 (area 10), then 20/k: trapezoid T over 20..40.
+    # From k = 40 on both are 20/k: trapezoid C over 40, 40.96, 81.92, ..., 4096. Lower: a/2 · N = 10.
+    t = sum((m / k + m / (k + 1)) / 2 for k in range(20, 40))
+    ks = [40.0] + [j * n / 100 for j in range(1, 101)]
+    c = sum((m / ks[i] + m / ks[i + 1]) / 2 * (ks[i + 1] - ks[i]) for i in range(len(ks) - 1))
+    expected = (5 + c - 10) / (10 + t + c - 10)
+    assert expected == pytest.approx(0.825295, abs=1e-6)
+    assert nra(maps, masks).item() == pytest.approx(expected, abs=1e-12)
+    # 1 % steps alone cannot see the 20 wrong pixels: the map ties the ideal curve at every grid point
+    assert nra(maps, masks, default_fractions()).item() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_cefam_lower_curve_is_linear_with_area_half_the_mask_share():
+    masks = _square_mask(size=16, side=6)  # a = 36/256
+    fractions = cefam_fractions(256)
+    lower = cefam_lower_iou_curve(masks, fractions)
+    torch.testing.assert_close(lower[0], fractions * 36 / 256)
+    assert torch.trapezoid(lower[0], fractions).item() == pytest.approx(36 / 256 / 2, abs=1e-15)
+    assert (lower <= random_iou_curve(masks, fractions) + 1e-15).all()  # below chance
+
+
+def test_random_maps_score_chance_nra_zero_and_cefam_nra_above_zero_on_average():
     sizes = torch.arange(2000) % 14 + 1  # varied mask sizes: squares of side 1..14 in 16x16
     grid = torch.arange(16)
     masks = (grid[None, :, None] < sizes[:, None, None]) & (grid[None, None, :] < sizes[:, None, None])
-    values = nra(random_maps((2000, 16, 16), seed=12), masks)
+    maps = random_maps((2000, 16, 16), seed=12)
+    values = nra_chance(maps, masks)
     assert abs(values.mean().item()) < 0.01
     assert values.std().item() > 0.01  # it really is noise around 0, not a constant
+    cefam = nra(maps, masks)
+    assert 0.1 < cefam.mean().item() < 0.3  # the offset CE-FAM's lower curve leaves (DESIGN: ≈ 0.1-0.3)
 
 
 def test_nra_undefined_for_empty_and_full_masks():
@@ -172,42 +247,82 @@ def test_nra_undefined_for_empty_and_full_masks():
     masks = torch.zeros(2, 4, 4, dtype=torch.bool)
     masks[1] = True
     assert nra(maps, masks).isnan().all()
+    assert nra_chance(maps, masks).isnan().all()
 
 
-def test_epg_hand_computed_and_clipped():
+def test_epg_hand_computed_after_min_max():
     maps = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[-1.0, 2.0], [3.0, 0.0]], [[-1.0, 2.0], [3.0, 0.0]]])
     masks = torch.tensor(
         [[[True, True], [False, False]], [[True, False], [False, False]], [[False, True], [False, False]]]
     )
-    torch.testing.assert_close(epg(maps, masks), torch.tensor([3 / 10, 0 / 5, 2 / 5], dtype=torch.float64))
+    # rescaled: (0, 1/3, 2/3, 1) -> (0 + 1/3) / 2; (0, 3/4, 1, 1/4) -> 0 / 2 and (3/4) / 2
+    torch.testing.assert_close(epg(maps, masks), torch.tensor([1 / 6, 0.0, 3 / 8], dtype=torch.float64))
+    # the unnormalised share, clipped at 0: 3/10, 0/5, 2/5
+    torch.testing.assert_close(epg_raw(maps, masks), torch.tensor([3 / 10, 0 / 5, 2 / 5], dtype=torch.float64))
+    # min-max makes EPG ignore offset and scale
+    torch.testing.assert_close(epg(3 * maps + 7, masks), epg(maps, masks))
 
 
-def test_epg_edge_cases():
-    masks = _square_mask(batch=4)
+@pytest.mark.parametrize("device", DEVICES)
+def test_epg_edge_cases(device):
+    masks = _square_mask(batch=4).to(device)
     masks[3] = False
-    maps = torch.stack([torch.zeros(4, 4), -torch.ones(4, 4), torch.ones(4, 4), torch.ones(4, 4)])
-    # all-zero map, all-negative map (zero energy after clipping), constant map, empty mask
+    maps = torch.stack([torch.zeros(4, 4), -torch.ones(4, 4), torch.ones(4, 4), torch.rand(4, 4)]).to(device)
+    # all-zero, all-negative constant and constant maps score 0 (kept, not NaN); empty mask: NaN
     result = epg(maps, masks)
-    assert result[[0, 1, 3]].isnan().all()
-    assert result[2].item() == pytest.approx(4 / 16)
+    assert result.device.type == device and result.dtype == torch.float64
+    assert result[:3].tolist() == [0.0, 0.0, 0.0] and result[3].isnan()
+    raw = epg_raw(maps, masks)
+    assert raw[[0, 1, 3]].isnan().all() and raw[2].item() == pytest.approx(4 / 16)
 
 
 def test_epg_sums_fp16_maps_without_overflow():
-    maps = torch.full((1, 8, 8), 60000.0, dtype=torch.float16)  # fp16 sum would be inf
+    maps = torch.zeros(1, 8, 8, dtype=torch.float16)
+    maps[:, :4] = 60000.0  # an fp16 sum would be inf
     masks = torch.zeros(1, 8, 8, dtype=torch.bool)
     masks[:, :4] = True
-    assert epg(maps, masks).item() == 0.5
+    assert epg(maps, masks).item() == 1.0
+    assert epg_raw(torch.full((1, 8, 8), 60000.0, dtype=torch.float16), masks).item() == 0.5
 
 
 def test_epg_of_random_maps_is_the_mask_area_on_average():
     masks = _square_mask(batch=2000, size=16, side=8)  # a quarter of the image
-    assert epg(random_maps((2000, 16, 16), seed=14), masks).mean().item() == pytest.approx(0.25, abs=0.005)
+    maps = random_maps((2000, 16, 16), seed=14)
+    assert epg(maps, masks).mean().item() == pytest.approx(0.25, abs=0.005)
+    assert epg_raw(maps, masks).mean().item() == pytest.approx(0.25, abs=0.005)
 
 
 def test_hit_is_strict_and_keeps_nan():
     result = hit(torch.tensor([0.7, 0.5, 0.2, math.nan], dtype=torch.float64))
     assert result[:3].tolist() == [1.0, 0.0, 0.0] and result[3].isnan()
     assert hit(torch.tensor([0.7, 0.5]), threshold=0.6).tolist() == [1.0, 0.0]
+
+
+def test_hit_with_coverage_counts_missing_maps_as_misses():
+    # five ground-truth pairs: two hits, one low NRA, one concept without a map, one undefined mask
+    values = torch.tensor([0.9, 0.6, 0.3, math.nan, math.nan], dtype=torch.float64)
+    covered = torch.tensor([True, True, True, False, True])
+    result = hit_with_coverage(values, covered)
+    assert result[:4].tolist() == [1.0, 1.0, 0.0, 0.0] and result[4].isnan()
+    assert hit_rate(values, covered) == pytest.approx(2 / 4)  # the undefined pair is left out
+    assert hit_rate(values[:3]) == pytest.approx(2 / 3)
+    assert hit_rate(values, covered, threshold=0.7) == pytest.approx(1 / 4)
+    # with the NRA of uncovered pairs set to NaN, the per-type means follow CE-FAM's bookkeeping
+    out = summarise_by_type({"nra": values, "hit": result}, ["object"] * 5)
+    assert out["object"]["nra"] == pytest.approx((0.9 + 0.6 + 0.3) / 3) and out["object"]["hit"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="covered must be a bool"):
+        hit_with_coverage(values, covered.float())
+
+
+def test_best_candidate_picks_the_highest_nra():
+    nra_values = torch.tensor([[0.2, 0.7, 0.4, math.nan], [math.nan, math.nan, math.nan, math.nan], [0.0, 0.0, 0.1, 0.0]])
+    epg_values = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.5, 0.5, 0.5, 0.5], [0.9, 0.8, 0.7, 0.6]])
+    best, best_epg, index = best_candidate(nra_values, epg_values)
+    assert index.tolist() == [1, 0, 2]
+    assert best[0].item() == pytest.approx(0.7) and best[1].isnan() and best[2].item() == pytest.approx(0.1)
+    assert best_epg.tolist() == pytest.approx([0.2, 0.5, 0.7])
+    with pytest.raises(ValueError, match="share one"):
+        best_candidate(nra_values, epg_values[:, :2])
 
 
 def test_summarise_by_type_averages_types_then_types():
@@ -248,8 +363,10 @@ def test_bad_inputs_raise(call, message):
 def test_nra_from_curves_equals_nra_and_checks_the_shape():
     maps = random_maps((5, 6, 6), seed=7)
     masks = random_maps((5, 6, 6), seed=8) > 0.6
-    fractions = default_fractions()
+    fractions = cefam_fractions(36)
     curves = iou_curve(maps, masks, fractions)
     torch.testing.assert_close(nra_from_curves(curves, masks, fractions), nra(maps, masks), equal_nan=True)
+    torch.testing.assert_close(nra_chance_from_curves(curves, masks, fractions), nra_chance(maps, masks), equal_nan=True)
+    torch.testing.assert_close(nra_from_curves(curves, masks, fractions, clamp=False), nra(maps, masks, clamp=False))
     with pytest.raises(ValueError, match=r"curves must have shape \(5, 101\)"):
         nra_from_curves(curves[:, :-1], masks, fractions)

@@ -4,6 +4,7 @@ import json
 import logging
 import math
 import urllib.error
+import urllib.parse
 
 import open_clip
 import pytest
@@ -11,10 +12,11 @@ import torch
 from PIL import Image
 
 from lib.kernels.preprocess import Preprocess
-from lib.models.backbones import BcosWithInverse, load_backbone
-from lib.models.clip import load_clip
+from lib.models import weights
+from lib.models.backbones import BcosWithInverse, backbone_skeleton, load_backbone
+from lib.models.clip import load_clip, resolve_clip
 from lib.models.clip_format import save_clip_dir
-from lib.models.layers import extract_layers, resolve_layer, split_at
+from lib.models.layers import LayerNotFoundError, extract_layers, layer_names, resolve_layer, split_at
 from lib.models.weights import WeightsUnavailableError, parse_weights, save_backbone
 from lib.toy.models.cnn import ToyBcosCNN, build_toy, toy_preprocess
 from lib.toy.train_classifier import augment_batch, evaluate_classifier, train_classifier
@@ -224,6 +226,47 @@ def test_clip_file_uses_sibling_config_and_bare_file_is_refused(tiny_clip_dir, t
         load_clip("conceptrace-tiny-test", str(bare))
 
 
+def test_clip_input_size_without_weights_is_the_loaded_preprocessing_size(tmp_path):
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**TINY_CLIP_CFG)  # a 32 px vision tower, saved with a 48 px preprocessing config
+    folder = save_clip_dir(tmp_path / "clip", model, TINY_CLIP_CFG, Preprocess(48, ODD_PREPROCESS.mean, ODD_PREPROCESS.std))
+    registered = tmp_path / "conceptrace-tiny-size.json"
+    registered.write_text(json.dumps(TINY_CLIP_CFG))
+    open_clip.add_model_config(registered)
+    # open_clip takes a local-dir's size from the tower, a file's from the config beside it
+    weights = str(folder / "open_clip_pytorch_model.bin")
+    for name, pretrained, size in (("tiny", f"local-dir:{folder}", 32), ("conceptrace-tiny-size", weights, 48)):
+        assert resolve_clip(name, pretrained).input_size == load_clip(name, pretrained).preprocess.size == size
+    assert resolve_clip("ViT-L-14-336", "openai").input_size == 336  # a tag: nothing downloaded
+    assert resolve_clip("ViT-B-16", None).input_size == 224
+
+
+def test_unreachable_hub_is_asked_offline_at_once(monkeypatch):
+    """Without a connection to the Hub, huggingface_hub's offline mode is on while a download runs
+    (its cache or an error at once, not a minute of retries); behind a proxy the probe is skipped."""
+    import huggingface_hub
+
+    def refused(*args, **kwargs):
+        raise OSError("[Errno -2] Name or service not known")
+
+    for name in weights._PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(weights.socket, "create_connection", refused)
+    weights.hub_unreachable.cache_clear()
+    try:
+        host = urllib.parse.urlsplit(huggingface_hub.constants.ENDPOINT).hostname
+        assert weights.hub_unreachable() == host
+        with pytest.raises(WeightsUnavailableError, match=f"{host} cannot be reached and the file is not in the local cache"):
+            with weights.fetching("test weights", "weights='x@/path'"):
+                assert huggingface_hub.constants.HF_HUB_OFFLINE
+                huggingface_hub.hf_hub_download("org/no-such-repo", "model.safetensors", cache_dir=None)
+        monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+        weights.hub_unreachable.cache_clear()
+        assert weights.hub_unreachable() is None
+    finally:
+        weights.hub_unreachable.cache_clear()
+
+
 def test_clip_offline_tag_and_bad_names(monkeypatch):
     def offline(cfg, **kwargs):
         raise OSError("cannot find the requested files in the local cache")
@@ -240,10 +283,19 @@ def test_clip_offline_tag_and_bad_names(monkeypatch):
 # --------------------------------------------------------------------------------- layers
 
 
+@pytest.mark.parametrize("arch", ["toy:cnn", "toy:bcos", "torchvision:resnet18", "timm:resnet18", "bcos:resnet18"])
+def test_backbone_skeleton_has_the_models_layers_on_the_meta_device(arch):
+    skeleton = backbone_skeleton(arch)
+    assert all(p.is_meta for p in skeleton.parameters())
+    assert layer_names(skeleton) == layer_names(load_backbone(arch, None).model)
+
+
 def test_resolve_layer_lists_close_matches_first():
     model = build_toy("cnn", 8)
     assert resolve_layer(model, "layer2.0.conv1") is model.layer2[0].conv1
-    with pytest.raises(ValueError, match=r"'layer4' not found in ToyCNN; closest: layer3, .*valid names: conv1, "):
+    # one short line whatever the model's size: the closest names and the top-level layers
+    top = r"top-level layers: conv1, bn1, relu, layer1, layer2, layer3, avgpool, fc \(and the dotted paths below them, 35 names in all\)$"
+    with pytest.raises(LayerNotFoundError, match=r"^layer 'layer4' not found in ToyCNN; closest: layer3, .*; " + top):
         resolve_layer(model, "layer4")
 
 

@@ -85,6 +85,18 @@ def test_path_matches_sklearn_saga(problem, alpha):
         np.testing.assert_allclose(bias - bias.mean(), intercept - intercept.mean(), atol=WEIGHT_ATOL, rtol=0)
 
 
+def test_one_fixed_lambda_from_zero_matches_sklearn(problem):
+    """sparse.lam: one lambda fitted alone from W = 0 (LF-CBM's glm_saga with k=1), not warm-started."""
+    x, y = problem
+    lam = 0.02
+    path = fit_elastic_net_path((x, y), (x, y), n_classes=3, alpha=0.99, lambdas=[lam], batch_size=50, tol=1e-6, max_epochs=5000)
+    assert path.lambdas.tolist() == [lam] and bool(path.converged.all()) and 0 < int(path.nonzeros[0]) < 24
+    coef, _ = sklearn_fit(x, y, lam, 0.99)
+    np.testing.assert_allclose(path.weight(0).double().numpy(), coef, atol=WEIGHT_ATOL, rtol=0)
+    with pytest.raises(ValueError, match="lambdas must be a non-empty list of positive values"):
+        fit_elastic_net_path((x, y), (x, y), n_classes=3, lambdas=[0.0])
+
+
 def test_lambda_max_is_the_exact_sparsity_boundary(problem):
     x, y = problem
     alpha = 0.9

@@ -5,7 +5,8 @@ import pytest
 import torch
 import zarr
 
-from lib.methods.salf.metrics import rule_recovery, stored_accuracy
+from lib.methods.salf.metrics import backbone_accuracy, rule_recovery
+from lib.models.classes import ClassMap
 
 INFO = {
     "classes": ["desert_star", "blue_stripes"],
@@ -40,12 +41,20 @@ def test_rule_recovery_without_rules_and_with_bad_shapes():
         rule_recovery(torch.ones(3, 4), ["sand", "star", "blue", "water"], INFO)
 
 
-def test_stored_accuracy_over_selected_rows(tmp_path):
-    logits = zarr.create_array(tmp_path / "l.zarr", shape=(6, 3), dtype="float32", shards=(4, 3), chunks=(2, 3))
+def test_backbone_accuracy_restricts_the_argmax_to_the_mapped_outputs(tmp_path):
+    # 3 dataset classes on outputs 4, 0, 2 of a 5-output backbone
+    class_map = ClassMap((4, 0, 2), 5, "test")
+    logits = zarr.create_array(tmp_path / "l.zarr", shape=(6, 5), dtype="float32", shards=(4, 5), chunks=(2, 5))
     labels = zarr.create_array(tmp_path / "y.zarr", shape=(6,), dtype="int64", shards=(4,), chunks=(2,))
-    logits[:] = np.eye(3, dtype=np.float32)[[0, 1, 2, 0, 1, 2]]
-    labels[:] = [0, 1, 0, 0, 2, 2]  # rows 2 and 4 are wrong
-    assert stored_accuracy(logits, labels, np.array([0, 1, 2, 3, 4, 5])) == pytest.approx(4 / 6)
-    assert stored_accuracy(logits, labels, np.array([1, 3, 5]), batch_size=2) == 1.0
+    values = np.zeros((6, 5), dtype=np.float32)
+    values[[0, 1, 2, 3, 4, 5], [4, 0, 2, 4, 0, 2]] = 2.0  # among the mapped outputs: classes 0, 1, 2, 0, 1, 2
+    values[[2, 3], [1, 3]] = 5.0  # rows 2 and 3: an unmapped output wins the unrestricted argmax
+    logits[:] = values
+    labels[:] = [0, 1, 2, 0, 2, 2]  # row 4 is wrong either way
+    rows = np.arange(6)
+    assert backbone_accuracy(logits, labels, rows, class_map) == {
+        "acc_backbone": pytest.approx(5 / 6), "acc_backbone_unrestricted": pytest.approx(3 / 6)
+    }
+    assert backbone_accuracy(logits, labels, np.array([1, 3, 5]), class_map, batch_size=2)["acc_backbone"] == 1.0
     with pytest.raises(ValueError, match="rows is empty"):
-        stored_accuracy(logits, labels, np.array([], dtype=np.int64))
+        backbone_accuracy(logits, labels, np.array([], dtype=np.int64), class_map)

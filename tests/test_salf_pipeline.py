@@ -1,8 +1,8 @@
 """SALF-CBM stages end to end on a tiny synthetic world: cbl, sparse, explain/probe/intervene, evaluate.
 
 The world: noise images through a random-init toy CNN give features F (layer2: (N, 64, 4, 4));
-concept k's similarity map P_k is a fixed 1x1 conv of F resized to the 3x3 grid (so the
-bottleneck can learn it), squeezed into a CLIP-like
+concept k's similarity map P_k is a fixed 1x1 conv of F sampled at the 3x3 grid's circle centres
+(lib.kernels.registration; so the bottleneck can learn it), squeezed into a CLIP-like
 range (0.2 +- 0.02); a fifth concept "noise" is unrelated to F. The label is the argmax of the
 pooled maps of concepts 0-2, so class k's rule is {concept k}. Circle and text embeddings are
 built so that their cosines are exactly P: the on-the-fly target must equal the materialised one.
@@ -11,6 +11,7 @@ built so that their cosines are exactly P: the on-the-fly target must equal the 
 import json
 import os
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -25,18 +26,33 @@ from typer.testing import CliRunner
 
 from lib.core.layout import Layout
 from lib.core.params import load_params
-from lib.core.schema import CIRCLES, TEXT_EMB, P, clip_provenance
+from lib.core.schema import (
+    CIRCLES,
+    CONTRIBUTION,
+    IMAGE_EMB,
+    PRED_BACKBONE,
+    PRED_MODEL,
+    PRESENCE,
+    STATS_IMAGE,
+    STATS_LABEL,
+    TEXT_EMB,
+    P,
+    clip_provenance,
+    view_provenance,
+)
 from lib.core.stores import ArraySpec, ShardedWriter, open_store
 from lib.data.manifest import read_manifest
 from lib.evaluate.adapters import METHODS
 from lib.evaluate.adapters.salf import SalfMaps
 from lib.evaluate.registry import EvalBatch, EvalContext
 from lib.evaluate.truth import GroundTruth
+from lib.kernels.preprocess import Preprocess
+from lib.kernels.registration import Registration, sample_features
 from lib.methods.salf.artifacts import SalfModel
-from lib.methods.salf.data import glm_batches, pair_batches, salf_splits, similarity_target
-from lib.methods.salf.model import resize_to_grid
+from lib.methods.salf.data import glm_batches, pair_batches, registration_of, salf_splits, similarity_target
 from lib.methods.salf.pooling import Standardiser, pool_concepts
 from lib.models.backbones import load_backbone
+from lib.models.classes import CLASS_MAP_ATTR, ClassMap
 from lib.models.layers import extract_layers
 from lib.models.weights import save_backbone
 from lib.pipeline.stored_concepts import read_concepts
@@ -45,6 +61,7 @@ from stages.__main__ import app
 
 N, TRAIN, VAL = 160, 100, 30  # rows 0-99 train, 100-129 val, 130-159 test
 GRID, SIZE, ROWS_PER_SHARD = 3, 16, 32
+CLIP_VIEW = Preprocess(24, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))  # CLIP sees the 16 px images upscaled to 24 px
 CONCEPTS = ["blue", "star", "sand", "water", "noise"]  # "noise" is unrelated to the features
 CLASSES = ["blue_thing", "star_thing", "sand_scene"]
 GT_CONCEPTS = [
@@ -94,8 +111,8 @@ def make_world(base: Path) -> Layout:
         layers = extract_layers(backbone.model, backbone.preprocess(images), ["layer2", "layer3"])
     features = layers["layer2"].half()  # (N, 64, 4, 4), the bottleneck's input (cbl.layer)
     mixing = torch.randn(4, features.shape[1], 1, 1, generator=g)
-    small = F.interpolate(features.float(), size=(GRID, GRID), mode="bilinear", align_corners=False)
-    signal = F.conv2d(small, mixing)
+    registration = Registration((SIZE, SIZE), GRID, CLIP_VIEW, backbone.preprocess)
+    signal = F.conv2d(registration.sample(features), mixing)
     signal = (signal - signal.mean(dim=(0, 2, 3), keepdim=True)) / signal.std(dim=(0, 2, 3), keepdim=True)
     noise = torch.randn(N, 1, GRID, GRID, generator=g)
     similarity = 0.2 + 0.02 * torch.cat([signal, noise], dim=1)  # (N, 5, G, G)
@@ -108,11 +125,16 @@ def make_world(base: Path) -> Layout:
 
     layout = Layout(base / "data" / "syn", base / "metrics")
     write_store(layout.images, {"images": images.numpy(), "labels": labels.numpy()}, ROWS_PER_SHARD)
+    seen_by_backbone = view_provenance(backbone.preprocess.to_dict(), (SIZE, SIZE))
     for name, value in layers.items():
-        write_store(layout.features(name), {"features": value.half().numpy()}, ROWS_PER_SHARD)
-    write_store(layout.logits, {"logits": logits.numpy()}, ROWS_PER_SHARD)
+        write_store(layout.features(name), {"features": value.half().numpy()}, ROWS_PER_SHARD, seen_by_backbone)
+    # the 3-output toy CNN's outputs are the 3 classes in order (the features stage records the mapping)
+    write_store(layout.logits, {"logits": logits.numpy()}, ROWS_PER_SHARD, {CLASS_MAP_ATTR: ClassMap((0, 1, 2), 3, "test").to_attrs()})
     write_store(layout.similarity, {P: similarity.half().numpy()}, ROWS_PER_SHARD)
-    write_store(layout.circles, {CIRCLES: circles.half().numpy()}, ROWS_PER_SHARD, clip)
+    seen_by_clip = {**clip, **view_provenance(CLIP_VIEW.to_dict(), (SIZE, SIZE)), "grid": GRID}
+    write_store(layout.circles, {CIRCLES: circles.half().numpy()}, ROWS_PER_SHARD, seen_by_clip)
+    # plain-image embeddings (LF-CBM's target): the circles' mean, so global similarity follows the features too
+    write_store(layout.clip_images, {IMAGE_EMB: F.normalize(circles.mean(dim=(1, 2)), dim=-1).half().numpy()}, ROWS_PER_SHARD, clip)
     types = dict(GT_CONCEPTS)
     concepts = [{"name": n, "type": types.get(n), "prompt": n} for n in CONCEPTS]
     text_emb = np.eye(len(CONCEPTS), embed_dim, dtype=np.float16)
@@ -164,27 +186,34 @@ def test_on_the_fly_target_equals_the_materialised_one(world, tmp_path):
     fly = similarity_target(bare, concepts)
     assert fly.text_emb is not None and fly.n_concepts == 5 and fly.grid == GRID
     features = open_store(layout.features("layer2"))["features"]
+    sample = partial(sample_features, grid=registration_of(layout, "layer2").feature_grid())
     rows = np.arange(TRAIN)
-    first, second = (list(pair_batches(features, target, rows, 40)()) for target in (stored, fly))
+    first, second = (list(pair_batches(features, target, rows, 40, sample)()) for target in (stored, fly))
     assert [f.shape[0] for f, _ in first] == [40, 40, 20]  # in order, remainder kept
     for (f1, p1), (f2, p2) in zip(first, second):
         assert torch.equal(f1, f2) and p1.shape == (f1.shape[0], 5, GRID, GRID)
         torch.testing.assert_close(p1, p2, atol=2e-3, rtol=0)  # two fp16 roundings of the same cosines
-    shuffled = list(pair_batches(features, stored, rows, 40, shuffle=True)())
+    shuffled = list(pair_batches(features, stored, rows, 40, sample, shuffle=True)())
     assert [f.shape[0] for f, _ in shuffled] == [40, 40]  # training drops the partial batch
 
 
-def test_in_memory_pairs_equal_the_stream_resized_to_the_grid(world):
+def test_in_memory_pairs_equal_the_stream_sampled_at_the_grid(world):
     _, layout = world
     features = open_store(layout.features("layer2"))["features"]
     target = similarity_target(layout, read_concepts(layout.concepts))
+    registration = registration_of(layout, "layer2")
+    assert registration == Registration((SIZE, SIZE), GRID, CLIP_VIEW, toy_preprocess("cnn", SIZE))
+    sample = partial(sample_features, grid=registration.feature_grid())
     rows = np.arange(TRAIN, TRAIN + VAL)
-    streamed = list(pair_batches(features, target, rows, 8)())
-    cached = pair_batches(features, target, rows, 8, in_memory_mb=1.0)
+    streamed = list(pair_batches(features, target, rows, 8, sample)())
+    cached = pair_batches(features, target, rows, 8, sample, in_memory_mb=1.0)
+    start = TRAIN
     for (f1, p1), (f2, p2) in zip(streamed, cached(), strict=True):
-        assert f2.shape == (f1.shape[0], 64, GRID, GRID)  # held resized: smaller, and the bottleneck skips the resize
-        assert torch.equal(resize_to_grid(f1, GRID), f2) and torch.equal(p1, p2)
-    shuffled = pair_batches(features, target, rows, 8, shuffle=True, seed=1, in_memory_mb=1.0)
+        raw = torch.from_numpy(features[start : start + len(f1)])
+        assert f1.shape == (len(raw), 64, GRID, GRID) and torch.equal(f1, registration.sample(raw))
+        assert torch.equal(f1, f2) and torch.equal(p1, p2)
+        start += len(f1)
+    shuffled = pair_batches(features, target, rows, 8, sample, shuffle=True, seed=1, in_memory_mb=1.0)
     first, second = ([f for f, _ in shuffled()] for _ in range(2))
     assert [len(f) for f in first] == [8, 8, 8]  # 30 rows: the partial batch of 6 is dropped
     assert not torch.equal(torch.cat(first), torch.cat(second))  # a new order every pass
@@ -239,10 +268,19 @@ def test_sparse_metrics_recover_the_rules(trained):
     metrics = json.loads(layout.salf_metrics.read_text())
     labels = open_store(layout.images)["labels"][TRAIN + VAL :]
     logits = open_store(layout.logits)["logits"][TRAIN + VAL :]
+    assert metrics["acc_backbone"] == metrics["acc_backbone_unrestricted"]  # every output is mapped
     assert metrics["acc_backbone"] == pytest.approx(float((logits.argmax(axis=1) == labels).mean()))
     assert metrics["acc_sparse"] >= 0.9 and metrics["acc_dense"] >= 0.9
     assert metrics["nonzero_per_class"] <= 2 and metrics["n_concepts"] == 4
     assert metrics["rule_recovery"] == 1.0 and metrics["rule_recovery_per_class"] == {c: 1.0 for c in CLASSES}
+    assert metrics["lambda_mode"] == "path"
+    # Table 1's baselines (sparse.baselines) on the same features: the pooled store is the layer's mean
+    pooled = open_store(layout.salf_pooled)["pooled"][:]
+    features = open_store(layout.features("layer2"))["features"][:].astype(np.float32)
+    np.testing.assert_allclose(pooled, features.mean(axis=(2, 3)), rtol=1e-5, atol=1e-6)
+    assert 0 <= metrics["acc_backbone_sparse"] <= 1 and metrics["nonzero_per_class_backbone_sparse"] <= 2
+    # LF-CBM's global target (the images' mean circle embedding here) drops the unrelated "noise" concept too
+    assert metrics["n_concepts_lfcbm"] == 4 and min(metrics["acc_lfcbm_sparse"], metrics["acc_lfcbm_dense"]) > 0.5
     path = pd.read_csv(layout.salf_plot("path"))
     assert {"lambda", "nonzeros_per_class", "val_acc"} <= set(path.columns) and path["lambda"].is_monotonic_decreasing
     assert open_store(layout.salf_activations)["activations"].shape == (N, 4)
@@ -270,6 +308,34 @@ def test_new_features_rebuild_the_activation_store(trained, tmp_path):
     result = invoke(tmp_path / "copy", "sparse")
     assert result.exit_code == 0, result.output
     np.testing.assert_allclose(open_store(layout.salf_activations)["activations"][:], before[::-1], rtol=1e-5, atol=1e-6)
+
+
+def test_salf_stats_store_and_the_stats_stage(trained):
+    """salf-stats writes, per test image, standardised c* as presence, W[l, m]·c*[m] (summing to the
+    sparse logit minus its bias) and both predictions; stats reduces it to SALF-CBM's test accuracy."""
+    base, layout = trained
+    for stage in ("salf-stats", "stats"):
+        result = invoke(base, stage)
+        assert result.exit_code == 0, result.output
+    group = open_store(layout.concept_stats("salf"))
+    classifier = SalfModel.load(layout, "cpu").classifier
+    test = np.arange(TRAIN + VAL, N)
+    presence = classifier.standardiser(torch.from_numpy(open_store(layout.salf_activations)["activations"][test]))
+    logits = presence @ classifier.weight.T + classifier.bias
+    pred = logits.argmax(dim=1)
+    torch.testing.assert_close(torch.from_numpy(group[PRESENCE][:]), presence)
+    contribution = torch.from_numpy(group[CONTRIBUTION][:])
+    torch.testing.assert_close(contribution.sum(dim=1), logits.gather(1, pred[:, None])[:, 0] - classifier.bias[pred])
+    np.testing.assert_array_equal(group[PRED_MODEL][:], pred.numpy())
+    np.testing.assert_array_equal(group[PRED_BACKBONE][:], open_store(layout.logits)["logits"][test].argmax(axis=1))
+    np.testing.assert_array_equal(group[STATS_IMAGE][:], test)
+    np.testing.assert_array_equal(group[STATS_LABEL][:], open_store(layout.images)["labels"][test])
+    assert group.attrs["concepts"] == CONCEPTS[:4] and group.attrs["split"] == "test"
+    stats = json.loads(layout.stats_metrics.read_text())["salf"]
+    salf = json.loads(layout.salf_metrics.read_text())
+    assert stats["acc_model"] == pytest.approx(salf["acc_sparse"]) and stats["acc_backbone"] == pytest.approx(salf["acc_backbone"])
+    assert stats["l0"] == pytest.approx(float((classifier.weight[pred] != 0).sum(dim=1).float().mean()))
+    assert stats["n_images"] == N - TRAIN - VAL and stats["n_concepts"] == 4
 
 
 def test_explain_stage_writes_png_and_json_per_image_and_a_gallery(trained):
@@ -369,7 +435,10 @@ def test_evaluate_method_maps_and_class_map(trained):
     model = method.model
     features = torch.from_numpy(open_store(layout.features("layer2"))["features"][130:140])
     raw = model.concept_maps(features)
-    torch.testing.assert_close(maps.maps, model.classifier.standardised_maps(raw))
+    # drawn on the 16 px image with each cell at its circle centre (6, 12, 18 of CLIP's 24 px: 3.8, 7.8, 11.8)
+    geometry = model.registration
+    assert maps.maps.shape == (10, 4, SIZE, SIZE) and geometry == registration_of(layout, "layer2")
+    torch.testing.assert_close(maps.maps, geometry.upsample(model.classifier.standardised_maps(raw)))
     class_maps = method.class_maps(batch)
     _, logits = model.classifier.classify(raw)
     predicted = logits.argmax(dim=1)
@@ -377,13 +446,13 @@ def test_evaluate_method_maps_and_class_map(trained):
     objects = torch.tensor([kind != "background" for kind in model.concept_types], dtype=torch.float32)
     weights = model.classifier.weight[predicted]
     expected = torch.einsum("bm,bmgh->bgh", weights * objects, model.classifier.standardised_maps(raw))
-    torch.testing.assert_close(class_maps, expected)
+    torch.testing.assert_close(class_maps, geometry.upsample(expected))
     # with average pooling and no scene weight the class map spreads logit - bias over the grid
     no_scene = (weights * (1 - objects)).abs().sum(dim=1) == 0
     chosen_logit = logits.gather(1, predicted[:, None])[:, 0]
     assert no_scene.any() and not no_scene.all()
     spread = chosen_logit - model.classifier.bias[predicted]
-    torch.testing.assert_close(class_maps.mean(dim=(1, 2))[no_scene], spread[no_scene])
+    torch.testing.assert_close(expected.mean(dim=(1, 2))[no_scene], spread[no_scene])
     assert method.accuracy_path() == [(r["nonzeros_per_class"], r["val_acc"]) for r in model.lambda_path]
 
 

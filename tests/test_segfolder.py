@@ -8,6 +8,7 @@ import torch
 from PIL import Image, ImageOps
 
 from lib.core.cli import progress
+from lib.core.errors import UserError
 from lib.core.layout import Layout
 from lib.core.params import DataParams, RuntimeParams, SegFolderParams
 from lib.core.stores import open_store
@@ -136,5 +137,5 @@ def test_bad_pairs_error_or_are_skipped(tmp_path: Path) -> None:
 
 
 def test_missing_root_names_the_key(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="data.segfolder.root"):
+    with pytest.raises(UserError, match=r"^data.segfolder.root: '.*nowhere/images' — not a directory"):
         _prepare(tmp_path / "nowhere", tmp_path / "out")

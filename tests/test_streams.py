@@ -39,3 +39,24 @@ def test_batch_source_covers_rows_once_and_shuffles_reproducibly(tmp_path: Path)
     assert not np.array_equal(np.concatenate(first), np.concatenate(second))  # a new order per pass
     again = batch_source({"a": array}, indices, 10, shuffle=True, seed=3, buffer_shards=2)
     assert np.array_equal(np.concatenate([b["index"].numpy() for b in again()]), np.concatenate(first))
+
+
+def test_reads_ahead_in_order_and_the_same_batches_with_any_reader_threads(tmp_path: Path) -> None:
+    import time
+
+    from lib.core.streams import read_ahead, reader_threads, set_reader_threads
+
+    def slow(i: int) -> int:
+        time.sleep(0.002 * (i % 3))  # later items often finish first
+        return i * i
+
+    assert list(read_ahead(slow, range(20), threads=3)) == [i * i for i in range(20)]
+    array = make_array(tmp_path)
+    indices = np.setdiff1d(np.arange(100), [7, 50, 51])
+    passes, before = [], reader_threads()
+    for threads in (0, 3):
+        set_reader_threads(threads)
+        source = batch_source({"a": array}, indices, 10, shuffle=True, seed=5, buffer_shards=2)
+        passes.append([b["a"].numpy() for b in source()])
+    set_reader_threads(before)
+    assert all(np.array_equal(a, b) for a, b in zip(*passes, strict=True))

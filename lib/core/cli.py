@@ -57,22 +57,34 @@ def summary(stage: str, text: str) -> None:
     console.print(f"[bold green]{stage}[/bold green]: {text}", highlight=False)
 
 
-def stage_setup(params: Path) -> tuple[Params, Layout, torch.device]:
-    """What a stage starts with: validated params, its layout and its device (runtime.device)."""
+Check = Callable[["Params"], None]
+
+
+def stage_setup(params: Path, check: Check | None = None) -> tuple[Params, Layout, torch.device]:
+    """What a stage starts with: validated params, its layout and its device (runtime.device).
+
+    `check(config)` runs right after the schema, before anything is loaded: the stage's checks
+    that need no data or weights (a UserError naming the key when one fails). The store readers
+    of this process get runtime.num_workers threads (lib/core/streams.py).
+    """
     from lib.core.device import resolve_device
     from lib.core.layout import Layout
     from lib.core.params import load_params
+    from lib.core.streams import set_reader_threads
 
     config = load_params(params)
+    if check is not None:
+        check(config)
+    set_reader_threads(config.runtime.num_workers)
     return config, Layout.from_params(config), resolve_device(config.runtime.device)
 
 
-def sharded_stage(params: Path) -> tuple[Params, Layout, torch.device, Ranks]:
+def sharded_stage(params: Path, check: Check | None = None) -> tuple[Params, Layout, torch.device, Ranks]:
     """stage_setup for a store-writing stage: under torchrun, this rank's ranks and device
     (one GPU per rank)."""
     from lib.core.distributed import init_ranks
 
-    config, layout, device = stage_setup(params)
+    config, layout, device = stage_setup(params, check)
     ranks, device = init_ranks(device)
     return config, layout, device, ranks
 
@@ -83,19 +95,23 @@ class StageReport(Protocol):
     def summary(self) -> str: ...
 
 
-def run_stage(name: str, params: Path, entry: Callable[..., StageReport], *, sharded: bool = False, **options: Any) -> StageReport:
+def run_stage(
+    name: str, params: Path, entry: Callable[..., StageReport], *, sharded: bool = False, check: Check | None = None, **options: Any
+) -> StageReport:
     """The body of every pipeline command: set up, call the stage's one lib entry point, print its summary.
 
     `entry(config, layout, device, [ranks,] progress, **options)`; `sharded` stages get this
-    torchrun rank's ranks and device. A UserError is one line and exit status 2.
+    torchrun rank's ranks and device. `check(config)` is the validation step: it runs right after
+    the params load, before any model or data, and checks what the stage reads (see `stage_setup`).
+    A UserError is one line and exit status 2.
     """
     with user_errors():
         if sharded:
-            config, layout, device, ranks = sharded_stage(params)
+            config, layout, device, ranks = sharded_stage(params, check)
             with progress() as bar:
                 report = entry(config, layout, device, ranks, bar, **options)
         else:
-            config, layout, device = stage_setup(params)
+            config, layout, device = stage_setup(params, check)
             with progress() as bar:
                 report = entry(config, layout, device, bar, **options)
     details = getattr(report, "details", None)

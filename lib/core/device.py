@@ -2,6 +2,8 @@
 
 import torch
 
+from lib.core.errors import UserError
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     """Map a params device string ("auto", "cpu", "cuda", "cuda:1", "mps") to a torch device.
@@ -12,7 +14,12 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device '{name}' requested but CUDA is not available; use 'cpu' or 'auto'")
+        raise UserError("CUDA is not available on this machine", key="runtime.device", value=name, fix="set it to 'cpu' or 'auto'")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"this machine has {torch.cuda.device_count()} CUDA devices", key="runtime.device", value=name,
+                        fix="set it to 'cuda', 'auto' or cuda:<i> with i below that count")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("MPS (Apple GPUs) is not available here", key="runtime.device", value=name, fix="set it to 'cpu' or 'auto'")
     return device
 
 

@@ -101,6 +101,11 @@ class Layout:
         return self.salf / "activations.zarr"
 
     @property
+    def salf_pooled(self) -> Path:
+        """sparse (Table 1 baselines): the bottleneck layer's average-pooled features (N, C) of every image."""
+        return self.salf / "pooled.zarr"
+
+    @property
     def salf_classifier(self) -> Path:
         """sparse: pooling, train standardisation, sparse and dense final layers, the lambda path."""
         return self.salf / "classifier.pt"
@@ -125,6 +130,95 @@ class Layout:
     def explain_adhoc(self) -> Path:
         """Explanations of user-chosen images (`explain --index/--image`): outside the DVC-tracked folder."""
         return self.root / "explain_adhoc"
+
+    # every concept method
+    def method_dir(self, method: str) -> Path:
+        """data/<name>/<method>/: a method's own outputs (salf, fact, cefam)."""
+        return self.root / method
+
+    def concept_stats(self, method: str) -> Path:
+        """Per-image presence and contribution of every concept (lib/core/schema.py), read by `stats`."""
+        return self.method_dir(method) / "concept_stats.zarr"
+
+    # CE-FAM
+    @property
+    def cefam(self) -> Path:
+        return self.method_dir("cefam")
+
+    @property
+    def cefam_pooled(self) -> Path:
+        """translator: z_cat, the pooled features of cefam.layers (N, sum C) fp16."""
+        return self.cefam / "pooled.zarr"
+
+    @property
+    def cefam_translator(self) -> Path:
+        """translator: the trained h, its layers and concept list (torch, weights_only-loadable)."""
+        return self.cefam / "translator.pt"
+
+    @property
+    def cefam_regions(self) -> Path:
+        """regions: S^t, association scores and region maps of every image of evaluate.split."""
+        return self.cefam / "regions.zarr"
+
+    @property
+    def cefam_explain(self) -> Path:
+        """regions: explanation PNGs (concepts, regions, contributions)."""
+        return self.cefam / "explain"
+
+    def cefam_metrics(self, stage: str) -> Path:
+        """metrics/cefam.json (translator) and metrics/cefam_regions.json (regions)."""
+        return self.metrics / ("cefam.json" if stage == "translator" else f"cefam_{stage}.json")
+
+    def cefam_plot(self, name: str) -> Path:
+        """Plot data of CE-FAM: "translator" (loss per epoch)."""
+        return self.metrics / "plots" / f"cefam_{name}.csv"
+
+    # FaCT
+    @property
+    def fact(self) -> Path:
+        return self.method_dir("fact")
+
+    @property
+    def fact_vectors(self) -> Path:
+        """sae_data: the SAE's training vectors (M, C) fp16 with their image and position."""
+        return self.fact / "sae_data.zarr"
+
+    @property
+    def fact_sae(self) -> Path:
+        """sae: the trained bias-free TopK SAE, its layer and backbone (torch, weights_only-loadable)."""
+        return self.fact / "sae.pt"
+
+    def fact_checkpoint(self, fingerprint: str) -> Path:
+        """sae: the resumable training checkpoint of one configuration, in the scratch area (outside every DVC output)."""
+        return self.scratch(self.fact / f"sae_checkpoint-{fingerprint}.pt")
+
+    @property
+    def fact_matching(self) -> Path:
+        """contributions: SAE latent matched to each ground-truth concept on val, with its score (JSON)."""
+        return self.fact / "matching.json"
+
+    @property
+    def fact_explain(self) -> Path:
+        """fact_explain: explanation PNGs and concept galleries."""
+        return self.fact / "explain"
+
+    @property
+    def fact_metrics(self) -> Path:
+        return self.metrics / "fact.json"
+
+    def fact_plot(self, name: str) -> Path:
+        """Plot data of FaCT: "sae" (training loss per step)."""
+        return self.metrics / "plots" / f"fact_{name}.csv"
+
+    # stats
+    @property
+    def stats(self) -> Path:
+        """Tables of every method's concept statistics: concepts, per_class, top_images (.parquet)."""
+        return self.root / "stats"
+
+    @property
+    def stats_metrics(self) -> Path:
+        return self.metrics / "stats.json"
 
     # toy world models (not per dataset)
     @property

@@ -1,4 +1,4 @@
-"""Atomic writers for every small output (JSON metrics, plot CSVs, figures, text, torch files).
+"""Atomic writers for every small output (JSON metrics, plot CSVs, tables, figures, text, torch files).
 
 Each writes a temp file beside the target and renames it, so a crash never leaves half a file
 that DVC or a reader could take for a finished one.
@@ -45,6 +45,10 @@ def write_text(path: Path, text: str) -> None:
 
 def write_csv(path: Path, frame: pd.DataFrame) -> None:
     write_text(path, frame.to_csv(index=False, float_format="%.6g"))
+
+
+def write_parquet(path: Path, frame: pd.DataFrame) -> None:
+    write_atomic(path, lambda tmp: frame.to_parquet(tmp, index=False))
 
 
 def write_figure(path: Path, figure: Figure, dpi: int = 100) -> None:

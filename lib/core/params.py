@@ -45,6 +45,12 @@ class ToyWorldParams(Section):
     max_objects: Annotated[int, Field(ge=1, le=3)] = 3
 
 
+# Decompression-bomb guard of image decoding (lib/data/decode.py): a file with more pixels is a bad
+# image; null: no limit. The default is Pillow's own (decode.DEFAULT_MAX_PIXELS, tested equal).
+MaxPixels = PositiveInt | None
+DEFAULT_MAX_PIXELS = 89_478_485
+
+
 class ImageFolderParams(Section):
     """A directory tree root/<class>/<image>, or a CSV/parquet list of (path, label[, split])."""
 
@@ -54,6 +60,7 @@ class ImageFolderParams(Section):
     test_fraction: Fraction = 0.1
     on_bad_image: Literal["error", "skip"] = "error"
     extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS
 
     @model_validator(mode="after")
     def _one_source(self) -> ImageFolderParams:
@@ -72,6 +79,7 @@ class SegFolderParams(Section):
     test_fraction: Fraction = 1.0
     on_bad_image: Literal["error", "skip"] = "error"
     extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS
 
 
 class DataParams(Section):
@@ -97,7 +105,9 @@ class DataParams(Section):
 # models
 class RuntimeParams(Section):
     device: str = "auto"
-    num_workers: Annotated[int, Field(ge=0)] = 0
+    # threads that read stores ahead of compute, in every stage (lib/core/streams.py); in prepare, the
+    # DataLoader worker processes that decode image files. 0: read/decode in the stage's own thread
+    num_workers: Annotated[int, Field(ge=0)] = 2
 
     @field_validator("device")
     @classmethod
@@ -112,6 +122,18 @@ class BackboneParams(Section):
 
     arch: str = "toy:cnn"
     weights: str | None = "models/toy/cnn.pt"  # local file, a named tag (needs network), or null
+    # The backbone keeps its own outputs; the dataset's classes map onto them (lib/models/classes.py):
+    # by name (ImageNet WordNet id or class name; the toy classes) unless class_map names a CSV
+    # "dataset_class,backbone_index". new_head: the dataset's classes are not the backbone's; they get
+    # a new head (SALF-CBM's final layer) and acc_backbone, the backbone's predictions and CAMs are skipped.
+    class_map: str | None = None
+    new_head: bool = False
+
+    @model_validator(mode="after")
+    def _one_mapping(self) -> BackboneParams:
+        if self.class_map is not None and self.new_head:
+            raise ValueError("set class_map (map the classes onto the backbone's outputs) or new_head: true (a new head), not both")
+        return self
 
 
 class ClipParams(Section):
@@ -164,6 +186,9 @@ class ToyClipParams(Section):
 class FeaturesParams(Section):
     layers: Annotated[tuple[str, ...], Field(min_length=1)] = ("layer3",)
     batch_size: PositiveInt = 128
+    # the backbone forward in bf16/fp16 (lib/core/device.py; auto: where the hardware runs it natively): ~2-3x faster
+    # on GPUs; false keeps fp32 (the stores are fp16 either way, but bf16 math rounds more than fp16 storage)
+    autocast: Autocast = False
 
 
 class CirclesParams(Section):
@@ -186,15 +211,19 @@ class CirclesParams(Section):
 
 
 class ConceptsParams(Section):
-    """Concept list, prompt template per concept type, and LF-CBM's filters (lib/pipeline/concept_list.py)."""
+    """Concept list, prompt template per concept type, and LF-CBM's filters (lib/pipeline/concept_list.py).
+
+    Defaults are LF-CBM's (max length 30, class similarity 0.85, duplicates 0.9, top-5 activation
+    0.25: train_cbm.py's clip_cutoff; its ImageNet run used 0.28); params.yaml sets the toy CLIP's.
+    """
 
     file: str = "concepts/toy.txt"
     default_template: str = "{}"
     templates: dict[str, str] = Field(default_factory=dict)
     max_chars: PositiveInt = 30
-    duplicate_threshold: Fraction = 0.95
-    class_similarity_threshold: Fraction = 1.0
-    min_top5_similarity: Annotated[float, Field(ge=-1, le=1)] = -1.0
+    duplicate_threshold: Fraction = 0.9
+    class_similarity_threshold: Fraction = 0.85
+    min_top5_similarity: Annotated[float, Field(ge=-1, le=1)] = 0.25
 
     @field_validator("default_template")
     @classmethod
@@ -217,12 +246,21 @@ class ClipImagesParams(Section):
 
     batch_size: PositiveInt = 128
     autocast: Autocast = "auto"
+    # also store the CLIP's last spatial feature map ("dense", N x D' x h x w): FaCT's C²-Score encodes
+    # attributions with it; false skips it (and the C²-Score) on large runs
+    dense: bool = True
 
 
 class SimilarityParams(Section):
-    """P = cos(red-circle embeddings, text embeddings); materialize false leaves it to later stages."""
+    """P = cos(red-circle embeddings, text embeddings); materialize false leaves it to later stages.
 
-    materialize: bool = True
+    "auto" stores P only when its size (N M G^2 fp16 values) is at most max_stored_gb: at ImageNet
+    scale (1.28 M images, ~4.7 k concepts, 7 x 7) it would take ~600 GB, while the circles store it is
+    computed from holds 1.28 M x 49 x 512 fp16 (~64 GB) and one matmul per batch rebuilds it.
+    """
+
+    materialize: Literal["auto"] | bool = "auto"
+    max_stored_gb: PositiveFloat = 20.0
     batch_size: PositiveInt = 256
 
 
@@ -245,8 +283,13 @@ class CblParams(Section):
 
 
 class SparseParams(Section):
+    """SALF-CBM's final layer (and the Table 1 baselines' layers, fitted the same way)."""
+
     pooling: Literal["avg", "max", "softmax"] = "avg"
     alpha: Annotated[float, Field(gt=0, le=1)] = 0.99
+    # None: fit the lambda path and pick by val accuracy within target_nonzeros_per_class; a value:
+    # fit that lambda alone from W = 0 (LF-CBM's and SALF-CBM's setting, e.g. 1e-4 for ImageNet)
+    lam: PositiveFloat | None = None
     n_lambdas: PositiveInt = 40
     lambda_min_ratio: Annotated[float, Field(gt=0, lt=1)] = 1e-3
     target_nonzeros_per_class: PositiveFloat = 5.0
@@ -257,6 +300,9 @@ class SparseParams(Section):
     dense_lambda: Annotated[float, Field(ge=0)] = 1e-4  # L2 strength of the dense comparison layer
     # c* of a split up to this size is held on the device; a larger one streams from its store every epoch
     in_memory_mb: Annotated[float, Field(ge=0)] = 1024.0
+    # SALF-CBM Table 1's baselines on the same features (lib/methods/salf/baselines.py): the backbone's
+    # pooled features and LF-CBM, each with this final layer
+    baselines: bool = True
 
 
 class ExplainParams(Section):
@@ -267,6 +313,117 @@ class ExplainParams(Section):
     seed: int = 0
 
 
+# --------------------------------------------------------------------------------------------
+# CE-FAM
+class TranslatorParams(Section):
+    """CE-FAM's translator (lib/methods/cefam/training.py): z_cat of cefam.layers -> the CLIP image
+    embedding. Paper §4.1 / the authors' train.py: SGD lr 0.1, lr x0.1 after 4 epochs without a
+    better val loss, early stop after 10, lam 0.001. The best, the plateau and the stop use val."""
+
+    hidden: tuple[PositiveInt, ...] | None = None  # hidden widths; None = default_hidden(sum of channels, CLIP dim)
+    lam: Annotated[float, Field(ge=0)] = 1e-3  # weight of the concept-score MSE; 0 = concept-free (any concept list later)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: PositiveFloat = 0.1
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    batch_size: PositiveInt = 256
+    max_epochs: PositiveInt = 150
+    plateau_patience: PositiveInt = 4  # epochs without a better val loss before lr *= plateau_factor
+    plateau_factor: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    patience: PositiveInt = 10  # epochs without a better val loss before stopping
+    seed: int = 0
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1  # only when the manifest has no val split
+    in_memory_mb: Annotated[float, Field(ge=0)] = 1024.0  # a split's pooled features up to this size stay on the device
+
+
+class RegionsParams(Section):
+    """CE-FAM regions, association scores and contributions of every image of evaluate.split
+    (lib/methods/cefam/regions_stage.py)."""
+
+    layers: Annotated[tuple[str, ...], Field(min_length=1)] | None = None  # explained layers; None = all the translator's
+    # Grad-CAM weights: "total" backpropagates S^t through the backbone (the paper's and the authors' Grad-CAM);
+    # "jacobian" differentiates the translator only (exact for the last layer, one Jacobian per image)
+    beta: Literal["total", "jacobian"] = "total"
+    top_k: PositiveInt = 20  # K: channels masked one by one (association and contribution)
+    candidates: PositiveInt = 4  # layers kept per concept by association score (cefam_best4 in evaluate)
+    score: Literal["softmax", "sigmoid", "cosine"] = "softmax"  # what the association masking watches (softmax: CLIP)
+    rule: Literal["trapezoid", "right"] = "trapezoid"  # area of the masking curves (right: the authors' sum)
+    contribution_concepts: PositiveInt = 5  # concepts per image (highest S^t) whose contribution is computed
+    contribution_fill: Literal["mean", "spatial"] = "mean"  # mean: the paper's m^l; spatial: the authors' code before the last layer
+    batch_size: PositiveInt = 32
+    chunk: PositiveInt = 64  # outputs per batched backward ("total") and (image, concept) pairs per tail call
+    n_figures: Annotated[int, Field(ge=0)] = 8  # explanation PNGs (seeded images of the split)
+    figure_concepts: PositiveInt = 4  # concepts per PNG, by |contribution|
+    seed: int = 0
+
+
+class CefamParams(Section):
+    """CE-FAM (lib/methods/cefam): the translator stage trains h, the regions stage explains."""
+
+    layers: Annotated[tuple[str, ...], Field(min_length=1)] | None = None  # z_cat's layers, in order; None = features.layers
+    translator: TranslatorParams = TranslatorParams()
+    regions: RegionsParams = RegionsParams()
+
+
+# --------------------------------------------------------------------------------------------
+# FaCT
+class FactSaeParams(Section):
+    """FaCT's bias-free TopK SAE and its training (lib/methods/fact/sae.py, train.py, sae_stage.py).
+
+    Defaults are FaCT's released settings (8192 concepts, k 32, aux-k 256 / 32, lr 1e-3, warm-up then
+    cosine); params.yaml sets the toy world's (a 128-channel layer)."""
+
+    n_concepts: PositiveInt = 8192
+    k: PositiveInt = 32
+    aux_k: Annotated[int, Field(ge=0)] = 256  # dead latents that reconstruct the residual (aux-k loss)
+    aux_coef: Annotated[float, Field(ge=0)] = 1 / 32
+    dead_after: PositiveInt = 10_000_000  # training vectors without firing before a latent counts as dead
+    steps: PositiveInt = 20_000
+    batch_size: PositiveInt = 4096  # training vectors per step
+    lr: PositiveFloat = 1e-3
+    warmup_steps: Annotated[int, Field(ge=0)] = 1000  # linear warm-up, then cosine down to min_lr_factor * lr
+    min_lr_factor: Fraction = 0.0
+    grad_clip: PositiveFloat = 1.0
+    checkpoint_every: PositiveInt = 500  # steps between resumable checkpoints
+    buffer_shards: PositiveInt = 4  # shards of training vectors shuffled together: the stream's memory
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FactSaeParams:
+        if self.k > self.n_concepts:
+            raise ValueError(f"k ({self.k}) must be <= n_concepts ({self.n_concepts})")
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be <= steps ({self.steps})")
+        return self
+
+
+class FactExplainParams(Section):
+    """FaCT's explanation PNGs and concept galleries (lib/methods/fact/explain.py)."""
+
+    n_images: PositiveInt = 8  # test images explained (seeded sample)
+    top_k: PositiveInt = 5  # concepts per explanation, by contribution
+    gallery_concepts: PositiveInt = 6  # concepts in the gallery (seeded sample of the alive ones)
+    gallery_images: PositiveInt = 6  # top images per gallery concept, by presence
+    seed: int = 0
+
+
+class FactParams(Section):
+    """FaCT (lib/methods/fact): sae_data samples training vectors, sae trains the SAE, contributions
+    explains the test split (statistics, metrics, C²-Score, the latent of each ground-truth concept)."""
+
+    layer: str | None = None  # backbone layer (one of features.layers); None = the last of them
+    seed: int = 0
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1  # only when the manifest has no val split
+    batch_size: PositiveInt = 64  # images per forward/backward pass
+    positions_budget: PositiveInt = 36864  # per image min(budget // C, H * W) positions (FaCT: 72 x 512)
+    sae: FactSaeParams = FactSaeParams()
+    completeness_tol: PositiveFloat = 1e-4  # largest relative completeness error accepted on a dynamic-linear (B-cos) tail
+    c2_top_fraction: Annotated[float, Field(gt=0, le=1)] = 0.05  # C²: a concept's images are its top max(fraction, min_images)
+    c2_min_images: Annotated[int, Field(ge=2)] = 10
+    c2_concepts: PositiveInt | None = None  # C² of a seeded sample of this many alive concepts; None = all alive concepts
+    match_threshold: Annotated[float, Field(ge=-1, le=1)] = 0.5  # a ground-truth concept "found" a latent above this val correlation
+    explain: FactExplainParams = FactExplainParams()
+
+
 class EvaluateParams(Section):
     """Scores every registered method's maps against ground-truth masks (lib/evaluate)."""
 
@@ -275,9 +432,23 @@ class EvaluateParams(Section):
     cam_methods: tuple[Literal["gradcam", "gradcam++", "scorecam"], ...] = ("gradcam", "gradcam++", "scorecam")
     cam_layer: str | None = None  # None = the last of features.layers
     batch_size: PositiveInt = 64
-    steps: Annotated[int, Field(ge=2)] = 101  # top-n% grid 0..100 % of the IoU curves and NRA
+    steps: Annotated[int, Field(ge=2)] = 101  # top-n grid 0..100 % of the IoU curves and NRA; its first step is refined to single pixels
     hit_threshold: Fraction = 0.5  # a concept map "hits" when its NRA exceeds this (CE-FAM)
     seed: int = 0
+
+
+class StatsParams(Section):
+    """Every concept method's statistics, reduced with dask (lib/stats)."""
+
+    scheduler: str = "threads"  # "threads" (local) or a dask.distributed scheduler address, e.g. tcp://host:8786
+    top_images: PositiveInt = 10  # images listed per concept, by presence
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler(cls, value: str) -> str:
+        if value != "threads" and "://" not in value:
+            raise ValueError("must be 'threads' or a dask.distributed scheduler address such as 'tcp://host:8786'")
+        return value
 
 
 class Params(Section):
@@ -298,6 +469,9 @@ class Params(Section):
     sparse: SparseParams = SparseParams()
     explain: ExplainParams = ExplainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    stats: StatsParams = StatsParams()
+    cefam: CefamParams = CefamParams()
+    fact: FactParams = FactParams()
 
     @model_validator(mode="after")
     def _cbl_layer_is_extracted(self) -> Params:
@@ -305,6 +479,25 @@ class Params(Section):
             raise ValueError(
                 f"cbl.layer {self.cbl.layer!r} is not extracted; it must be one of features.layers "
                 f"{list(self.features.layers)} (or null for the last of them)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _fact_layer_is_extracted(self) -> Params:
+        if self.fact.layer is not None and self.fact.layer not in self.features.layers:
+            raise ValueError(
+                f"fact.layer {self.fact.layer!r} is not extracted; it must be one of features.layers "
+                f"{list(self.features.layers)} (or null for the last of them)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _cefam_layers_are_extracted(self) -> Params:
+        missing = [layer for layer in self.cefam.layers or () if layer not in self.features.layers]
+        if missing:
+            raise ValueError(
+                f"cefam.layers {missing} are not extracted; each must be one of features.layers "
+                f"{list(self.features.layers)} (add it there: the features stage checks the backbone has it), or null for all of them"
             )
         return self
 
@@ -322,6 +515,16 @@ def _format_errors(path: Path, error: ValidationError) -> str:
     return f"{path}: invalid params\n  " + "\n  ".join(lines)
 
 
+def _yaml_where(error: yaml.YAMLError) -> str:
+    """' at line L, column C: <problem> (<context> at line L)' on one line, from a YAML error's marks."""
+    mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+    if mark is None or problem is None:
+        return f": {' '.join(str(error).split())}"
+    context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+    where = f" ({context} at line {context_mark.line + 1})" if context and context_mark else ""
+    return f" at line {mark.line + 1}, column {mark.column + 1}: {problem}{where}"
+
+
 def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
     """Read and validate the whole params file; raise :class:`ParamsError` naming every bad key."""
     path = Path(path)
@@ -330,7 +533,7 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+        raise ParamsError(f"{path}: not valid YAML{_yaml_where(exc)}") from exc
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: must be a mapping of sections, got {type(raw).__name__}")
     try:

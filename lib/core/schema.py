@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from lib.core.errors import UserError
+from lib.core.stores import ArraySpec
 
 # features.zarr/<layer>.zarr hold FEATURES; features/logits.zarr holds LOGITS
 FEATURES = "features"
@@ -44,3 +45,34 @@ def check_compatible(a_attrs: Mapping[str, Any], b_attrs: Mapping[str, Any], nam
                 f"{b_attrs[key]!r} ({names[1]})",
                 key="clip", fix="re-run both with the same clip params (dvc repro)",
             )
+
+
+# Attribute keys of stores computed from the images through a model's preprocessing (features,
+# circles): how the model saw the stored images, so lib.kernels.registration can map between views.
+PREPROCESS_KEY = "preprocess"  # lib.kernels.preprocess.Preprocess.to_dict()
+IMAGE_SIZE_KEY = "image_size"  # [H, W] of the stored images
+
+
+def view_provenance(preprocess: Mapping[str, Any], image_size: tuple[int, int]) -> dict[str, Any]:
+    """The attributes that record a model's view of the stored images."""
+    return {PREPROCESS_KEY: dict(preprocess), IMAGE_SIZE_KEY: [int(v) for v in image_size]}
+
+
+# Per-image concept statistics every concept method writes for the `stats` stage
+# (Layout.concept_stats(method) -> data/<name>/<method>/concept_stats.zarr), one row per image of the
+# evaluated split, in manifest order; attributes: "method", "concepts" (names, in column order),
+# "split". Contributions are to the logit of the class the method explains (its prediction,
+# PRED_MODEL), bias excluded, so per image they sum to that logit minus the bias for exact methods.
+STATS_IMAGE = "image"  # (n,) int64: the row in images.zarr
+STATS_LABEL = "label"  # (n,) int64: the true class
+PRED_BACKBONE = "pred_backbone"  # (n,) int64: the backbone's own prediction (dataset class; -1 with backbone.new_head)
+PRED_MODEL = "pred_model"  # (n,) int64: the prediction with the concept model in place
+PRESENCE = "presence"  # (n, J) float32: how present each concept is (method-specific, >= 0 where defined)
+CONTRIBUTION = "contribution"  # (n, J) float32: each concept's contribution to the PRED_MODEL logit
+
+
+def concept_stats_specs(n_images: int, n_concepts: int) -> list[ArraySpec]:
+    """The arrays of a concept_stats store (above), for lib.core.stores.ShardedWriter."""
+    per_image = [ArraySpec(name, (n_images,), "int64", ("item",)) for name in (STATS_IMAGE, STATS_LABEL, PRED_BACKBONE, PRED_MODEL)]
+    per_concept = [ArraySpec(name, (n_images, n_concepts), "float32", ("item", "concept")) for name in (PRESENCE, CONTRIBUTION)]
+    return per_image + per_concept

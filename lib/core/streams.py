@@ -3,17 +3,74 @@
 Stages select images by store row indices (from the manifest); reads are grouped by shard so each
 shard is decoded once per pass. Training passes shuffle shard order and rows inside a small
 buffer of shards — the usual trade-off that keeps memory at `buffer_shards` shards whatever N is.
+
+Reads overlap compute: `read_ahead` decodes the next blocks in reader threads (zarr's decoding
+releases the GIL) while the caller computes on the current one. `runtime.num_workers` is the number
+of those threads in every stage (`set_reader_threads`, called by the stage set-up; 0 reads in the
+calling thread). On CUDA the blocks are pinned in the reader thread so copies to the GPU are
+asynchronous.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 import torch
 import zarr
 
+from lib.core.params import RuntimeParams
+
 BatchSource = Callable[[], Iterator[dict[str, torch.Tensor]]]
+T = TypeVar("T")
+R = TypeVar("R")
+
+_reader_threads = RuntimeParams().num_workers
+
+
+def set_reader_threads(threads: int) -> None:
+    """Threads that read stores ahead of compute in this process (runtime.num_workers; 0: none)."""
+    global _reader_threads
+    if threads < 0:
+        raise ValueError(f"reader threads must be >= 0, got {threads}")
+    _reader_threads = threads
+
+
+def reader_threads() -> int:
+    return _reader_threads
+
+
+def read_ahead(read: Callable[[T], R], items: Iterable[T], threads: int | None = None) -> Iterator[R]:
+    """`map(read, items)` in order, with up to `threads` reads running ahead of the consumer.
+
+    `items` is consumed in the calling thread (so a seeded generator stays deterministic); at most
+    `threads` + 1 results exist at once, which bounds memory. threads None: `reader_threads()`;
+    0: every read in the calling thread, when it is asked for.
+    """
+    threads = reader_threads() if threads is None else threads
+    if threads == 0:
+        yield from map(read, items)
+        return
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="store-reader")
+    pending: deque[Future[R]] = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(read, item))
+            if len(pending) > threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:  # also when the consumer stops early: drop the reads nobody will take
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def host_tensor(values: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """`values` as a CPU tensor ready for `device`: pinned when it is a GPU (asynchronous copies)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(values))
+    return tensor.pin_memory() if torch.device(device).type == "cuda" else tensor
 
 
 def read_rows(array: zarr.Array, indices: np.ndarray) -> np.ndarray:
@@ -56,21 +113,28 @@ def batch_source(
         rng = np.random.default_rng([seed, next(passes)]) if shuffle else None
         order = rng.permutation(len(groups)) if rng is not None else np.arange(len(groups))
         step = buffer_shards if rng is not None else 1
-        carry: dict[str, np.ndarray] | None = None
-        for start in range(0, len(order), step):
-            members = [groups[i] for i in order[start : start + step]]
-            rows = np.concatenate(members)
-            block = {"index": rows, **{name: np.concatenate([read_rows(a, g) for g in members]) for name, a in arrays.items()}}
-            if rng is not None:
-                perm = rng.permutation(len(rows))
-                block = {name: values[perm] for name, values in block.items()}
+
+        def windows() -> Iterator[tuple[list[np.ndarray], np.ndarray | None]]:
+            # drawn here, in the consuming thread and in window order, so the shuffle is the same however reads run
+            for start in range(0, len(order), step):
+                members = [groups[i] for i in order[start : start + step]]
+                yield members, rng.permutation(sum(len(g) for g in members)) if rng is not None else None
+
+        def read(window: tuple[list[np.ndarray], np.ndarray | None]) -> dict[str, torch.Tensor]:
+            members, perm = window
+            block = {name: np.concatenate([read_rows(a, g) for g in members]) for name, a in arrays.items()}
+            block["index"] = np.concatenate(members)
+            return {name: host_tensor(values if perm is None else values[perm], device) for name, values in block.items()}
+
+        carry: dict[str, torch.Tensor] | None = None
+        for block in read_ahead(read, windows()):
             if carry is not None:
-                block = {name: np.concatenate([carry[name], values]) for name, values in block.items()}
+                block = {name: torch.cat([carry[name], values]) for name, values in block.items()}
             full = len(block["index"]) // batch_size * batch_size
             for lo in range(0, full, batch_size):
-                yield {name: torch.from_numpy(np.ascontiguousarray(v[lo : lo + batch_size])).to(device) for name, v in block.items()}
+                yield {name: v[lo : lo + batch_size].to(device, non_blocking=True) for name, v in block.items()}
             carry = {name: values[full:] for name, values in block.items()}
         if carry is not None and len(carry["index"]):
-            yield {name: torch.from_numpy(np.ascontiguousarray(v)).to(device) for name, v in carry.items()}
+            yield {name: v.to(device, non_blocking=True) for name, v in carry.items()}
 
     return iterate

@@ -45,6 +45,23 @@ def split_indices(manifest: pd.DataFrame, split: str) -> np.ndarray:
     return np.sort(manifest.loc[manifest["split"] == split, "index"].to_numpy())
 
 
+def train_val_indices(manifest: pd.DataFrame, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(train rows, val rows, carved): the manifest's train and val splits, or, when it has no val
+    split (e.g. segfolder data), a seeded `val_fraction` of train carved out as val, so no choice
+    ever looks at the test split. ValueError when either would be empty."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    train, val = split_indices(manifest, "train"), split_indices(manifest, "val")
+    carved = len(val) == 0
+    if carved:
+        chosen = np.zeros(len(train), dtype=bool)
+        chosen[np.random.default_rng(seed).choice(len(train), size=round(val_fraction * len(train)), replace=False)] = True
+        train, val = train[~chosen], train[chosen]
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError(f"{len(train)} train and {len(val)} val images: both splits need images (add images or change val_fraction)")
+    return train, val, carved
+
+
 def write_dataset_info(path: Path, info: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(info, indent=2))

@@ -10,13 +10,13 @@ import pandas as pd
 import torch
 from rich.progress import Progress
 
-from lib.data import segfolder
-from lib.data.imagefolder import DecodeDataset, list_images
-from lib.data.manifest import write_dataset_info, write_manifest
 from lib.core.layout import SPLITS, Layout
 from lib.core.params import DataParams, Params, RuntimeParams, params_hash, source_hash
-from lib.data.preview import save_preview
 from lib.core.stores import ArraySpec, ShardedWriter
+from lib.data import segfolder
+from lib.data.imagefolder import DecodeDataset, bad_image_error, check_source, list_images
+from lib.data.manifest import write_dataset_info, write_manifest
+from lib.data.preview import save_preview
 from lib.toy import captions as toy_captions
 from lib.toy import world as toy_world
 
@@ -133,25 +133,27 @@ def prepare_imagefolder(params: DataParams, runtime: RuntimeParams, layout: Layo
     for shard in writer.pending():
         rows = writer.rows(shard)
         loader = torch.utils.data.DataLoader(
-            DecodeDataset(listing.paths[rows], size), batch_size=64, num_workers=runtime.num_workers, collate_fn=list
+            DecodeDataset(listing.paths[rows], size, source.max_pixels), batch_size=64, num_workers=runtime.num_workers, collate_fn=list
         )
-        decoded = [item for batch in loader for item in batch]
-        good = np.array([d[1] for d in decoded])
+        images, errors = zip(*(item for batch in loader for item in batch), strict=True)
+        good = np.array([error is None for error in errors])
         if source.on_bad_image == "error" and not good.all():
-            raise ValueError(f"{decoded[int(np.argmin(good))][2]} (set data.imagefolder.on_bad_image: skip to leave it out)")
-        writer.write(shard, {"images": np.stack([d[0] for d in decoded]), "labels": listing.labels[rows], "ok": good})
+            raise bad_image_error(next(e for e in errors if e is not None), "data.imagefolder", source.max_pixels)
+        writer.write(shard, {"images": np.stack(images), "labels": listing.labels[rows], "ok": good})
         progress.advance(task, rows.stop - rows.start)
     writer.finalize()
 
     ok = writer.group["ok"][:].astype(bool)
     # re-decoding only the few bad files recovers their messages, also for shards of an earlier run
-    problems = {int(i): DecodeDataset([listing.paths[i]], size)[0][2] for i in np.flatnonzero(~ok)}
+    problems = {int(i): str(DecodeDataset([listing.paths[i]], size, source.max_pixels)[0][1]) for i in np.flatnonzero(~ok)}
     images = writer.group["images"]
     layout.bad_images.write_text("".join(f"{problems[i]}\n" for i in sorted(problems)))
     keep = np.flatnonzero(ok)
     write_manifest(
         layout.manifest,
-        pd.DataFrame({"index": keep, "source": [listing.paths[i] for i in keep], "label": listing.labels[keep], "split": listing.splits[keep]}),
+        pd.DataFrame(
+            {"index": keep, "source": [listing.paths[i] for i in keep], "label": listing.labels[keep], "split": listing.splits[keep]}
+        ),
     )
     write_dataset_info(layout.dataset_info, {"kind": "imagefolder", "classes": listing.class_names, "concepts": [], "rules": []})
     sample = keep[: min(len(keep), 16)]
@@ -187,12 +189,13 @@ def prepare_segfolder(params: DataParams, runtime: RuntimeParams, layout: Layout
     task = progress.add_task("decode images and masks", total=n)
     for shard in images.pending():
         rows = images.rows(shard)
-        dataset = segfolder.PairDataset(pairs, range(rows.start, rows.stop), vocabulary, size)
+        dataset = segfolder.PairDataset(pairs, range(rows.start, rows.stop), vocabulary, size, source.max_pixels)
         loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=runtime.num_workers, collate_fn=list)
-        rgb, ids, good, messages = zip(*(item for batch in loader for item in batch), strict=True)
-        if source.on_bad_image == "error" and not all(good):
-            raise ValueError(f"{messages[good.index(False)]} (set data.segfolder.on_bad_image: skip to leave it out)")
-        blocks = {"images": np.stack(rgb), "labels": pairs.labels[rows], "ok": np.array(good), "masks": segfolder.one_hot(np.stack(ids), k)}
+        rgb, ids, errors = zip(*(item for batch in loader for item in batch), strict=True)
+        good = np.array([error is None for error in errors])
+        if source.on_bad_image == "error" and not good.all():
+            raise bad_image_error(next(e for e in errors if e is not None), "data.segfolder", source.max_pixels)
+        blocks = {"images": np.stack(rgb), "labels": pairs.labels[rows], "ok": good, "masks": segfolder.one_hot(np.stack(ids), k)}
         images.write(shard, blocks)
         progress.advance(task, rows.stop - rows.start)
     images.finalize()
@@ -200,7 +203,7 @@ def prepare_segfolder(params: DataParams, runtime: RuntimeParams, layout: Layout
     ok = images.group["ok"][:].astype(bool)
     # re-decoding only the bad pairs recovers their messages, also for shards of an earlier run
     bad = np.flatnonzero(~ok)
-    problems = [segfolder.PairDataset(pairs, range(i, i + 1), vocabulary, size)[0][3] for i in bad]
+    problems = [str(segfolder.PairDataset(pairs, range(i, i + 1), vocabulary, size, source.max_pixels)[0][2]) for i in bad]
     layout.bad_images.write_text("".join(f"{m}\n" for m in problems))
     keep = np.flatnonzero(ok)
     write_manifest(
@@ -223,9 +226,17 @@ def prepare_segfolder(params: DataParams, runtime: RuntimeParams, layout: Layout
     return PrepareReport(len(keep), {s: int((splits == s).sum()) for s in SPLITS}, problems)
 
 
+def check_prepare(config: Params) -> None:
+    """The stage's checks before any work: the image folder or list the `data` section names exists
+    (its classes and files are checked as it is listed, before anything is written)."""
+    check_source(config.data)
+
+
 def run_prepare(config: Params, layout: Layout, device: torch.device, progress: Progress) -> PrepareReport:
-    """The prepare stage: build data/<name>/ for `data.kind` (decoding runs on CPU workers, not `device`)."""
-    layout.root.mkdir(parents=True, exist_ok=True)
+    """The prepare stage: build data/<name>/ for `data.kind` (decoding runs on CPU workers, not `device`).
+
+    Nothing is written before the source is listed: a folder or list the user must fix leaves no
+    trace (the stores create data/<name>/)."""
     if config.data.kind == "toy":
         report = prepare_toy(config.data, layout, progress)
     elif config.data.kind == "imagefolder":

@@ -30,9 +30,11 @@ import pandas as pd
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from lib.data.imagefolder import BadImageError, assign_splits, load_rgb, scan_tree
+from lib.core.errors import UserError
 from lib.core.layout import SPLITS
 from lib.core.params import SegFolderParams
+from lib.data.decode import DEFAULT_MAX_PIXELS
+from lib.data.imagefolder import BadImageError, assign_splits, load_rgb, scan_tree
 
 CONCEPTS_FILE = "concepts.csv"
 MASK_SUFFIX = ".png"
@@ -69,11 +71,13 @@ def read_vocabulary(root: Path, class_names: list[str]) -> Vocabulary:
         return Vocabulary(concepts, None, rules)
     table = pd.read_csv(path)
     missing = {"value", "name", "type"} - set(table.columns)
+    fix = f"make {CONCEPTS_FILE} a CSV value,name,type: one row per mask value (README 'Segmentation data')"
     if missing:
-        raise ValueError(f"{path}: lacks columns {sorted(missing)} (needs value,name,type)")
+        raise UserError(f"{path} lacks columns {sorted(missing)}", key="data.segfolder.root", value=str(root), fix=fix)
     values = pd.to_numeric(table["value"], errors="coerce")
     if values.isna().any() or (values < 0).any() or values.duplicated().any() or table["name"].duplicated().any():
-        raise ValueError(f"{path}: values must be distinct non-negative integers and names distinct")
+        raise UserError(f"{path}: values must be distinct non-negative integers and names distinct", key="data.segfolder.root",
+                        value=str(root), fix=fix)
     lookup = np.full(int(values.max()) + 1, UNLABELLED, dtype=np.int64)
     lookup[values.to_numpy(np.int64)] = np.arange(len(table))
     concepts = [{"name": str(n), "type": str(t)} for n, t in zip(table["name"], table["type"], strict=True)]
@@ -128,12 +132,14 @@ def fit_like_image(ids: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(fitted, dtype=np.int64)
 
 
-def load_pair(image: str, mask: str, label: int, vocabulary: Vocabulary, size: int) -> tuple[np.ndarray, np.ndarray]:
+def load_pair(
+    image: str, mask: str, label: int, vocabulary: Vocabulary, size: int, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 image (size, size, 3), int16 concept map (size, size)); BadImageError names the file."""
     values = mask_values(mask)
     # masks are matched to the stored pixel grid (the size check below is on the raw header size),
     # so the image must not be turned upright by its EXIF orientation while its mask is not
-    rgb = load_rgb(image, size, exif_transpose=False)
+    rgb = load_rgb(image, size, max_pixels=max_pixels, exif_transpose=False)
     with Image.open(image) as header:  # the size only; load_rgb has decoded the pixels
         width, height = header.size
     if values.shape != (height, width):
@@ -142,22 +148,26 @@ def load_pair(image: str, mask: str, label: int, vocabulary: Vocabulary, size: i
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Decodes image/mask pairs in DataLoader workers; a bad pair yields ok=False and its message."""
+    """Decodes image/mask pairs in DataLoader workers: (image, concept map, None), or for a bad pair
+    (zeros, UNLABELLED, its BadImageError)."""
 
-    def __init__(self, pairs: PairList, rows: range, vocabulary: Vocabulary, size: int) -> None:
-        self.pairs, self.rows, self.vocabulary, self.size = pairs, rows, vocabulary, size
+    def __init__(
+        self, pairs: PairList, rows: range, vocabulary: Vocabulary, size: int, max_pixels: int | None = DEFAULT_MAX_PIXELS
+    ) -> None:
+        self.pairs, self.rows, self.vocabulary, self.size, self.max_pixels = pairs, rows, vocabulary, size, max_pixels
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, bool, str]:
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, BadImageError | None]:
         row = self.rows[i]
+        pairs = self.pairs
         try:
-            image, ids = load_pair(self.pairs.images[row], self.pairs.masks[row], int(self.pairs.labels[row]), self.vocabulary, self.size)
-            return image, ids, True, ""
+            image, ids = load_pair(pairs.images[row], pairs.masks[row], int(pairs.labels[row]), self.vocabulary, self.size, self.max_pixels)
+            return image, ids, None
         except BadImageError as exc:
             blank = np.full((self.size, self.size), UNLABELLED, np.int16)
-            return np.zeros((self.size, self.size, 3), np.uint8), blank, False, str(exc)
+            return np.zeros((self.size, self.size, 3), np.uint8), blank, exc
 
 
 def one_hot(concept_maps: np.ndarray, n_concepts: int) -> np.ndarray:

@@ -37,16 +37,20 @@ class EvalBatch:
 class ConceptMaps:
     """Maps of the ground-truth concepts a method covers.
 
-    maps: float (B, M', h, w); concepts: int64 (M',), the ground-truth concept id (position in
-    dataset.json's concepts) that channel j of `maps` explains.
+    maps: float (B, M', h, w), or (B, M', K, h, w) for K candidate maps per concept, of which the
+    one with the best NRA is scored (CE-FAM Table 1: the best of the top-4 layers); concepts:
+    int64 (M',), the ground-truth concept id (position in dataset.json's concepts) that channel j
+    of `maps` explains. Ground-truth concepts a method leaves out count as misses in its Hit rate.
     """
 
     maps: Tensor
     concepts: Tensor
 
     def __post_init__(self) -> None:
-        if self.maps.ndim != 4 or not self.maps.is_floating_point():
-            raise ValueError(f"ConceptMaps.maps must be a float tensor (B, M', h, w); got {self.maps.dtype} {tuple(self.maps.shape)}")
+        if self.maps.ndim not in (4, 5) or not self.maps.is_floating_point():
+            raise ValueError(
+                f"ConceptMaps.maps must be a float tensor (B, M', h, w) or (B, M', K, h, w); got {self.maps.dtype} {tuple(self.maps.shape)}"
+            )
         if self.concepts.ndim != 1 or self.concepts.numel() != self.maps.shape[1] or self.concepts.is_floating_point():
             raise ValueError(
                 f"ConceptMaps.concepts must be integer ids of shape ({self.maps.shape[1]},) (one per map channel); "

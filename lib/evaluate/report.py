@@ -8,11 +8,20 @@ from typing import Any
 from lib.core.layout import Layout
 from lib.core.outputs import json_safe, write_csv, write_json, write_text
 from lib.evaluate.run import Evaluation
-from lib.evaluate.scoring import SEGMENTATION_KEYS
+from lib.evaluate.scoring import CONCEPT_KEYS, SEGMENTATION_KEYS
 from lib.metrics.spatial import AVERAGE_KEY
 
-CONCEPT_KEYS = ("nra", "epg", "hit")
-HEADERS = {"nra": "NRA", "epg": "EPG", "hit": "Hit rate", "pixel_acc": "pixel acc", "miou": "mIoU", "map": "mAP"}
+HEADERS = {
+    "nra": "NRA", "nra_chance": "NRA (chance)", "epg": "EPG", "hit": "Hit rate", "coverage": "coverage",
+    "pixel_acc": "pixel acc", "miou": "mIoU", "map": "mAP",
+}
+NOTE = (
+    "Concept maps, over every ground-truth (image, concept) pair, averaged per concept type, then over types: "
+    "NRA as CE-FAM defines it (lower curve a·n: random maps score about 0.1-0.3), NRA (chance) with the chance "
+    "curve as the lower reference (random = 0), EPG on maps min-max rescaled, Hit rate = NRA > threshold with a "
+    "concept the method has no map for counted as a miss, coverage = share of pairs the method has a map for. "
+    "Segmentation: class maps against the class object's mask."
+)
 
 
 def metrics_dict(evaluation: Evaluation) -> dict[str, Any]:
@@ -20,8 +29,16 @@ def metrics_dict(evaluation: Evaluation) -> dict[str, Any]:
     return json_safe({"concept_maps": evaluation.concept_maps, "segmentation": evaluation.segmentation}, digits=6)
 
 
+def _number(value: float | None) -> str:
+    if value is None or math.isnan(value):
+        return "–"
+    text = f"{value:.3f}"
+    return "0.000" if text == "-0.000" else text  # a chance-level NRA of -1e-17 is 0
+
+
 def summary_table(evaluation: Evaluation) -> str:
-    """Markdown table, one row per method: the concept-map averages and the segmentation scores."""
+    """Markdown: one row per method (concept-map averages, segmentation), then the concept-map
+    metrics of every concept method per concept type."""
     methods = list(dict.fromkeys([*evaluation.concept_maps, *evaluation.segmentation]))
     columns = [*CONCEPT_KEYS, *SEGMENTATION_KEYS]
 
@@ -29,17 +46,27 @@ def summary_table(evaluation: Evaluation) -> str:
         group = (
             evaluation.concept_maps.get(method, {}).get(AVERAGE_KEY, {}) if key in CONCEPT_KEYS else evaluation.segmentation.get(method, {})
         )
-        value = group.get(key)
-        return "–" if value is None or math.isnan(value) else f"{value:.3f}"
+        return _number(group.get(key))
 
     lines = [
-        f"Evaluated on {evaluation.n_images} images. Concept maps: mean over concept types of the (image, concept) "
-        "pairs where the concept is present. Segmentation: class maps against the class object's mask.",
+        f"Evaluated on {evaluation.n_images} images. {NOTE}",
         "",
         "| method | " + " | ".join(HEADERS[c] for c in columns) + " |",
         "|---|" + "---:|" * len(columns),
         *("| " + " | ".join([m, *(cell(m, c) for c in columns)]) + " |" for m in methods),
     ]
+    if evaluation.concept_maps:
+        lines += [
+            "",
+            "| method | concept type | " + " | ".join(HEADERS[c] for c in CONCEPT_KEYS) + " |",
+            "|---|---|" + "---:|" * len(CONCEPT_KEYS),
+            *(
+                "| " + " | ".join([m, kind, *(_number(values.get(c)) for c in CONCEPT_KEYS)]) + " |"
+                for m, groups in evaluation.concept_maps.items()
+                for kind, values in groups.items()
+                if kind != AVERAGE_KEY
+            ),
+        ]
     return "\n".join(lines) + "\n"
 
 

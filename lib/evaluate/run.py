@@ -21,9 +21,10 @@ from lib.evaluate.adapters import METHODS
 from lib.evaluate.registry import ConceptMapMethod, EvalBatch, EvalContext, build_methods
 from lib.evaluate.scoring import ConceptMapScores, CurveMean, SegmentationScores, reference_curves
 from lib.evaluate.truth import GroundTruth
+from lib.metrics.spatial import cefam_fractions
 
-# reference curves of the IoU plot, beside the methods' own curves
-CHANCE, IDEAL = "chance", "ideal"
+# reference curves of the IoU plot, beside the methods' own curves (scoring.reference_curves)
+CHANCE, IDEAL, CEFAM_LOWER = "chance", "ideal", "cefam_lower"
 
 
 @dataclass
@@ -31,7 +32,7 @@ class Evaluation:
     """Scores of every method, and the plot data."""
 
     n_images: int
-    concept_maps: dict[str, dict[str, dict[str, float]]]  # method -> {"avg" | TYPE: {"nra", "epg", "hit"}}
+    concept_maps: dict[str, dict[str, dict[str, float]]]  # method -> {"avg" | TYPE: {scoring.CONCEPT_KEYS}}
     segmentation: dict[str, dict[str, float]]  # method -> {"pixel_acc", "miou", "map"}
     iou_curves: pd.DataFrame  # columns method, top_percent, iou
     accuracy_path: pd.DataFrame  # columns method, nonzeros_per_class, accuracy
@@ -52,15 +53,18 @@ def evaluate_methods(
 
     images: the image store group (arrays images (N, H, W, 3) uint8, labels (N,)); masks: the
     concept masks (N, K, H, W) uint8 (the masks array of images.zarr). One pass over the data serves every method.
+    The top-n grid is CE-FAM's (spatial.cefam_fractions): `params.steps` points from 0 to 100 %,
+    refined to single pixels in the first step, where a step would be coarser than a small mask.
     """
     if masks.shape[1] != truth.n_concepts:
         raise ValueError(f"images.zarr masks have {masks.shape[1]} concept channels but dataset.json lists {truth.n_concepts} concepts")
     if not len(indices):
-        raise ValueError(f"evaluate.split: split {params.split!r} has no images")
-    fractions = torch.linspace(0.0, 1.0, params.steps, dtype=torch.float64)
+        raise UserError("the dataset has no images in this split", key="evaluate.split", value=params.split,
+                        fix="choose a split that has images (data.*.test_fraction sets the test share)")
+    fractions = cefam_fractions(masks.shape[2] * masks.shape[3], bins=params.steps - 1)
     concept_scores = {m.name: ConceptMapScores(truth.concept_types, fractions, params.hit_threshold) for m in methods}
     segmentation = {m.name: SegmentationScores() for m in methods}
-    chance, ideal = CurveMean(), CurveMean()
+    references = {name: CurveMean() for name in (CHANCE, IDEAL, CEFAM_LOWER)}
     source = batch_source(
         {"images": images["images"], "labels": images["labels"], "masks": masks}, indices, params.batch_size, device=device
     )
@@ -68,9 +72,8 @@ def evaluate_methods(
     for rows in source():
         batch = EvalBatch(rows["index"], rows["images"], rows["labels"])
         gt = rows["masks"].bool()
-        low, high = reference_curves(gt, fractions)
-        chance.add(low)
-        ideal.add(high)
+        for name, curve in reference_curves(gt, fractions).items():
+            references[name].add(curve)
         targets = truth.class_masks(gt, batch.labels)
         # methods choose their own grad mode: CAM-style maps (Grad-CAM, CE-FAM regions) need gradients
         for method in methods:
@@ -83,7 +86,7 @@ def evaluate_methods(
         if progress is not None:
             progress.advance(task, len(batch.index))
 
-    curves = [(CHANCE, chance.mean()), (IDEAL, ideal.mean())] + [(name, s.curve.mean()) for name, s in concept_scores.items()]
+    curves = [(name, r.mean()) for name, r in references.items()] + [(name, s.curve.mean()) for name, s in concept_scores.items()]
     percent = (fractions * 100).tolist()
     iou = pd.DataFrame(
         [(name, p, v) for name, curve in curves if curve is not None for p, v in zip(percent, curve.tolist(), strict=True)],

@@ -6,6 +6,7 @@ those small vectors are kept, so memory grows with the number of scored pairs, n
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -13,7 +14,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lib.metrics.segmentation import aggregate_segmentation, segmentation_scores
-from lib.metrics.spatial import epg, hit, ideal_iou_curve, iou_curve, nra_from_curves, random_iou_curve, summarise_by_type
+from lib.metrics.spatial import (
+    best_candidate,
+    cefam_lower_iou_curve,
+    epg,
+    hit_with_coverage,
+    ideal_iou_curve,
+    iou_curve,
+    nra_chance_from_curves,
+    nra_from_curves,
+    random_iou_curve,
+    summarise_by_type,
+)
 
 SEGMENTATION_KEYS = ("pixel_acc", "miou", "map")
 
@@ -26,15 +38,6 @@ def resize_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:
     if tuple(maps.shape[1:]) == tuple(size):
         return maps
     return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-
-
-def present_pairs(masks: Tensor, concepts: Tensor) -> tuple[Tensor, Tensor]:
-    """(image, channel) pairs where ground-truth concept `concepts[channel]` is present.
-
-    masks: bool (B, K, H, W); concepts: int64 (M',). Returns two int64 (P,) tensors.
-    """
-    present = masks[:, concepts.to(masks.device)].flatten(2).any(dim=2)  # (B, M')
-    return present.nonzero(as_tuple=True)
 
 
 class CurveMean:
@@ -54,56 +57,103 @@ class CurveMean:
         return None if self.total is None else self.total / self.count
 
 
+CONCEPT_KEYS = ("nra", "nra_chance", "epg", "hit", "coverage")
+
+
 class ConceptMapScores:
-    """NRA, EPG and Hit of one method's concept maps, per concept type, plus its mean IoU curve."""
+    """CE-FAM's metrics of one method's concept maps, per concept type, plus its mean IoU curve.
+
+    Rows are all ground-truth (image, concept) pairs: the concept is present in the image and its
+    mask is neither empty nor the whole image (NRA is undefined there, and so are the other
+    metrics, so every metric averages over the same rows). On the pairs whose concept the method
+    has a map for: `nra` (CE-FAM's, lower curve a·n), `nra_chance` (ours, lower curve = chance),
+    `epg` (maps min-max rescaled; a constant map scores 0), `hit` (nra > threshold). A pair
+    without a map has NaN NRA/EPG but counts as a miss in `hit` (CE-FAM's Hit rate is over all
+    pairs), and `coverage` is 1 where the method has a map, 0 where not. Candidate maps (B, M', K,
+    h, w): each pair is scored with its candidate of best NRA (all metrics of that one).
+    """
 
     def __init__(self, concept_types: Sequence[str], fractions: Tensor, hit_threshold: float) -> None:
         self.concept_types = tuple(concept_types)
         self.fractions = fractions
         self.hit_threshold = hit_threshold
         self.curve = CurveMean()
-        self.rows: dict[str, list[Tensor]] = {"nra": [], "epg": [], "concept": []}
+        self.rows: dict[str, list[Tensor]] = {key: [] for key in (*CONCEPT_KEYS, "concept")}
 
     def add(self, maps: Tensor, concepts: Tensor, masks: Tensor) -> None:
-        """Score maps (B, M', h, w) of ground-truth concepts `concepts` (M',) against masks
-        bool (B, K, H, W), on the pairs where the concept is present."""
+        """Score maps (B, M', [K,] h, w) of ground-truth concepts `concepts` (M',) against masks
+        bool (B, K_gt, H, W), over every pair where a ground-truth concept is present."""
         if concepts.numel() and not (0 <= int(concepts.min()) and int(concepts.max()) < masks.shape[1]):
             raise ValueError(f"concept ids must lie in [0, {masks.shape[1]}); got {concepts.tolist()}")
-        if maps.shape[:2] != (masks.shape[0], concepts.numel()):
-            raise ValueError(f"maps must have shape ({masks.shape[0]}, {concepts.numel()}, h, w); got {tuple(maps.shape)}")
-        image, channel = present_pairs(masks, concepts)
+        if maps.ndim not in (4, 5) or maps.shape[:2] != (masks.shape[0], concepts.numel()):
+            raise ValueError(f"maps must have shape ({masks.shape[0]}, {concepts.numel()}, [K,] h, w); got {tuple(maps.shape)}")
+        size = tuple(masks.shape[2:])
+        area = masks.flatten(2).sum(dim=2)  # (B, K_gt)
+        image, concept = ((area > 0) & (area < size[0] * size[1])).nonzero(as_tuple=True)
         if image.numel() == 0:
             return
-        concept = concepts.to(masks.device)[channel]
-        # select the scored pairs before resizing: M' may be thousands of concepts
-        selected = resize_maps(maps.to(masks.device)[image, channel], tuple(masks.shape[2:]))
-        truth = masks[image, concept]
-        curves = iou_curve(selected, truth, self.fractions.to(selected.device))
-        self.curve.add(curves)
-        self.rows["nra"].append(nra_from_curves(curves, truth, self.fractions).cpu())
-        self.rows["epg"].append(epg(selected, truth).cpu())
+        column = torch.full((masks.shape[1],), -1, dtype=torch.int64, device=masks.device)
+        column[concepts.to(masks.device)] = torch.arange(concepts.numel(), device=masks.device)
+        covered = column[concept] >= 0
+        undefined = torch.full((image.numel(),), math.nan, dtype=torch.float64, device=masks.device)
+        values = {key: undefined.clone() for key in ("nra", "nra_chance", "epg")}
+        if covered.any():
+            b, j = image[covered], column[concept[covered]]
+            truth = masks[b, concept[covered]]
+            # select the scored pairs before resizing: M' may be thousands of concepts
+            chosen = maps.to(masks.device)[b, j]  # (P, [K,] h, w)
+            if chosen.ndim == 4:
+                chosen = _best_candidates(chosen, truth, self.fractions.to(masks.device))
+            selected = resize_maps(chosen, size)
+            curves = iou_curve(selected, truth, self.fractions.to(selected.device))
+            self.curve.add(curves)
+            values["nra"][covered] = nra_from_curves(curves, truth, self.fractions)
+            values["nra_chance"][covered] = nra_chance_from_curves(curves, truth, self.fractions)
+            values["epg"][covered] = epg(selected, truth)
+        values["hit"] = hit_with_coverage(values["nra"], covered, self.hit_threshold)
+        values["coverage"] = covered.to(torch.float64)
+        for key in CONCEPT_KEYS:
+            self.rows[key].append(values[key].cpu())
         self.rows["concept"].append(concept.cpu())
 
     @property
     def n_pairs(self) -> int:
-        return sum(len(c) for c in self.rows["concept"])
+        """Ground-truth pairs the method had a map for."""
+        return int(sum(c.sum() for c in self.rows["coverage"]))
 
     def summary(self) -> dict[str, dict[str, float]]:
-        """{"avg": {"nra", "epg", "hit"}, TYPE: {...}}: means per concept type, then over types."""
+        """{"avg": {metric: value}, TYPE: {...}}: means per concept type, then over types."""
         if not self.n_pairs:
             return {}
-        values = {name: torch.cat(self.rows[name]) for name in ("nra", "epg")}
-        values["hit"] = hit(values["nra"], self.hit_threshold)
         types = [self.concept_types[k] for k in torch.cat(self.rows["concept"]).tolist()]
-        return summarise_by_type({k: values[k] for k in ("nra", "epg", "hit")}, types)
+        return summarise_by_type({key: torch.cat(self.rows[key]) for key in CONCEPT_KEYS}, types)
 
 
-def reference_curves(masks: Tensor, fractions: Tensor) -> tuple[Tensor, Tensor]:
-    """Chance and ideal IoU curves (P, T) of every present concept of a batch, masks bool (B, K, H, W)."""
-    present = masks.flatten(2).any(dim=2)
-    truth = masks[present]  # (P, H, W)
+def _best_candidates(candidates: Tensor, truth: Tensor, fractions: Tensor) -> Tensor:
+    """The candidate map (P, h, w) of best NRA among (P, K, h, w), against masks (P, H, W).
+
+    Both NRAs rise with the map's IoU AUC, so either picks the same candidate; unclamped CE-FAM
+    NRA keeps candidates below its lower curve apart.
+    """
+    p, k = candidates.shape[:2]
+    resized = resize_maps(candidates.flatten(0, 1), tuple(truth.shape[1:]))
+    repeated = truth.repeat_interleave(k, dim=0)
+    scores = nra_from_curves(iou_curve(resized, repeated, fractions), repeated, fractions, clamp=False).view(p, k)
+    *_, index = best_candidate(scores)
+    return candidates[torch.arange(p, device=candidates.device), index]
+
+
+def reference_curves(masks: Tensor, fractions: Tensor) -> dict[str, Tensor]:
+    """Reference IoU curves (P, T) of every scored pair of a batch, masks bool (B, K, H, W):
+    "chance" (a random selection), "ideal" (the mask ranked first) and "cefam_lower" (CE-FAM's a·n)."""
+    area = masks.flatten(2).sum(dim=2)
+    truth = masks[(area > 0) & (area < masks.shape[2] * masks.shape[3])]  # (P, H, W)
     fractions = fractions.to(masks.device)
-    return random_iou_curve(truth, fractions), ideal_iou_curve(truth, fractions)
+    return {
+        "chance": random_iou_curve(truth, fractions),
+        "ideal": ideal_iou_curve(truth, fractions),
+        "cefam_lower": cefam_lower_iou_curve(truth, fractions),
+    }
 
 
 class SegmentationScores:

@@ -11,6 +11,8 @@ from lib.core.layout import Layout
 from lib.core.params import Params
 from lib.evaluate.report import summary_table, write_evaluation
 from lib.evaluate.run import Evaluation, evaluate_all
+from lib.models.backbones import check_backbone
+from lib.models.layers import check_layers
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,15 @@ class EvaluateReport:
         skipped = f"; skipped (disabled, or their stages have not run): {', '.join(evaluation.skipped)}" if evaluation.skipped else ""
         methods = sorted({*evaluation.concept_maps, *evaluation.segmentation})
         return f"{len(methods)} methods on {evaluation.n_images} images -> {self.layout.evaluate_metrics}{skipped}"
+
+
+def check_evaluate(config: Params) -> None:
+    """The stage's checks before any work: with CAM baselines, the backbone's arch and their layer
+    (no weights read; a weights file that does not exist yet only leaves the CAMs out)."""
+    if config.evaluate.cam_methods:
+        skeleton = check_backbone(config.backbone, weights=False)
+        key = "evaluate.cam_layer" if config.evaluate.cam_layer else "features.layers"
+        check_layers(skeleton, [config.evaluate.cam_layer or config.features.layers[-1]], key)
 
 
 def run_evaluate(config: Params, layout: Layout, device: torch.device, progress: Progress | None = None) -> EvaluateReport:

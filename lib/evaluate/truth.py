@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lib.core.errors import UserError
+
 SCENE_TYPES = frozenset({"background"})  # concept types that describe the scene, not an object
 
 
@@ -35,9 +37,9 @@ class GroundTruth:
         """Build from the dict of dataset.json; raise ValueError if it has no concepts."""
         concepts = info.get("concepts") or []
         if not concepts:
-            raise ValueError(
-                f"dataset.json of kind {info.get('kind')!r} lists no concepts: the evaluate stage needs ground-truth "
-                "masks (data.kind toy or segfolder)"
+            raise UserError(
+                "the dataset lists no concepts: the evaluate stage needs ground-truth masks", key="data.kind", value=info.get("kind"),
+                fix="use data.kind toy or segfolder (image + mask pairs), or run the stages before evaluate only",
             )
         classes = tuple(info["classes"])
         rules = torch.zeros(len(classes), len(concepts), dtype=torch.bool)

@@ -74,20 +74,41 @@ class Preprocess:
         """
         x = _channels_first(images)
         height, width = x.shape[-2:]
-        interpolation = TF.InterpolationMode(self.interpolation)
-        if self.resize_mode == "shortest":
-            short = self.resize_size or self.size
-            if min(height, width) != short:
-                x = TF.resize(x, [short], interpolation=interpolation, antialias=True)
-        elif self.resize_mode == "longest":
-            if max(height, width) != self.size:
-                x = TF.resize(x, None, max_size=self.size, interpolation=interpolation, antialias=True)
-        elif (height, width) != (self.size, self.size):
-            x = TF.resize(x, [self.size, self.size], interpolation=interpolation, antialias=True)
+        resized = self.resized_shape(height, width)
+        if resized != (height, width):
+            x = TF.resize(x, list(resized), interpolation=TF.InterpolationMode(self.interpolation), antialias=True)
         # center_crop pads with zeros when the image is smaller: exactly "longest" mode's padding.
         x = TF.center_crop(x, [self.size, self.size])
         x = TF.to_dtype(x, torch.float32, scale=True)
         return TF.normalize(x, mean=list(self.mean), std=list(self.std))
+
+    def resized_shape(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) of an (height, width) image after the resize step, before the centre crop or pad
+        (torchvision's rounding: the scaled side is truncated to an int)."""
+        if self.resize_mode == "squash":
+            return self.size, self.size
+        short, long = min(height, width), max(height, width)
+        if self.resize_mode == "shortest":
+            new_short = self.resize_size or self.size
+            new_long = int(new_short * long / short)
+        else:  # longest
+            new_short, new_long = int(self.size * short / long), self.size
+        return (new_long, new_short) if width <= height else (new_short, new_long)
+
+    def view(self, height: int, width: int) -> tuple[tuple[float, float], tuple[float, float]]:
+        """Where an (height, width) image lands in the model input, per axis (y, then x): (scale, offset)
+        with input = scale * image - offset in continuous pixel coordinates (pixel i spans [i, i + 1)).
+
+        The offset is the centre crop's start (torchvision's rounding), negative where the image
+        is padded instead ("longest" mode)."""
+        axes = []
+        for length, resized in zip((height, width), self.resized_shape(height, width)):
+            if resized >= self.size:
+                offset = int(round((resized - self.size) / 2.0))
+            else:
+                offset = -((self.size - resized) // 2)
+            axes.append((resized / length, float(offset)))
+        return axes[0], axes[1]
 
     def normalise_color(self, rgb: tuple[int, int, int], device: torch.device | str | None = None) -> torch.Tensor:
         """An RGB colour (0-255) in normalised space, float32 (3,): (rgb / 255 - mean) / std.

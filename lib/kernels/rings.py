@@ -13,7 +13,15 @@ import torch.nn.functional as F
 from lib.core.device import autocast_dtype
 from lib.kernels.preprocess import Preprocess
 
-__all__ = ["CircleEncoder", "blend_rings", "grid_centers", "ring_alpha", "validate_grid"]
+__all__ = ["CircleEncoder", "RingGeometryError", "blend_rings", "grid_centers", "ring_alpha", "validate_grid"]
+
+
+class RingGeometryError(ValueError):
+    """A ring layout that does not fit the image; `parameter` names the value at fault ("grid", "radius" or "width")."""
+
+    def __init__(self, message: str, parameter: str) -> None:
+        super().__init__(message)
+        self.parameter = parameter
 
 
 def grid_centers(size: int, grid: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -22,10 +30,10 @@ def grid_centers(size: int, grid: int, device: torch.device | str | None = None)
     Stride d = floor(size / (grid + 1)) and centres d * (i + 1), as in SALF-CBM Algorithm 1.
     """
     if grid < 1:
-        raise ValueError(f"grid must be >= 1, got {grid}")
+        raise RingGeometryError(f"grid must be >= 1, got {grid}", "grid")
     stride = size // (grid + 1)
     if stride < 1:
-        raise ValueError(f"grid={grid} is larger than the image (size={size}); need grid <= size - 1")
+        raise RingGeometryError(f"grid={grid} is larger than the image (size={size}); need grid <= size - 1", "grid")
     ticks = stride * torch.arange(1, grid + 1, dtype=torch.float32, device=device)
     ys, xs = torch.meshgrid(ticks, ticks, indexing="ij")
     return torch.stack([ys.reshape(-1), xs.reshape(-1)], dim=1)
@@ -116,7 +124,7 @@ def blend_rings(
 
 
 def validate_grid(size: int, grid: int, radius: float, width: float) -> None:
-    """Raise ValueError unless a grid x grid layout of rings fits a size x size image.
+    """Raise RingGeometryError unless a grid x grid layout of rings fits a size x size image (>= 2 px).
 
     Checks: size >= 2, 1 <= grid < size (stride >= 1), radius > 0, 0 < width < 2 * radius (a
     ring, not a disc), and every ring reaches into the image (its inner edge is nearer than the
@@ -125,18 +133,19 @@ def validate_grid(size: int, grid: int, radius: float, width: float) -> None:
     if size < 2:
         raise ValueError(f"size must be >= 2 pixels, got {size}")
     if radius <= 0:
-        raise ValueError(f"radius must be > 0 pixels, got {radius}")
+        raise RingGeometryError(f"radius must be > 0 pixels, got {radius}", "radius")
     if width <= 0:
-        raise ValueError(f"width must be > 0 pixels, got {width}")
+        raise RingGeometryError(f"width must be > 0 pixels, got {width}", "width")
     if width >= 2 * radius:
-        raise ValueError(f"width={width} must be < 2 * radius = {2 * radius} so the ring has a hole")
+        raise RingGeometryError(f"width={width} must be < 2 * radius = {2 * radius} so the ring has a hole", "width")
     centers = grid_centers(size, grid)  # raises for grid < 1 or larger than the image
     # Distance from each centre to its farthest image corner; the worst centre bounds the radius.
     reach = torch.maximum(centers, (size - 1) - centers).norm(dim=1).min().item()
     if radius - width / 2 >= reach:
-        raise ValueError(
+        raise RingGeometryError(
             f"radius={radius} is too large for size={size}, grid={grid}: some rings would lie wholly "
-            f"outside the image; need radius - width/2 < {reach:.1f}"
+            f"outside the image; need radius - width/2 < {reach:.1f}",
+            "radius",
         )
 
 

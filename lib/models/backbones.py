@@ -9,24 +9,35 @@ A checkpoint written by `save_backbone` carries its arch, class count and prepro
 state dict (e.g. a library's release file) gets the tag's or else the arch's default preprocessing.
 """
 
+from __future__ import annotations
+
 import logging
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from bcos.data.transforms import AddInverse
 from torch import nn
 
+from lib.core.errors import UserError, user_error_for
 from lib.kernels.preprocess import Preprocess
+from lib.models.classes import OutputNames, imagenet_classes
 from lib.models.weights import (
+    UnknownNameError,
+    WeightsSpec,
+    WeightsUnavailableError,
     fetching,
     file_id,
     load_state_file,
     parse_weights,
     unknown_name_error,
 )
+
+if TYPE_CHECKING:
+    from lib.core.params import BackboneParams
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +52,7 @@ class LoadedBackbone:
     preprocess: Preprocess
     model_id: str  # provenance: "<source>:<name>|<weights>", e.g. "toy:cnn|file=cnn.pt sha256=1a2b..."
     num_classes: int
+    output_names: OutputNames | None = None  # what each output means, when known (lib/models/classes.py)
 
 
 class BcosWithInverse(nn.Module):
@@ -131,7 +143,7 @@ def _bcos(name: str, tag: str | None, num_classes: int | None, fetch: bool) -> t
     entrypoint = getattr(bcos_pretrained, name)
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     if tag is not None and fetch:
-        with fetching(f"B-cos weights for {name}", "weights='DEFAULT@/path/to/resnet_50-ead259efe4.pth'"):
+        with fetching(f"B-cos weights for {name}", "weights='DEFAULT@/path/to/<file>.pth' (bcos.models.pretrained.URLS lists the files)"):
             net = entrypoint(pretrained=True, progress=False, **kwargs)
     else:
         net = entrypoint(pretrained=False, progress=False, **kwargs)
@@ -162,16 +174,26 @@ def _toy(name: str, tag: str | None, num_classes: int | None, fetch: bool) -> tu
 _BUILDERS = {"torchvision": _torchvision, "timm": _timm, "bcos": _bcos, "toy": _toy}
 
 
+def _output_names(source: str, num_classes: int) -> OutputNames | None:
+    """The toy classes for a toy model with their count; ImageNet-1k for any other 1000-output model
+    (torchvision, timm and B-cos all use its standard order); otherwise unknown (backbone.class_map)."""
+    if source == "toy":
+        from lib.toy.world import CLASSES
+
+        return OutputNames("toy world", tuple(c.name for c in CLASSES)) if num_classes == len(CLASSES) else None
+    return imagenet_classes() if num_classes == 1000 else None
+
+
 def _parse_arch(arch: str, source: str) -> tuple[str, str]:
     if source not in ("auto", *SOURCES):
         raise ValueError(f"source must be 'auto' or one of {SOURCES}, got {source!r}")
     prefix, colon, name = arch.partition(":")
     if not colon:
         if source == "auto":
-            raise ValueError(f"arch {arch!r} needs a source prefix, e.g. 'torchvision:resnet50' (sources: {SOURCES})")
+            raise UnknownNameError(f"arch {arch!r} needs a source prefix, e.g. 'torchvision:resnet50' (sources: {SOURCES})")
         return source, arch
     if prefix not in SOURCES or not name:
-        raise ValueError(f"arch {arch!r} must look like '<source>:<name>' with source in {SOURCES}")
+        raise UnknownNameError(f"arch {arch!r} must look like '<source>:<name>' with source in {SOURCES}")
     if source not in ("auto", prefix):
         raise ValueError(f"arch {arch!r} conflicts with source={source!r}")
     return prefix, name
@@ -193,7 +215,10 @@ def load_backbone(arch: str, weights: str | os.PathLike | None, num_classes: int
     state, meta = load_state_file(spec.path) if spec.path else (None, None)
     if meta is not None:
         if meta["arch"] != f"{source}:{name}":
-            raise ValueError(f"{spec.path} holds a {meta['arch']} checkpoint, not {source}:{name}")
+            backbone_skeleton(f"{source}:{name}")  # an arch that does not exist is the error to report, not the file
+            raise ValueError(
+                f"{spec.path} holds a {meta['arch']} checkpoint, not {source}:{name}; pass a checkpoint of {source}:{name}, a tag or None"
+            )
         if num_classes not in (None, meta["num_classes"]):
             raise ValueError(f"num_classes={num_classes} but {spec.path} has {meta['num_classes']} classes")
         num_classes = meta["num_classes"]
@@ -217,4 +242,54 @@ def load_backbone(arch: str, weights: str | os.PathLike | None, num_classes: int
         )
     weights_id = file_id(spec.path) if spec.path else (f"tag={spec.tag}" if spec.tag else "random")
     model.eval().requires_grad_(False)
-    return LoadedBackbone(model, preprocess, f"{source}:{name}|{weights_id}", num_classes)
+    return LoadedBackbone(model, preprocess, f"{source}:{name}|{weights_id}", num_classes, _output_names(source, num_classes))
+
+
+def backbone_skeleton(arch: str, tag: str | None = None) -> nn.Module:
+    """`arch` built on the meta device: its modules and their names, no memory and no weights.
+
+    Raises what `load_backbone` raises for an unknown arch (UnknownNameError) or a tag the arch
+    does not have (ValueError), without reading or downloading anything.
+    """
+    source, name = _parse_arch(arch, "auto")
+    with torch.device("meta"):
+        model, _, _ = _BUILDERS[source](name, tag, None, False)
+    return model
+
+
+def check_backbone(settings: BackboneParams, *, weights: bool = True) -> nn.Module:
+    """Check the `backbone` section before any work; return the architecture on the meta device.
+
+    backbone.arch must name a model its library registers; backbone.weights (when `weights`) must
+    be an existing file, '<tag>@<existing file>', a tag the arch has, or null; backbone.class_map
+    an existing file or null. The arch is reported first: with an unknown arch, the weights say
+    nothing. A UserError names the key.
+    """
+    arch_fix = "set it to '<source>:<name>' of a model its library has"
+    weights_fix = "set it to an existing file, '<tag>@<file>', a tag of the arch (needs network) or null (random init)"
+    with user_error_for("backbone.arch", settings.arch, catch=(UnknownNameError,), fix=arch_fix):
+        _parse_arch(settings.arch, "auto")
+    spec, missing = WeightsSpec(None, None), None
+    if weights:
+        try:
+            spec = parse_weights(settings.weights)
+        except ValueError as error:  # reported after the arch, which may be wrong too
+            missing = error
+    with user_error_for("backbone.weights", settings.weights, catch=(ValueError,), fix=weights_fix):
+        with user_error_for("backbone.arch", settings.arch, catch=(UnknownNameError,), fix=arch_fix):
+            skeleton = backbone_skeleton(settings.arch, spec.tag)
+    if missing is not None:
+        raise UserError(str(missing), key="backbone.weights", value=settings.weights, fix=weights_fix) from missing
+    if settings.class_map is not None and not Path(settings.class_map).is_file():
+        raise UserError("file not found", key="backbone.class_map", value=settings.class_map,
+                        fix="set it to a CSV dataset_class,backbone_index, or null to map the classes by name")
+    return skeleton
+
+
+def load_backbone_checked(settings: BackboneParams, num_classes: int | None = None) -> LoadedBackbone:
+    """`load_backbone` for the `backbone` section: what the user can fix is a UserError naming the key
+    (an unknown arch: backbone.arch; a missing file, a checkpoint of another arch, weights
+    unavailable offline: backbone.weights)."""
+    with user_error_for("backbone.weights", settings.weights, catch=(ValueError, FileNotFoundError, WeightsUnavailableError)):
+        with user_error_for("backbone.arch", settings.arch, catch=(UnknownNameError,)):
+            return load_backbone(settings.arch, settings.weights, num_classes=num_classes)

@@ -14,24 +14,47 @@ from bcos.modules import LogitLayer
 from bcos.modules.common import DetachableModule
 from torch import nn
 
+from lib.core.errors import user_error_for
+
 
 def layer_names(model: nn.Module) -> list[str]:
     """Every addressable layer name of `model`, in registration order (root excluded)."""
     return [name for name, _ in model.named_modules() if name]
 
 
+class LayerNotFoundError(ValueError):
+    """A layer name the model does not have."""
+
+
 def resolve_layer(model: nn.Module, name: str) -> nn.Module:
-    """The submodule at dotted path `name`; ValueError listing valid names (closest first) if unknown."""
+    """The submodule at dotted path `name`; LayerNotFoundError naming the closest valid names if unknown.
+
+    The message stays one short line for any model size: the closest names and the model's
+    top-level children (every dotted path below them is valid too), not all of its modules.
+    """
     modules = dict(model.named_modules())
     if name and name in modules:
         return modules[name]
     valid = layer_names(model)
     close = difflib.get_close_matches(str(name), valid, n=5, cutoff=0.5)
-    rest = [n for n in valid if n not in close]
+    top = [child for child, _ in model.named_children()]
+    shown = ", ".join(top[:12]) + (", ..." if len(top) > 12 else "")
     hint = f"closest: {', '.join(close)}; " if close else ""
-    raise ValueError(
-        f"layer {name!r} not found in {type(model).__name__}; {hint}valid names: {', '.join(rest)}"
+    raise LayerNotFoundError(
+        f"layer {name!r} not found in {type(model).__name__}; {hint}top-level layers: {shown} "
+        f"(and the dotted paths below them, {len(valid)} names in all)"
     )
+
+
+def check_layers(model: nn.Module, names: Sequence[str], key: str) -> None:
+    """Raise a UserError naming the params `key` for the first of `names` that `model` does not have.
+
+    `model` may live on the meta device (`backbone_skeleton`): only its module names are read.
+    """
+    for name in names:
+        fix = "use a module of the backbone, by its dotted path in model.named_modules()"
+        with user_error_for(key, name, catch=(LayerNotFoundError,), fix=fix):
+            resolve_layer(model, name)
 
 
 class _AllCaptured(Exception):
@@ -80,6 +103,16 @@ def extract_layers(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> d
     layer runs (later in-place ops such as ReLU(inplace) cannot alter them), and the forward
     stops as soon as the last requested layer has run. Gradients flow through the outputs.
     """
+    return _capture(model, x, names, stop=True)[1]
+
+
+def forward_with_layers(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(model(x), extract_layers(model, x, names)) from a single forward pass: the cost of the bare model."""
+    return _capture(model, x, names, stop=False)
+
+
+def _capture(model: nn.Module, x: torch.Tensor, names: Sequence[str], stop: bool) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """The forward with hooks behind extract_layers (`stop`: end it after the last layer; output None)."""
     if isinstance(names, str) or len(names) == 0:
         raise ValueError(f"names must be a non-empty sequence of layer names, got {names!r}")
     wanted = {name: resolve_layer(model, name) for name in names}
@@ -90,14 +123,15 @@ def extract_layers(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> d
             if name in captured:
                 raise ValueError(f"layer {name!r} runs more than once per forward; its output is ambiguous")
             captured[name] = output.clone() if isinstance(output, torch.Tensor) else output
-            if len(captured) == len(wanted):
+            if stop and len(captured) == len(wanted):
                 raise _AllCaptured
 
         return hook
 
     handles = [module.register_forward_hook(hook_for(name)) for name, module in wanted.items()]
+    result = None
     try:
-        model(x)
+        result = model(x)
     except _AllCaptured:
         pass
     finally:
@@ -112,7 +146,7 @@ def extract_layers(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> d
         features[name] = grid
         if cls is not None:
             features[f"{name}.cls"] = cls
-    return features
+    return result, features
 
 
 class _Tracer(fx.Tracer):

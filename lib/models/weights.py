@@ -8,9 +8,12 @@ import difflib
 import hashlib
 import os
 import pickle
+import socket
+import urllib.parse
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from unittest import mock
 
@@ -92,20 +95,63 @@ def load_state_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     return checkpoint, meta
 
 
+_PROXY_VARIABLES = ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
+
+
+@cache
+def hub_unreachable() -> str | None:
+    """The Hugging Face Hub's host when it does not accept a connection within 3 s, else None.
+
+    None behind a proxy (it may reach the Hub when we cannot) and in huggingface_hub's own
+    offline mode. Asked once per process.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(name) for name in _PROXY_VARIABLES):
+        return None
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
+    except OSError:
+        return url.hostname
+    return None
+
+
+def _from_hub(error: BaseException | None) -> bool:
+    """Whether huggingface_hub raised `error` or one of the errors it chains."""
+    while error is not None:
+        if type(error).__module__.startswith("huggingface_hub"):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 @contextmanager
 def fetching(what: str, offline_hint: str) -> Iterator[None]:
     """Guard a library download: force weights_only loading, turn network errors into a clear error.
 
     torch.hub and libraries built on it call torch.load(weights_only=False); the environment
-    switch makes torch refuse pickled code there too.
+    switch makes torch refuse pickled code there too. When the Hugging Face Hub cannot be reached,
+    its offline mode is switched on: the file comes from its cache or the error comes at once,
+    instead of after huggingface_hub's retries (about a minute per file).
     """
-    with mock.patch.dict(os.environ, {"TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1"}):
+    with ExitStack() as stack:
+        stack.enter_context(mock.patch.dict(os.environ, {"TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1"}))
+        host = hub_unreachable()
+        if host is not None:
+            from huggingface_hub import constants
+
+            stack.enter_context(mock.patch.object(constants, "HF_HUB_OFFLINE", True))
         try:
             yield
         except OSError as error:  # URLError, socket errors and huggingface_hub's offline errors
+            if host is not None and _from_hub(error):
+                cause = f"{host} cannot be reached and the file is not in the local cache"
+            else:
+                cause = f"{type(error).__name__}: {error}"
             raise WeightsUnavailableError(
-                f"could not download {what} ({type(error).__name__}: {error}). Named weights need network "
-                f"access; offline, fetch the file elsewhere and pass its local path instead, e.g. {offline_hint}"
+                f"could not download {what} ({cause}). Named weights need network access; offline, "
+                f"fetch the file elsewhere and pass its local path instead, e.g. {offline_hint}"
             ) from error
 
 

@@ -16,16 +16,16 @@ from rich.progress import Progress
 
 from lib.core.device import precision_name
 from lib.core.distributed import Ranks, sharded_outputs
-from lib.core.errors import user_error_for
-from lib.core.extract import fill_stores
+from lib.core.errors import UserError
+from lib.core.extract import Fill, fill_stores
 from lib.core.layout import Layout
 from lib.core.params import Params, params_hash
-from lib.core.schema import CIRCLES, clip_provenance
+from lib.core.schema import CIRCLES, clip_provenance, view_provenance
 from lib.core.stores import ArraySpec, ShardedWriter, open_store
-from lib.kernels.rings import CircleEncoder
-from lib.models.clip import load_clip_checked
+from lib.kernels.rings import CircleEncoder, RingGeometryError, validate_grid
+from lib.models.clip import check_clip, load_clip_checked
 
-__all__ = ["CirclesReport", "run_circles"]
+__all__ = ["CirclesReport", "check_circles", "run_circles"]
 
 # Settings that change how the work is split, not what is stored: a rerun with new values
 # resumes the same store instead of recomputing every image.
@@ -38,30 +38,46 @@ class CirclesReport:
     grid: int
     embed_dim: int
     model_id: str
-    shards_written: int
+    fill: Fill
     precision: str
+
+    @property
+    def shards_written(self) -> int:
+        return self.fill.shards
 
     def summary(self) -> str:
         return (f"{self.n_images} images, grid {self.grid}x{self.grid}, D={self.embed_dim}, {self.precision}, "
-                f"{self.shards_written} shards written ({self.model_id})")
+                f"{self.shards_written} shards written ({self.fill.summary()}; {self.model_id})")
+
+
+def check_circles(config: Params) -> None:
+    """The stage's checks before any work: the `clip` section, and the ring geometry against the
+    CLIP's input size (read from its config, no weights loaded)."""
+    size = check_clip(config.clip)
+    settings = config.circles
+    try:
+        validate_grid(size, settings.grid, settings.radius, settings.width)
+    except RingGeometryError as error:
+        raise UserError(
+            str(error), key=f"circles.{error.parameter}", value=getattr(settings, error.parameter),
+            fix=f"the CLIP input ({config.clip.model}) is {size} px: choose circles.grid, radius and width that fit it",
+        ) from None
 
 
 def run_circles(config: Params, layout: Layout, device: torch.device, ranks: Ranks, progress: Progress | None) -> CirclesReport:
     """Write ``circles.zarr`` for every image of the image store; resumes an interrupted run.
 
-    The ring geometry is validated against the CLIP input size before any image is encoded.
+    The stage validates the ring geometry against the CLIP input size first (`check_circles`).
     Under torchrun each rank encodes and writes the whole shards it owns.
     """
     image_store = open_store(layout.images)
     images = image_store["images"]
     settings = config.circles
     clip = load_clip_checked(config.clip)
-    with user_error_for("circles", settings.model_dump(mode="json", include={"grid", "radius", "width"}),
-                        fix=f"the CLIP input is {clip.preprocess.size} px: choose a grid, radius and width that fit it"):
-        encoder = CircleEncoder(
-            clip.model.to(device), clip.preprocess, settings.grid, settings.radius, settings.width,
-            settings.color, settings.chunk, settings.autocast,
-        )
+    encoder = CircleEncoder(
+        clip.model.to(device), clip.preprocess, settings.grid, settings.radius, settings.width,
+        settings.color, settings.chunk, settings.autocast,
+    )
     n, rows = images.shape[0], (images.shards or images.chunks)[0]
     grid, dim = settings.grid, clip.embed_dim
     # The CLIP's model id carries its weights' hash, the image store's fingerprint its content.
@@ -72,6 +88,7 @@ def run_circles(config: Params, layout: Layout, device: torch.device, ranks: Ran
         "params_hash": fingerprint,
         **clip_provenance(clip.model_id, dim),
         "input_size": clip.preprocess.size,
+        **view_provenance(clip.preprocess.to_dict(), images.shape[1:3]),  # where the rings lie (lib/kernels/registration.py)
         **content,
     }
     specs = [ArraySpec(CIRCLES, (n, grid, grid, dim), "float16", ("item", "grid_y", "grid_x", "embed"))]
@@ -83,8 +100,8 @@ def run_circles(config: Params, layout: Layout, device: torch.device, ranks: Ran
         return {CIRCLES: {CIRCLES: encoder(batch)}}
 
     with sharded_outputs(make_writers, ranks) as writers:
-        written = fill_stores(
+        fill = fill_stores(
             writers, images, encode, batch_size=settings.batch_size, device=device, ranks=ranks,
             progress=progress, description="circles",
         )
-    return CirclesReport(n, grid, dim, clip.model_id, written, precision_name(encoder.dtype))
+    return CirclesReport(n, grid, dim, clip.model_id, fill, precision_name(encoder.dtype))

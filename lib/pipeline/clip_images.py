@@ -4,9 +4,10 @@ The store (data/<name>/clip_images.zarr) holds "image_emb" (N, D), L2-normalised
 cast. It depends on the images and the CLIP only, so changing the ring settings of `circles`
 re-runs neither this nor what reads it (the concept filter; CE-FAM's translator targets).
 
-Seam for dense features: a later `dense` array (N, D', h, w) of the CLIP's last spatial feature
-map (FaCT's C²-Score encodes attributions with it) is one more entry of `encode`'s output and one
-more ArraySpec, written in the same pass.
+With `clip_images.dense` it also holds "dense" (N, D', h, w) fp16: the CLIP's last spatial feature
+map (lib.models.clip.dense_layer; the toy CLIP's layer4, 2 x 2 at 64 px), unnormalised, which FaCT's
+C²-Score encodes attributions with. It is captured in the same forward as the embedding, but its
+store is large; turn it off where nothing reads it.
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ from rich.progress import Progress
 
 from lib.core.device import autocast_dtype, precision_name
 from lib.core.distributed import Ranks, sharded_outputs
-from lib.core.extract import fill_stores
+from lib.core.extract import Fill, fill_stores
 from lib.core.layout import Layout
 from lib.core.params import Params, params_hash
-from lib.core.schema import IMAGE_EMB, clip_provenance
+from lib.core.schema import DENSE, IMAGE_EMB, clip_provenance
 from lib.core.stores import ArraySpec, ShardedWriter, open_store
-from lib.models.clip import load_clip_checked
+from lib.models.clip import check_clip, dense_layer, load_clip_checked
+from lib.models.layers import extract_layers, forward_with_layers
 
-__all__ = ["ClipImagesReport", "run_clip_images"]
+__all__ = ["ClipImagesReport", "check_clip_images", "run_clip_images"]
 
 
 @dataclass(frozen=True)
@@ -34,11 +36,21 @@ class ClipImagesReport:
     n_images: int
     embed_dim: int
     model_id: str
-    shards_written: int
+    fill: Fill
     precision: str
 
+    @property
+    def shards_written(self) -> int:
+        return self.fill.shards
+
     def summary(self) -> str:
-        return f"{self.n_images} images, D={self.embed_dim}, {self.precision}, {self.shards_written} shards written ({self.model_id})"
+        return (f"{self.n_images} images, D={self.embed_dim}, {self.precision}, {self.shards_written} shards written "
+                f"({self.fill.summary()}; {self.model_id})")
+
+
+def check_clip_images(config: Params) -> None:
+    """The stage's checks before any work: the `clip` section (no weights loaded)."""
+    check_clip(config.clip)
 
 
 def run_clip_images(config: Params, layout: Layout, device: torch.device, ranks: Ranks, progress: Progress | None) -> ClipImagesReport:
@@ -50,20 +62,29 @@ def run_clip_images(config: Params, layout: Layout, device: torch.device, ranks:
     model, preprocess = clip.model.to(device), clip.preprocess
     dtype = autocast_dtype(device, settings.autocast)
     n, rows = images.shape[0], (images.shards or images.chunks)[0]
-    fingerprint = params_hash(clip.model_id, image_store.attrs["fingerprint"])
+    dense = dense_layer(model) if settings.dense else None
+    fingerprint = params_hash(clip.model_id, image_store.attrs["fingerprint"], {"dense": dense})
     attributes = {"stage": "clip_images", "params_hash": fingerprint, **clip_provenance(clip.model_id, clip.embed_dim),
-                  "input_size": preprocess.size}
+                  "input_size": preprocess.size, "dense_layer": dense}
     specs = [ArraySpec(IMAGE_EMB, (n, clip.embed_dim), "float16", ("item", "embed"))]
+    if dense is not None:
+        with torch.inference_mode():
+            probe = extract_layers(model.visual, preprocess(torch.from_numpy(images[:1]).to(device)), [dense])[dense]
+        specs.append(ArraySpec(DENSE, (n, *probe.shape[1:]), "float16", ("item", "channel", "y", "x")))
 
     def make_writers(create: bool) -> dict[str, ShardedWriter]:
         return {IMAGE_EMB: ShardedWriter(layout.clip_images, specs, rows, attributes, fingerprint, create=create)}
 
     def encode(batch: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+        x = preprocess(batch)
         with torch.autocast(device.type, dtype or torch.bfloat16, enabled=dtype is not None):
-            emb = model.encode_image(preprocess(batch)).float()
-        return {IMAGE_EMB: {IMAGE_EMB: F.normalize(emb, dim=-1)}}
+            if dense is None:
+                return {IMAGE_EMB: {IMAGE_EMB: F.normalize(model.encode_image(x).float(), dim=-1)}}
+            # encode_image is model.visual (open_clip); one forward gives the embedding and the dense map
+            embedding, maps = forward_with_layers(model.visual, x, [dense])
+        return {IMAGE_EMB: {IMAGE_EMB: F.normalize(embedding.float(), dim=-1), DENSE: maps[dense].float()}}
 
     with sharded_outputs(make_writers, ranks) as writers:
-        written = fill_stores(writers, images, encode, batch_size=settings.batch_size, device=device, ranks=ranks,
-                              progress=progress, description="clip_images")
-    return ClipImagesReport(n, clip.embed_dim, clip.model_id, written, precision_name(dtype))
+        fill = fill_stores(writers, images, encode, batch_size=settings.batch_size, device=device, ranks=ranks,
+                           progress=progress, description="clip_images")
+    return ClipImagesReport(n, clip.embed_dim, clip.model_id, fill, precision_name(dtype))

@@ -22,18 +22,18 @@ import torch
 import zarr
 from rich.progress import Progress
 
-from lib.core.errors import user_error_for
+from lib.core.errors import UserError, user_error_for
 from lib.core.layout import Layout
-from lib.core.params import Params, params_hash
+from lib.core.params import ConceptsParams, Params, params_hash
 from lib.core.schema import IMAGE_EMB, TEXT_EMB, check_compatible, clip_provenance
 from lib.core.stores import ArraySpec, ShardedWriter, open_store
 from lib.core.streams import batch_source
 from lib.data.manifest import read_dataset_info, read_manifest, split_indices
 from lib.kernels.text import encode_texts
-from lib.models.clip import load_clip_checked
-from lib.pipeline.concept_list import concept_prompts, filter_concepts, read_concept_list
+from lib.models.clip import check_clip, load_clip_checked
+from lib.pipeline.concept_list import TOP_K, concept_prompts, filter_concepts, read_concept_list
 
-__all__ = ["ConceptsReport", "run_concepts"]
+__all__ = ["ConceptsReport", "check_concepts", "run_concepts"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,19 @@ def _image_embeddings(store: zarr.Group, rows: np.ndarray, device: torch.device)
     return (batch[IMAGE_EMB] for batch in source())
 
 
+def _concept_list(settings: ConceptsParams) -> list[tuple[str, str | None]]:
+    """The parsed concept list; an unreadable file is a UserError naming concepts.file."""
+    fix = "set concepts.file to a UTF-8 text file, one concept per line (e.g. concepts/toy.txt)"
+    with user_error_for("concepts.file", str(settings.file), catch=(FileNotFoundError, IsADirectoryError, UnicodeDecodeError), fix=fix):
+        return read_concept_list(settings.file, allowed_types=settings.templates)
+
+
+def check_concepts(config: Params) -> None:
+    """The stage's checks before any work: the concept list parses and the `clip` section (no weights loaded)."""
+    _concept_list(config.concepts)
+    check_clip(config.clip)
+
+
 def run_concepts(config: Params, layout: Layout, device: torch.device, progress: Progress | None = None) -> ConceptsReport:
     """Embed, filter (LF-CBM) and store the concept list of ``config.concepts.file``.
 
@@ -64,8 +77,7 @@ def run_concepts(config: Params, layout: Layout, device: torch.device, progress:
     embeddings only, and is skipped when its threshold (min_top5_similarity = -1) can never fire.
     """
     settings = config.concepts
-    with user_error_for("concepts.file", str(settings.file), catch=(FileNotFoundError, IsADirectoryError, UnicodeDecodeError)):
-        listed = read_concept_list(settings.file, allowed_types=settings.templates)
+    listed = _concept_list(settings)
     image_store = open_store(layout.clip_images)
     clip = load_clip_checked(config.clip)
     check_compatible(image_store.attrs, clip_provenance(clip.model_id, clip.embed_dim), ("clip_images", "clip params"))
@@ -79,7 +91,13 @@ def run_concepts(config: Params, layout: Layout, device: torch.device, progress:
     # Cosines are >= -1: a threshold of -1 keeps everything, so no image needs to be read.
     images = None
     if settings.min_top5_similarity > -1:
-        images = _image_embeddings(image_store, split_indices(read_manifest(layout.manifest), "train"), device)
+        train = split_indices(read_manifest(layout.manifest), "train")
+        if len(train) < TOP_K:
+            raise UserError(
+                f"the train split has {len(train)} images; the top-{TOP_K} activation filter needs {TOP_K}",
+                key="concepts.min_top5_similarity", value=settings.min_top5_similarity, fix="set it to -1 (off) or add train images",
+            )
+        images = _image_embeddings(image_store, train, device)
     kept, reasons = filter_concepts(
         [name for name, _ in listed], text, images,
         class_names=classes, class_emb=encode_texts(model, clip.tokenizer, class_prompts),

@@ -1,7 +1,8 @@
 """The similarity stage's work: P[n, m, h, w] = cos(circle embedding, concept text embedding), fp16.
 
-With ``similarity.materialize`` the store (data/<name>/similarity.zarr) holds "P" (N, M, G, G);
-without it the store is a marker with the same provenance attributes and ``materialized: false``
+When P is materialised (``similarity.materialize`` true, or "auto" and P fits in
+``similarity.max_stored_gb``) the store (data/<name>/similarity.zarr) holds "P" (N, M, G, G);
+otherwise the store is a marker with the same provenance attributes and ``materialized: false``
 and no arrays: P is one matmul per batch (lib.kernels.similarity.similarity_batch), so later stages
 compute it on the fly from the circles and concepts stores.
 """
@@ -26,8 +27,21 @@ from lib.core.stores import ArraySpec, ShardedWriter, open_store
 from lib.kernels.similarity import similarity_batch
 from lib.pipeline.stored_concepts import read_concepts
 
-__all__ = ["SimilarityReport", "run_similarity"]
+__all__ = ["SimilarityReport", "materialize_p", "p_bytes", "run_similarity"]
 
+
+
+def p_bytes(shape: tuple[int, int, int, int]) -> int:
+    """Bytes of P (N, M, G, G) stored as fp16."""
+    n, m, gh, gw = shape
+    return 2 * n * m * gh * gw
+
+
+def materialize_p(setting: bool | str, shape: tuple[int, int, int, int], max_stored_gb: float) -> bool:
+    """Whether to store P: `setting` itself when true/false; "auto": only when it fits max_stored_gb."""
+    if setting == "auto":
+        return p_bytes(shape) <= max_stored_gb * 1e9
+    return bool(setting)
 
 
 @dataclass(frozen=True)
@@ -35,10 +49,14 @@ class SimilarityReport:
     shape: tuple[int, int, int, int]  # (N, M, G, G), whether stored or not
     materialized: bool
     shards_written: int
+    setting: bool | str  # similarity.materialize
 
     def summary(self) -> str:
-        stored = f"{self.shards_written} shards written" if self.materialized else "not materialised (computed on the fly)"
-        return f"P {self.shape}: {stored}"
+        size = f"{p_bytes(self.shape) / 1e9:.3g} GB as fp16"
+        why = f" (materialize: {self.setting})" if self.setting == "auto" else ""
+        if self.materialized:
+            return f"P {self.shape}, {size}: stored{why}, {self.shards_written} shards written"
+        return f"P {self.shape}, {size}: not stored{why}; later stages compute it on the fly"
 
 
 def _write_marker(path: Path, attributes: dict[str, Any]) -> None:
@@ -58,7 +76,7 @@ def run_similarity(
     embeddings = circles[CIRCLES]
     n, grid = embeddings.shape[0], embeddings.shape[1]
     shape = (n, len(concepts.names), grid, grid)
-    materialize = config.similarity.materialize
+    materialize = materialize_p(config.similarity.materialize, shape, config.similarity.max_stored_gb)
     fingerprint = params_hash(circles.attrs["fingerprint"], concepts.attrs["fingerprint"], str(materialize))
     attributes = {
         "stage": "similarity",
@@ -71,7 +89,7 @@ def run_similarity(
     if not materialize:
         if ranks.is_main:
             _write_marker(layout.similarity, {**attributes, "fingerprint": fingerprint})
-        return SimilarityReport(shape, False, 0)
+        return SimilarityReport(shape, False, 0, config.similarity.materialize)
 
     text = concepts.text_emb.to(device)
     spec = ArraySpec(P, shape, "float16", ("item", "concept", "grid_y", "grid_x"))
@@ -84,8 +102,8 @@ def run_similarity(
         return {P: {P: similarity_batch(batch, text)}}
 
     with sharded_outputs(make_writers, ranks) as writers:
-        written = fill_stores(
+        filled = fill_stores(
             writers, embeddings, encode, batch_size=config.similarity.batch_size, device=device, ranks=ranks,
             progress=progress, description="similarity",
         )
-    return SimilarityReport(shape, True, written)
+    return SimilarityReport(shape, True, filled.shards, config.similarity.materialize)

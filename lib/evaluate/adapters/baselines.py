@@ -15,10 +15,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lib.core.params import BackboneParams
+from lib.data.manifest import read_dataset_info
 from lib.evaluate.registry import ConceptMapMethod, ConceptMaps, EvalBatch, EvalContext, MethodFactory
 from lib.kernels.cam import CAM_METHODS, CamMethod, cam_maps, centre_prior, random_maps
 from lib.kernels.preprocess import Preprocess
-from lib.models.backbones import load_backbone
+from lib.models.backbones import LoadedBackbone, load_backbone_checked
+from lib.models.classes import ClassMap, resolve_class_map
 from lib.models.layers import resolve_layer
 from lib.models.weights import parse_weights
 
@@ -60,17 +63,19 @@ class CentrePrior(ConceptMapMethod):
 
 @dataclass
 class CamBaseline(ConceptMapMethod):
-    """A CAM of the backbone at `layer` for each image's true class."""
+    """A CAM of the backbone at `layer` for each image's true class (the backbone output it maps onto)."""
 
     name: CamMethod
     model: nn.Module
     layer: nn.Module
     preprocess: Preprocess
     batch_size: int
+    class_map: ClassMap
 
     def class_maps(self, batch: EvalBatch) -> Tensor:
         # the true class: the target mask is that class's object, a CAM of another class would be scored against it
-        return cam_maps(self.model, self.layer, self.preprocess(batch.images), batch.labels, self.name, self.batch_size)
+        targets = self.class_map.output_of(batch.labels)
+        return cam_maps(self.model, self.layer, self.preprocess(batch.images), targets, self.name, self.batch_size)
 
 
 def _random(context: EvalContext) -> RandomMaps:
@@ -82,13 +87,11 @@ def _centre(context: EvalContext) -> CentrePrior:
 
 
 @cache
-def _backbone(
-    arch: str, weights: str | None, layer: str, num_classes: int, device: torch.device
-) -> tuple[nn.Module, nn.Module, Preprocess]:
-    """The backbone in eval mode on `device`, its CAM layer and preprocessing; loaded once for all CAMs."""
-    loaded = load_backbone(arch, weights, num_classes=num_classes)
-    model = loaded.model.to(device).eval()
-    return model, resolve_layer(model, layer), loaded.preprocess
+def _backbone(settings: BackboneParams, layer: str, device: torch.device) -> tuple[LoadedBackbone, nn.Module]:
+    """The backbone (its own head) in eval mode on `device` and its CAM layer; loaded once for all CAMs."""
+    loaded = load_backbone_checked(settings)
+    loaded.model.to(device).eval()
+    return loaded, resolve_layer(loaded.model, layer)
 
 
 def _weights_missing(weights: str | None) -> bool:
@@ -106,10 +109,14 @@ def _cam_factory(method: CamMethod) -> MethodFactory:
         if method not in params.evaluate.cam_methods or _weights_missing(params.backbone.weights):
             return None
         layer = params.evaluate.cam_layer or params.features.layers[-1]
-        model, target, preprocess = _backbone(
-            params.backbone.arch, params.backbone.weights, layer, len(context.truth.class_names), context.device
+        backbone, target = _backbone(params.backbone, layer, context.device)
+        class_map = resolve_class_map(  # as the features stage resolved it (lib/models/classes.py)
+            context.truth.class_names, read_dataset_info(context.layout.dataset_info)["kind"], backbone.output_names,
+            backbone.num_classes, class_map=params.backbone.class_map, new_head=params.backbone.new_head, arch=params.backbone.arch,
         )
-        return CamBaseline(method, model, target, preprocess, params.evaluate.batch_size)
+        if class_map is None:  # backbone.new_head: the backbone has no output for the dataset's classes
+            return None
+        return CamBaseline(method, backbone.model, target, backbone.preprocess, params.evaluate.batch_size, class_map)
 
     return factory
 

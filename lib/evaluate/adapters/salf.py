@@ -3,7 +3,9 @@
 Concept maps are the bottleneck's maps of the stored features, standardised per concept with the
 train statistics of c* (the cubic cosine loss leaves each map's offset and scale free, so raw
 maps are not comparable across concepts, and EPG needs a meaningful zero). Only concepts whose
-name is a ground-truth concept are scored.
+name is a ground-truth concept are scored. Maps are drawn on the image by the bottleneck's grid
+registration (lib.kernels.registration: each cell at its circle centre, as `explain` draws them),
+not by the evaluator's plain resize, which would put cell (h, w) at ((h + 1/2) / G) of the image.
 
 Class map (zero-shot segmentation). SALF-CBM §4.2 trains on the concept list "An image of a
 {class}" and uses the class concept's map. Our concepts are attributes, so we use the evidence
@@ -50,7 +52,8 @@ class SalfMaps(ConceptMapMethod):
         if self.columns.numel() == 0:
             return None
         maps = self.model.classifier.standardised_maps(self._maps(batch))
-        return ConceptMaps(maps[:, self.columns.to(maps.device)], self.concepts.to(maps.device))
+        chosen = self.model.registration.upsample(maps[:, self.columns.to(maps.device)])
+        return ConceptMaps(chosen, self.concepts.to(maps.device))
 
     def class_maps(self, batch: EvalBatch) -> Tensor:
         raw = self._maps(batch)
@@ -58,7 +61,7 @@ class SalfMaps(ConceptMapMethod):
         _, logits = classifier.classify(raw)
         weights = classifier.weight.to(raw.device)[logits.argmax(dim=1)]  # (B, M): the predicted class's row
         weights = weights * self.object_concepts.to(weights.device)
-        return torch.einsum("bm,bmgh->bgh", weights, classifier.standardised_maps(raw))
+        return self.model.registration.upsample(torch.einsum("bm,bmgh->bgh", weights, classifier.standardised_maps(raw)))
 
     def accuracy_path(self) -> Sequence[tuple[float, float]]:
         return [(row["nonzeros_per_class"], row["val_acc"]) for row in self.model.lambda_path]

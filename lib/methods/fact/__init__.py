@@ -2,8 +2,10 @@
 layer of a (B-cos, dynamic-linear) backbone gives concepts shared across classes whose contributions
 to a logit are exact; the C²-Score measures how consistent a concept's input attributions are.
 
-Modules: `sae` (the autoencoder), `train` (resumable training loop, fraction of variance
+Core (torch only): `sae` (the autoencoder), `train` (resumable training loop, fraction of variance
 explained), `sampling` (which feature-map positions to train on), `contributions` (presence and
-logit contributions per concept), `c2` (C²-Score pieces). This package imports nothing from the
-rest of the project.
+logit contributions per concept), `c2` (C²-Score pieces), `matching` (latent <-> ground-truth
+concept). Stages: `vectors` (sae_data), `sae_stage` (sae), `contributions_stage` (contributions,
+with `consistency`: the C²-Score run), `explain` (fact_explain); shared by them: `backbone` (the
+backbone cut at the SAE's layer, input-level maps), `streams` (vector streams), `artifacts` (sae.pt).
 """

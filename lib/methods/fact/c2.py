@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["SelectedImages", "c2_score", "encode_attribution", "select_images", "weighted_mean_pairwise_cosine"]
+__all__ = ["SelectedImages", "c2_score", "encode_attribution", "select_images", "top_count", "weighted_mean_pairwise_cosine"]
 
 _EPS = 1e-12
 
@@ -73,16 +73,20 @@ def encode_attribution(attribution: Tensor, feats: Tensor) -> Tensor:
     return torch.where(mass[:, None] > 0, weighted / mass.clamp_min(_EPS)[:, None], torch.zeros_like(weighted))
 
 
-def select_images(presence: Tensor, top_frac: float = 0.05, min_images: int = 10) -> SelectedImages:
-    """Each concept's top m = min(N, max(ceil(top_frac * N), min_images)) images by presence, from
-    presence (N images, J concepts). Images with zero presence may fill up the m; as weights they
-    count for nothing."""
-    if presence.ndim != 2:
-        raise ValueError(f"presence must be (N, J), got {tuple(presence.shape)}")
+def top_count(n: int, top_frac: float = 0.05, min_images: int = 10) -> int:
+    """m = min(N, max(ceil(top_frac * N), min_images)): how many top images of N a concept keeps."""
     if not 0 < top_frac <= 1 or min_images < 1:
         raise ValueError(f"need 0 < top_frac <= 1 and min_images >= 1, got {top_frac}, {min_images}")
-    n = presence.shape[0]
-    m = min(n, max(math.ceil(top_frac * n), min_images))
+    return min(n, max(math.ceil(top_frac * n), min_images))
+
+
+def select_images(presence: Tensor, top_frac: float = 0.05, min_images: int = 10) -> SelectedImages:
+    """Each concept's top m = top_count(N, top_frac, min_images) images by presence, from presence
+    (N images, J concepts). Images with zero presence may fill up the m; as weights they count for
+    nothing."""
+    if presence.ndim != 2:
+        raise ValueError(f"presence must be (N, J), got {tuple(presence.shape)}")
+    m = top_count(presence.shape[0], top_frac, min_images)
     values, index = presence.T.topk(m, dim=1, sorted=True)
     return SelectedImages(index=index, presence=values)
 

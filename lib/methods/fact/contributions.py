@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .sae import BiasFreeTopKSAE
+from lib.methods.fact.sae import BiasFreeTopKSAE
 
 __all__ = ["ConceptContributions", "concept_contributions", "detached_dynamic_weights", "splice"]
 
@@ -44,7 +44,9 @@ __all__ = ["ConceptContributions", "concept_contributions", "detached_dynamic_we
 class ConceptContributions(NamedTuple):
     """Per image b: `presence`/`contributions` (B, J); `logits` (B, K) of the spliced model; `target`
     (B,) the explained class; `target_logit` (B,) y_c; `explained` (B,) sum_p x_hat_p . dy_c/dx_hat_p,
-    which sum_j C_j equals; `error` (B, H, W) ||A_p - x_hat_p||, the SAE's reconstruction error."""
+    which sum_j C_j equals; `error` (B, H, W) ||A_p - x_hat_p||, the SAE's reconstruction error;
+    `grad` (B, C, H, W) dy_c/dx_hat: (grad * x_hat).sum(1) is where the explained logit comes from, per
+    position (sum_j C_pj), and the same with the decoding of a subset of the codes, that subset's share."""
 
     presence: Tensor
     contributions: Tensor
@@ -53,6 +55,7 @@ class ConceptContributions(NamedTuple):
     target_logit: Tensor
     explained: Tensor
     error: Tensor
+    grad: Tensor
 
 
 @contextmanager
@@ -123,4 +126,5 @@ def concept_contributions(
         target_logit=selected.detach(),
         explained=explained,
         error=error,
+        grad=grad,
     )

@@ -19,6 +19,10 @@ Dead latents. `tokens_since_fired` counts, per latent, the training vectors seen
 non-zero; a latent is dead once that reaches `dead_after`. The auxiliary loss lets the `aux_k`
 largest ReLU pre-activations among dead latents reconstruct the residual (normalised like OpenAI's
 reference: by the residual's variance), which revives them.
+
+Under torchrun, `loss(x, ranks=...)` takes this rank's part of the batch and sums over the global
+batch (lib.core.distributed: both normalisations and the dead-latent counts), so DDP training equals
+one process on the concatenated batch.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lib.core.distributed import Ranks, reduce_, reduce_sum
 
 __all__ = ["BiasFreeTopKSAE", "SAELoss", "TopKCodes"]
 
@@ -177,21 +183,23 @@ class BiasFreeTopKSAE(nn.Module):
         self.scale.fill_(value)
         return value
 
-    def loss(self, x: Tensor, track_dead: bool = True) -> SAELoss:
+    def loss(self, x: Tensor, track_dead: bool = True, ranks: Ranks | None = None) -> SAELoss:
         """Training loss on unscaled vectors x (N, C): normalised MSE sum||x - x_hat||^2 / sum||x||^2
         (of the batch, so an all-zero row cannot divide by zero) + aux_coef * aux-k loss.
-        With `track_dead`, first updates `tokens_since_fired` with this batch."""
+        With `track_dead`, first updates `tokens_since_fired` with this batch. With several `ranks`,
+        x is this rank's part of the batch and the sums run over every rank's part (module doc)."""
+        ranks = ranks or Ranks()
         xs = x / self.scale
         pre = self.pre_activations(xs)
         values, indices = pre.topk(self.k, dim=-1, sorted=False)  # no dense (N, J) code needed
         x_hat = self.decode_sparse(values, indices)
         residual = xs - x_hat
-        nmse = residual.square().sum() / xs.square().sum().clamp_min(_EPS)
+        nmse = reduce_sum(residual.square().sum(), ranks) / reduce_(xs.square().sum(), ranks).clamp_min(_EPS)
 
         if track_dead:
-            self._update_dead(values, indices, x.shape[0])
+            self._update_dead(values, indices, x.shape[0], ranks)
         dead = self.tokens_since_fired >= self.dead_after
-        aux = self._aux_loss(pre, dead, residual.detach())
+        aux = self._aux_loss(pre, dead, residual.detach(), ranks)
         loss = nmse + self.aux_coef * aux
         dead_fraction = dead.float().mean()
         return SAELoss(loss, nmse.detach(), aux.detach(), dead_fraction)
@@ -215,14 +223,15 @@ class BiasFreeTopKSAE(nn.Module):
 
     # ---------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _update_dead(self, values: Tensor, indices: Tensor, n_tokens: int) -> None:
+    def _update_dead(self, values: Tensor, indices: Tensor, n_tokens: int, ranks: Ranks) -> None:
         # "Fired" = strictly positive: a zero that topk picked for lack of positives is not activity.
         # scatter_reduce(amax) is deterministic with repeated indices, unlike a plain scatter.
         fired = torch.zeros(self.n_concepts, dtype=torch.uint8, device=values.device)
         fired.scatter_reduce_(0, indices.flatten(), (values > 0).flatten().to(torch.uint8), reduce="amax")
-        self.tokens_since_fired.add_(n_tokens).masked_fill_(fired.bool(), 0)
+        tokens = reduce_(torch.tensor(n_tokens, device=values.device), ranks)
+        self.tokens_since_fired.add_(tokens).masked_fill_(reduce_(fired, ranks, "max").bool(), 0)
 
-    def _aux_loss(self, pre: Tensor, dead: Tensor, residual: Tensor) -> Tensor:
+    def _aux_loss(self, pre: Tensor, dead: Tensor, residual: Tensor, ranks: Ranks) -> Tensor:
         """The min(aux_k, #dead) largest pre-activations among dead latents reconstruct the residual.
         Without a host sync: take a fixed aux_k over pre-activations with live latents at -inf, then
         zero those -inf picks, which is the same as capping k by the number of dead latents."""
@@ -233,7 +242,8 @@ class BiasFreeTopKSAE(nn.Module):
         values, indices = masked.topk(k_aux, dim=-1, sorted=False)
         values = torch.where(torch.isfinite(values), values, torch.zeros_like(values))
         recon = self.decode_sparse(values, indices)
-        centred = residual - residual.mean(dim=0, keepdim=True)
-        aux = (residual - recon).square().sum() / centred.square().sum().clamp_min(_EPS)
+        count = reduce_(torch.tensor(float(residual.shape[0]), device=residual.device), ranks)
+        centred = residual - reduce_(residual.sum(dim=0, keepdim=True), ranks) / count
+        aux = reduce_sum((residual - recon).square().sum(), ranks) / reduce_(centred.square().sum(), ranks).clamp_min(_EPS)
         # With nothing dead the aux term is 0 (not ||residual||^2 / var, which the zero recon gives).
         return torch.where(dead.any(), aux, torch.zeros_like(aux))

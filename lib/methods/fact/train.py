@@ -6,6 +6,10 @@ model (incl. the scale and dead-latent buffers), Adam moments, scheduler positio
 (a CPU torch.Generator for the caller's batch order). Batches should be a function of the step
 (and `rng`): pass `batches` as a callable `(step, rng) -> (B, C) tensor` and resuming is automatic;
 an iterable must be positioned at `state.step` by the caller.
+
+Under torchrun, a state created with several `ranks` trains through DDP: each rank passes its part
+of every batch, the SAE's loss sums over the global batch (sae.py) and DDP averages the gradients,
+so every rank holds the model one process would train on the concatenated batches.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from .sae import BiasFreeTopKSAE
+from lib.core.distributed import Ranks, data_parallel
+from lib.methods.fact.sae import BiasFreeTopKSAE, SAELoss
 
 __all__ = [
     "BatchFn",
@@ -84,9 +89,20 @@ class TrainConfig:
         self.betas = (float(self.betas[0]), float(self.betas[1]))
 
 
+class _Objective(nn.Module):
+    """The SAE's training loss as a module's forward, which DDP needs to train through."""
+
+    def __init__(self, model: BiasFreeTopKSAE, ranks: Ranks) -> None:
+        super().__init__()
+        self.model, self.ranks = model, ranks
+
+    def forward(self, x: Tensor) -> SAELoss:
+        return self.model.loss(x, ranks=self.ranks)
+
+
 @dataclass
 class TrainState:
-    """Model, Adam, LambdaLR(WarmupCosine), step and the batch-order generator."""
+    """Model, Adam, LambdaLR(WarmupCosine), step and the batch-order generator; the torchrun ranks."""
 
     model: BiasFreeTopKSAE
     config: TrainConfig
@@ -94,24 +110,29 @@ class TrainState:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     rng: torch.Generator
     step: int = 0
+    ranks: Ranks = field(default_factory=Ranks)
+    objective: nn.Module = field(init=False, repr=False)  # model.loss, through DDP under torchrun
+
+    def __post_init__(self) -> None:
+        self.objective = data_parallel(_Objective(self.model, self.ranks), self.ranks)
 
     @classmethod
-    def create(cls, model: BiasFreeTopKSAE, config: TrainConfig) -> TrainState:
+    def create(cls, model: BiasFreeTopKSAE, config: TrainConfig, ranks: Ranks | None = None) -> TrainState:
         """Fresh optimiser, scheduler and rng (seeded by config.seed) for `model` (already placed on
         its device, scale already fitted)."""
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.betas)
         schedule = WarmupCosine(config.steps, config.warmup_steps, config.decay_start, config.min_lr_factor)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         rng = torch.Generator().manual_seed(config.seed)
-        return cls(model, config, optimizer, scheduler, rng)
+        return cls(model, config, optimizer, scheduler, rng, ranks=ranks or Ranks())
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike[str], device: torch.device | str = "cpu") -> TrainState:
+    def from_checkpoint(cls, path: str | os.PathLike[str], device: torch.device | str = "cpu", ranks: Ranks | None = None) -> TrainState:
         """Rebuild model and state from a checkpoint alone (its stored configs), on `device`."""
         ckpt = _read(path)
         model = BiasFreeTopKSAE(**ckpt["sae_config"]).to(device)
         config = TrainConfig(**{**ckpt["train_config"], "betas": tuple(ckpt["train_config"]["betas"])})
-        state = cls.create(model, config)
+        state = cls.create(model, config, ranks)
         state._restore(ckpt)
         return state
 
@@ -166,7 +187,7 @@ def train_step(state: TrainState, batch: Tensor) -> Tensor:
     """One optimisation step on `batch` (B, C); returns detached (loss, nmse, aux, dead_fraction)."""
     model, optimizer = state.model, state.optimizer
     model.train()
-    out = model.loss(batch.to(model.atoms.device, model.atoms.dtype))
+    out = state.objective(batch.to(model.atoms.device, model.atoms.dtype))
     optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
     model.remove_parallel_grad()

@@ -16,6 +16,7 @@ from torch import Tensor
 from lib.core.errors import UserError
 from lib.core.layout import Layout
 from lib.core.outputs import write_atomic
+from lib.kernels.registration import Registration
 from lib.methods.salf.classifier import ConceptClassifier
 from lib.methods.salf.model import ConceptBottleneck
 from lib.methods.salf.pooling import Standardiser
@@ -23,6 +24,7 @@ from lib.methods.salf.pooling import Standardiser
 __all__ = [
     "SalfModel",
     "load_bottleneck",
+    "load_classifier",
     "save_bottleneck",
     "save_classifier",
 ]
@@ -35,15 +37,23 @@ def _load(path: Path, what: str, stage: str) -> dict[str, Any]:
 
 
 def save_bottleneck(
-    path: Path, model: ConceptBottleneck, layer: str, concepts: list[dict[str, Any]], provenance: dict[str, str]
+    path: Path,
+    model: ConceptBottleneck,
+    layer: str,
+    concepts: list[dict[str, Any]],
+    registration: Registration,
+    provenance: dict[str, str],
 ) -> None:
-    """Write the bottleneck: its 1x1 conv weight (M, C, 1, 1), grid, backbone layer and concepts
+    """Write the bottleneck: its 1x1 conv weight (M, C, 1, 1), the grid's registration (where its
+    cells lie; the sampling positions follow from it), backbone layer and concepts
     ([{"name", "type", "cos3"}], one per output channel)."""
     if len(concepts) != model.conv.out_channels:
         raise ValueError(f"got {len(concepts)} concepts for a bottleneck with {model.conv.out_channels} outputs")
+    if model.positions is None or not torch.allclose(model.positions.cpu(), registration.feature_grid()):
+        raise ValueError("the bottleneck does not sample at the registration's positions")
     state = {
         "weight": model.conv.weight.detach().cpu(),
-        "grid": model.grid,
+        "registration": registration.to_dict(),
         "layer": layer,
         "concepts": concepts,
         "provenance": provenance,
@@ -52,10 +62,14 @@ def save_bottleneck(
 
 
 def load_bottleneck(path: Path, device: torch.device | str = "cpu") -> tuple[ConceptBottleneck, dict[str, Any]]:
-    """(bottleneck in eval mode on `device`, the saved dict: "layer", "grid", "concepts", "provenance")."""
+    """(bottleneck in eval mode on `device`, the saved dict: "layer", "registration" (a
+    :class:`Registration`), "concepts", "provenance")."""
     state = _load(path, "bottleneck", "cbl")
+    if "registration" not in state:
+        raise UserError(f"{path} predates the grid registration", fix="re-run the cbl stage (dvc repro cbl)")
+    state["registration"] = Registration.from_dict(state["registration"])
     weight = state["weight"]
-    model = ConceptBottleneck(weight.shape[1], weight.shape[0], state["grid"])
+    model = ConceptBottleneck(weight.shape[1], weight.shape[0], state["registration"].feature_grid())
     with torch.no_grad():
         model.conv.weight.copy_(weight)
     return model.to(device).eval(), state
@@ -88,12 +102,27 @@ def save_classifier(
     write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
+def load_classifier(path: Path, device: torch.device | str = "cpu") -> tuple[ConceptClassifier, dict[str, Any]]:
+    """(the sparse final layer on `device`, the saved dict: "path", "selected", "provenance", ...)."""
+    state = _load(path, "classifier", "sparse")
+    classifier = ConceptClassifier(
+        pooling=state["pooling"],
+        standardiser=Standardiser(state["mean"], state["std"]).to(device),
+        weight=state["weight"].to(device),
+        bias=state["bias"].to(device),
+        concept_names=tuple(state["concepts"]),
+        class_names=tuple(state["classes"]),
+    )
+    return classifier, state
+
+
 @dataclass(frozen=True)
 class SalfModel:
     """A trained SALF-CBM: bottleneck (features -> concept maps) and the sparse final layer."""
 
     bottleneck: ConceptBottleneck
     layer: str  # the backbone layer whose features it reads
+    registration: Registration  # where the grid cells lie in the stored image and the backbone's input
     classifier: ConceptClassifier
     concept_types: tuple[str | None, ...]
     lambda_path: list[dict[str, float]]  # lib.methods.salf.glm.ElasticNetPath.summary() rows
@@ -103,23 +132,15 @@ class SalfModel:
     def load(cls, layout: Layout, device: torch.device | str = "cpu") -> SalfModel:
         """Load the cbl and sparse stages' outputs onto `device`."""
         bottleneck, meta = load_bottleneck(layout.salf_bottleneck, device)
-        state = _load(layout.salf_classifier, "classifier", "sparse")
+        classifier, state = load_classifier(layout.salf_classifier, device)
         names = tuple(c["name"] for c in meta["concepts"])
-        if tuple(state["concepts"]) != names:
+        if classifier.concept_names != names:
             raise ValueError(
                 f"{layout.salf_classifier} was trained on other concepts than {layout.salf_bottleneck}; "
                 "rerun the sparse stage"
             )
-        classifier = ConceptClassifier(
-            pooling=state["pooling"],
-            standardiser=Standardiser(state["mean"], state["std"]).to(device),
-            weight=state["weight"].to(device),
-            bias=state["bias"].to(device),
-            concept_names=names,
-            class_names=tuple(state["classes"]),
-        )
         types = tuple(c["type"] for c in meta["concepts"])
-        return cls(bottleneck, meta["layer"], classifier, types, state["path"], state["selected"])
+        return cls(bottleneck, meta["layer"], meta["registration"], classifier, types, state["path"], state["selected"])
 
     @torch.no_grad()
     def concept_maps(self, features: Tensor) -> Tensor:

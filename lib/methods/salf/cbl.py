@@ -1,9 +1,15 @@
 """SALF-CBM concept bottleneck: features -> G x G concept maps, trained with the cubic cosine loss.
 
 A *batch source* is a zero-argument callable returning a fresh iterator of
-(features (B, C, H, W), P (B, M, G, G)) batches, so training can run several epochs over a
-stream (e.g. shuffled shards of a Zarr store) with bounded memory. Whether P was materialised or
-is computed on the fly is the source's business.
+(sampled features (B, C, G, G), P (B, M, G, G)) batches — features already sampled at the grid
+cells (:meth:`ConceptBottleneck.sample`) — so training can run several epochs over a stream (e.g.
+shuffled shards of a Zarr store) with bounded memory. Whether P was materialised or is computed on
+the fly is the source's business.
+
+Under torchrun (`ranks` with several ranks) each rank's source yields its part of every global
+batch; the loss centres and normalises across the global batch (lib.core.distributed.gather_batch)
+and DDP averages the gradients, so a step equals the one-process step on the concatenated batch,
+and the val statistics are reduced over ranks so every rank takes the same early-stopping decision.
 """
 
 from __future__ import annotations
@@ -12,8 +18,9 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
+from lib.core.distributed import Ranks, data_parallel, gather_batch, reduce_
 from lib.methods.salf.model import ConceptBottleneck
 
 __all__ = [
@@ -66,33 +73,37 @@ def cubic_cosine_loss(pred: Tensor, target: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def concept_scores(model: ConceptBottleneck, val_batches: BatchSource) -> Tensor:
+def concept_scores(model: ConceptBottleneck, val_batches: BatchSource, ranks: Ranks | None = None) -> Tensor:
     """Val cos^3 per concept (M,) on the model's device: the mean over the G x G locations.
 
     Exact over the whole val set, not a mean of batch scores: pass 1 takes each column's mean
-    and range, pass 2 sums the centred cubes with those global statistics (float64 sums).
+    and range, pass 2 sums the centred cubes with those global statistics (float64 sums). Under
+    torchrun each rank passes its part of val and the statistics are reduced over `ranks`.
     """
     model.eval()
+    ranks = ranks or Ranks()
     device = model.conv.weight.device
 
     def pairs() -> Iterator[Tensor]:
-        for features, target in val_batches():
-            pred = model(features.to(device))
+        for sampled, target in val_batches():
+            pred = model.project(sampled.to(device))
             if target.shape != pred.shape:
                 raise ValueError(f"val target shape {tuple(target.shape)} does not match pred {tuple(pred.shape)}")
             yield torch.stack([pred, target.to(device, torch.float32)])  # (2, B, M, G, G)
 
-    n = 0
-    sums = lows = highs = None
+    shape = (2, model.conv.out_channels, model.grid, model.grid)
+    n = torch.zeros((), dtype=torch.float64, device=device)
+    sums = torch.zeros(shape, dtype=torch.float64, device=device)
+    lows = torch.full(shape, torch.inf, device=device)
+    highs = torch.full(shape, -torch.inf, device=device)
     for pair in pairs():
-        if sums is None:
-            sums = torch.zeros(pair.shape[:1] + pair.shape[2:], dtype=torch.float64, device=device)
-            lows, highs = pair.amin(dim=1), pair.amax(dim=1)
         sums += pair.sum(dim=1, dtype=torch.float64)
         lows, highs = torch.minimum(lows, pair.amin(dim=1)), torch.maximum(highs, pair.amax(dim=1))
         n += pair.shape[1]
-    if sums is None or n < 2:
-        raise ValueError(f"val_batches must yield at least 2 images in total, got {n}")
+    for value, op in ((n, "sum"), (sums, "sum"), (lows, "min"), (highs, "max")):
+        reduce_(value, ranks, op)
+    if n.item() < 2:
+        raise ValueError(f"val_batches must yield at least 2 images in total, got {int(n.item())}")
     mean = (sums / n).to(torch.float32).unsqueeze(1)
     scale = (highs - lows).unsqueeze(1)  # >= max |x - mean|; it only has to keep cubes in range
     dot = torch.zeros(sums.shape[1:], dtype=torch.float64, device=device)
@@ -101,6 +112,8 @@ def concept_scores(model: ConceptBottleneck, val_batches: BatchSource) -> Tensor
         cubes = _cube(pair - mean, scale)
         dot += (cubes[0] * cubes[1]).sum(dim=0, dtype=torch.float64)
         norms += cubes.square().sum(dim=1, dtype=torch.float64)
+    reduce_(dot, ranks)
+    reduce_(norms, ranks)
     cos3 = dot / norms.sqrt().prod(dim=0).clamp_min(torch.finfo(torch.float64).tiny)
     return cos3.to(torch.float32).flatten(1).mean(dim=1)
 
@@ -110,7 +123,7 @@ def train_bottleneck(
     val_batches: BatchSource,
     in_channels: int,
     n_concepts: int,
-    grid: int,
+    positions: Tensor | None,
     *,
     lr: float = 1e-3,
     max_steps: int = 1000,
@@ -119,8 +132,11 @@ def train_bottleneck(
     seed: int = 0,
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
+    ranks: Ranks | None = None,
 ) -> tuple[ConceptBottleneck, dict]:
-    """Train a :class:`ConceptBottleneck` with Adam on the cubic cosine loss, early-stopped on val.
+    """Train a :class:`ConceptBottleneck` (cells at `positions`, see its doc) with Adam on the cubic
+    cosine loss, early-stopped on val. Under torchrun, with DDP over `ranks` (module doc): the
+    sources then yield this rank's part of each batch, the same number of images on every rank.
 
     Every `eval_every` steps (and at the last) the exact val loss, -mean(concept_scores), is
     taken; training stops after `patience` evaluations without improvement and the best weights
@@ -135,11 +151,12 @@ def train_bottleneck(
             raise ValueError(f"{name} must be >= 1, got {value}")
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
-    device = torch.device(device)
+    device, ranks = torch.device(device), ranks or Ranks()
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
         torch.manual_seed(seed)
-        model = ConceptBottleneck(in_channels, n_concepts, grid)
+        model = ConceptBottleneck(in_channels, n_concepts, positions)
     model.to(device)
+    project = data_parallel(_Projection(model), ranks)
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     history: dict = {"step": [], "train_loss": [], "val_step": [], "val_loss": []}
     window: list[Tensor] = []  # train losses since the last eval, read back in one sync
@@ -148,7 +165,7 @@ def train_bottleneck(
     step = 0
     while step < max_steps:
         try:
-            features, target = next(batches)
+            sampled, target = next(batches)
         except StopIteration:
             if fresh:
                 raise ValueError("train_batches yielded no batches") from None
@@ -156,7 +173,8 @@ def train_bottleneck(
             continue
         fresh = False
         model.train()
-        loss = cubic_cosine_loss(model(features.to(device, non_blocking=True)), target.to(device, non_blocking=True))
+        pred = project(sampled.to(device, non_blocking=True))
+        loss = cubic_cosine_loss(gather_batch(pred, ranks), gather_batch(target.to(device, non_blocking=True), ranks))
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -167,7 +185,7 @@ def train_bottleneck(
         history["step"].extend(range(step - len(window) + 1, step + 1))
         history["train_loss"].extend(torch.stack(window).tolist())
         window.clear()
-        val_loss = -concept_scores(model, val_batches).mean().item()
+        val_loss = -concept_scores(model, val_batches, ranks).mean().item()
         history["val_step"].append(step)
         history["val_loss"].append(val_loss)
         if progress is not None:
@@ -186,6 +204,17 @@ def train_bottleneck(
     return model, history
 
 
+class _Projection(nn.Module):
+    """The bottleneck's projection as a module's forward, which DDP needs to train through."""
+
+    def __init__(self, bottleneck: ConceptBottleneck) -> None:
+        super().__init__()
+        self.bottleneck = bottleneck
+
+    def forward(self, sampled: Tensor) -> Tensor:
+        return self.bottleneck.project(sampled)
+
+
 def filter_concepts(model: ConceptBottleneck, scores: Tensor, threshold: float) -> tuple[ConceptBottleneck, Tensor]:
     """Drop concepts whose val cos^3 score is below `threshold` (LF-CBM's interpretability cut).
 
@@ -200,7 +229,7 @@ def filter_concepts(model: ConceptBottleneck, scores: Tensor, threshold: float) 
             f"no concept reaches threshold={threshold} (best val cos^3 is {scores.max().item():.4f}); "
             "lower the threshold or train longer"
         )
-    pruned = ConceptBottleneck(model.conv.in_channels, keep.numel(), model.grid).to(model.conv.weight.device)
+    pruned = ConceptBottleneck(model.conv.in_channels, keep.numel(), model.positions).to(model.conv.weight.device)
     with torch.no_grad():
         pruned.conv.weight.copy_(model.conv.weight[keep.to(model.conv.weight.device)])
     return pruned.eval(), keep.cpu()

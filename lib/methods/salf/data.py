@@ -7,7 +7,7 @@ buffer, never by the number of images.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,20 +16,25 @@ import torch
 import zarr
 from torch import Tensor
 
+from lib.core.errors import UserError
 from lib.core.layout import Layout
 from lib.core.params import Params
-from lib.core.schema import CIRCLES, P, check_compatible
+from lib.core.schema import CIRCLES, IMAGE_SIZE_KEY, PREPROCESS_KEY, P, check_compatible
 from lib.core.stores import open_store
 from lib.core.streams import batch_source
 from lib.data.manifest import read_manifest, split_indices
+from lib.kernels.preprocess import Preprocess
+from lib.kernels.registration import Registration
 from lib.kernels.similarity import similarity_batch
 from lib.methods.salf.cbl import BatchSource
 from lib.methods.salf.glm import Source
-from lib.methods.salf.model import resize_to_grid
 from lib.methods.salf.pooling import Standardiser
 from lib.pipeline.stored_concepts import Concepts
 
-__all__ = ["SimilarityTarget", "Splits", "glm_batches", "pair_batches", "salf_splits", "similarity_target", "splits_of"]
+__all__ = [
+    "SimilarityTarget", "Splits", "glm_batches", "pair_batches", "registration_of", "salf_splits", "similarity_target",
+    "splits_of",
+]
 
 
 @dataclass(frozen=True)
@@ -52,9 +57,9 @@ def salf_splits(manifest: pd.DataFrame, val_fraction: float, seed: int) -> Split
     if carved:
         n_val = round(val_fraction * len(train))
         if not 1 <= n_val < len(train):
-            raise ValueError(
-                f"the manifest has no val split and val_fraction={val_fraction} of {len(train)} train images "
-                "leaves no val or no train images; add a val split or change cbl.val_fraction"
+            raise UserError(
+                f"the manifest has no val split and this share of {len(train)} train images leaves no val or no train images",
+                key="cbl.val_fraction", value=val_fraction, fix="change it, or give the data a val split (data.<kind>.val_fraction)",
             )
         chosen = np.random.default_rng(seed).choice(len(train), size=n_val, replace=False)
         is_val = np.zeros(len(train), dtype=bool)
@@ -62,7 +67,10 @@ def salf_splits(manifest: pd.DataFrame, val_fraction: float, seed: int) -> Split
         train, val = train[~is_val], train[is_val]
     for name, rows in (("train", train), ("val", val), ("test", test)):
         if len(rows) == 0:
-            raise ValueError(f"the manifest's {name} split is empty; SALF-CBM needs train, val and test images")
+            raise UserError(
+                f"the manifest's {name} split is empty; SALF-CBM needs train, val and test images",
+                fix="give every split images (data.<kind>.val_fraction and test_fraction, or the list's split column) and re-run prepare",
+            )
     return Splits(train, val, test, carved)
 
 
@@ -75,22 +83,25 @@ def splits_of(config: Params, layout: Layout) -> Splits:
 class SimilarityTarget:
     """Where the bottleneck's target P (B, M, G, G) comes from, one batch at a time.
 
-    `array` is either the similarity store's P (N, M, G, G) (materialised, `text_emb` None) or
-    the circles store's embeddings (N, G, G, D) with the concepts' text embeddings (M, D), in
-    which case P is one matmul per batch (lib.kernels.similarity.similarity_batch).
+    `array` is the similarity store's P (N, M, G, G) (materialised, `text_emb` None), the circles
+    store's embeddings (N, G, G, D), or plain-image embeddings (N, D) (LF-CBM's global target:
+    G = 1); with the latter two, P is one matmul per batch with the concepts' text embeddings (M, D).
     """
 
     array: zarr.Array
     text_emb: Tensor | None = None
 
     def __post_init__(self) -> None:
-        if self.array.ndim != 4:
-            raise ValueError(f"similarity array must be 4-D (N, M, G, G) or (N, G, G, D), got shape {self.array.shape}")
-        if self.text_emb is not None and (self.text_emb.ndim != 2 or self.text_emb.shape[1] != self.array.shape[3]):
-            raise ValueError(
-                f"text_emb must have shape (M, {self.array.shape[3]}) to match the circle embeddings, "
-                f"got {tuple(self.text_emb.shape)}"
-            )
+        if self.text_emb is None and self.array.ndim != 4:
+            raise ValueError(f"a stored P must be 4-D (N, M, G, G), got shape {self.array.shape}")
+        if self.text_emb is not None:
+            if self.array.ndim not in (2, 4):
+                raise ValueError(f"embeddings must be (N, G, G, D) or (N, D), got shape {self.array.shape}")
+            if self.text_emb.ndim != 2 or self.text_emb.shape[1] != self.array.shape[-1]:
+                raise ValueError(
+                    f"text_emb must have shape (M, {self.array.shape[-1]}) to match the image embeddings, "
+                    f"got {tuple(self.text_emb.shape)}"
+                )
 
     @property
     def n_concepts(self) -> int:
@@ -98,13 +109,16 @@ class SimilarityTarget:
 
     @property
     def grid(self) -> int:
-        return self.array.shape[2]
+        return 1 if self.array.ndim == 2 else self.array.shape[2]
 
     def __call__(self, block: Tensor) -> Tensor:
         """P (B, M, G, G) float32 of one block of `array` rows (on the block's device)."""
         if self.text_emb is None:
             return block.to(torch.float32)
-        return similarity_batch(block, self.text_emb.to(block.device))
+        text = self.text_emb.to(block.device)
+        if block.ndim == 2:  # one cell: the image's global similarity
+            return similarity_batch(block[:, None, None], text)
+        return similarity_batch(block, text)
 
 
 def similarity_target(layout: Layout, concepts: Concepts) -> SimilarityTarget:
@@ -125,22 +139,46 @@ def similarity_target(layout: Layout, concepts: Concepts) -> SimilarityTarget:
     return target
 
 
+def registration_of(layout: Layout, layer: str) -> Registration:
+    """The geometry of the grid (lib.kernels.registration) from the stores' records: the stored
+    images' size and CLIP's preprocessing (circles store), the backbone's (the layer's features store)."""
+    circles = open_store(layout.circles).attrs
+    features = open_store(layout.features(layer)).attrs
+    for name, attrs in (("circles", circles), ("features", features)):
+        if PREPROCESS_KEY not in attrs or IMAGE_SIZE_KEY not in attrs:
+            raise UserError(
+                f"the {name} store does not record the preprocessing it was made with", fix=f"re-run the {name} stage"
+            )
+    if list(circles[IMAGE_SIZE_KEY]) != list(features[IMAGE_SIZE_KEY]):
+        raise UserError(
+            f"circles ({circles[IMAGE_SIZE_KEY]}) and features ({features[IMAGE_SIZE_KEY]}) were made from images of "
+            "different sizes", fix="re-run both on the current images (dvc repro)",
+        )
+    return Registration(
+        image_size=tuple(circles[IMAGE_SIZE_KEY]),
+        grid=int(circles["grid"]),
+        prompt=Preprocess.from_dict(circles[PREPROCESS_KEY]),
+        backbone=Preprocess.from_dict(features[PREPROCESS_KEY]),
+    )
+
+
 def pair_batches(
     features: zarr.Array,
     target: SimilarityTarget,
     rows: np.ndarray,
     batch_size: int,
+    sample: Callable[[Tensor], Tensor],
     *,
     shuffle: bool = False,
     seed: int = 0,
     device: torch.device | str = "cpu",
     in_memory_mb: float = 0.0,
 ) -> BatchSource:
-    """(features (B, C, h, w), P (B, M, G, G) fp32) batches of store `rows` on `device`.
+    """(sampled features (B, C, G, G) fp32, P (B, M, G, G) fp32) batches of store `rows` on `device`;
+    `sample` maps a block of `features` to the grid cells (ConceptBottleneck.sample).
 
-    When the split's features, resized to the G x G grid, plus P fit in `in_memory_mb`, they are
-    read once and held on the device (features then arrive already resized, which the bottleneck
-    accepts as is); otherwise every pass streams from the stores, shuffled by shard.
+    When the split's sampled features plus P fit in `in_memory_mb`, they are read and sampled once
+    and held on the device; otherwise every pass streams from the stores, shuffled by shard.
     With `shuffle` (training) a pass drops its final partial batch whenever a full one exists:
     the cubic cosine loss centres across the batch, and a remainder of a few images would give a
     noisy, badly scaled step.
@@ -153,7 +191,7 @@ def pair_batches(
     smallest = min(batch_size, len(rows)) if shuffle else 1
     cached_bytes = len(rows) * (features.shape[1] + target.n_concepts) * target.grid**2 * 4
     if cached_bytes <= in_memory_mb * 2**20:
-        return _cached_pairs(features, target, rows, batch_size, smallest, shuffle=shuffle, seed=seed, device=device)
+        return _cached_pairs(features, target, rows, batch_size, sample, smallest, shuffle=shuffle, seed=seed, device=device)
     source = batch_source(
         {"features": features, "target": target.array}, rows, batch_size, shuffle=shuffle, seed=seed, device=device
     )
@@ -161,7 +199,7 @@ def pair_batches(
     def batches() -> Iterator[tuple[Tensor, Tensor]]:
         for block in source():
             if block["features"].shape[0] >= smallest:
-                yield block["features"], target(block["target"])
+                yield sample(block["features"]), target(block["target"])
 
     return batches
 
@@ -171,6 +209,7 @@ def _cached_pairs(
     target: SimilarityTarget,
     rows: np.ndarray,
     batch_size: int,
+    sample: Callable[[Tensor], Tensor],
     smallest: int,
     *,
     shuffle: bool,
@@ -179,7 +218,7 @@ def _cached_pairs(
 ) -> BatchSource:
     """The in-memory branch of :func:`pair_batches`: one read, then seeded reshuffles on the device."""
     blocks = batch_source({"features": features, "target": target.array}, rows, batch_size, device=device)()
-    parts = [(resize_to_grid(b["features"], target.grid), target(b["target"])) for b in blocks]
+    parts = [(sample(b["features"]), target(b["target"])) for b in blocks]
     x, p = torch.cat([f for f, _ in parts]), torch.cat([t for _, t in parts])
     generator = torch.Generator().manual_seed(seed)
 
@@ -199,11 +238,13 @@ def glm_batches(
     standardiser: Standardiser,
     batch_size: int,
     *,
+    transform: Callable[[Tensor], Tensor] | None = None,
     shuffle: bool = False,
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> Source:
-    """(standardised c* (B, M), labels (B,) int64, position (B,)) batches for lib.methods.salf.glm.
+    """(standardised c* (B, M), labels (B,) int64, position (B,)) batches for lib.methods.salf.glm;
+    `transform` maps a block of `activations` to c* first (default: they are c*).
 
     position is each row's place in the sorted `rows`: the index of its SAGA table entry.
     """
@@ -216,6 +257,7 @@ def glm_batches(
     def batches() -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         for block in source():
             position = torch.searchsorted(sorted_rows, block["index"].to(sorted_rows.dtype))
-            yield standardiser(block["activations"]), block["labels"].long(), position
+            values = block["activations"] if transform is None else transform(block["activations"])
+            yield standardiser(values), block["labels"].long(), position
 
     return batches

@@ -3,12 +3,19 @@
 All functions start from concept maps c(x) (B, M, G, G) — the bottleneck's output — and a
 :class:`ConceptClassifier` (pooling, train standardisation, final layer W (K, M), b (K,)).
 
-Heatmaps: the value of grid cell (h, w) is CLIP's score for a red circle centred on pixel
-(d (h + 1), d (w + 1)), d = floor(size / (G + 1)) (lib.kernels.rings.grid_centers). Upsampling is
-piecewise-linear between those centres and constant beyond the outer ones, rather than a plain
-bilinear resize that would put cell centres at (h + 1/2) size / G. It is a separable linear map
-U_h c U_w^T, so the sum of an upsampled map over an ROI mask I is c . (U_h^T I U_w): the probe
-never materialises M full-resolution maps.
+Geometry (lib.kernels.registration.Registration, saved with the bottleneck): the value of grid cell
+(h, w) is CLIP's score for a red circle whose centre, mapped to the stored image, is where the
+heatmap puts it; the map is piecewise-linear between centres and constant beyond the outer ones.
+That upsampling is a separable linear map U, and regions act on the grid through its adjoint —
+one rule for explain-anything and intervention:
+
+- probe: a(m | I) = sum(I * up(z_m)) = sum over cells of (U^T I U) * z_m, never materialising M
+  full-resolution maps (z the standardised maps);
+- intervention: the edit beta * I of the upsampled map, pooled back to the grid by each cell's
+  footprint, i.e. z_m += beta * share, share = (U^T I U) / (U^T 1 U) in [0, 1] (the part of the
+  cell's footprint inside I).
+
+So a region moves exactly the cells the probe reads, also one that covers no circle centre.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import torch
 from torch import Tensor
 
 from lib.core.errors import UserError
-from lib.kernels.rings import grid_centers
+from lib.kernels.registration import Registration
 from lib.methods.salf.classifier import ConceptClassifier
 
 __all__ = [
@@ -34,49 +41,15 @@ __all__ = [
     "probe",
     "roi_mask",
     "top_activating",
-    "upsample_maps",
 ]
 
 Roi = tuple[int, int, int, int] | Tensor  # box (x0, y0, x1, y1), half-open pixels, or a (H, W) mask
 
 
-def _ticks(size: int, grid: int, device: torch.device) -> Tensor:
-    """(grid,) pixel coordinates of the prompt centres along an axis of `size` pixels."""
-    return grid_centers(size, grid, device=device)[:grid, 1]  # x of the first row = the 1-D centres
-
-
-def _interpolation(size: int, grid: int, device: torch.device) -> Tensor:
-    """(size, grid) matrix: piecewise-linear interpolation between the prompt-grid centres."""
-    ticks = _ticks(size, grid, device)
-    spacing = float(ticks[1] - ticks[0]) if grid > 1 else 1.0
-    pixels = torch.arange(size, dtype=torch.float32, device=device)
-    weights = (1 - (pixels[:, None] - ticks[None, :]).abs() / spacing).clamp_min(0)
-    weights[pixels < ticks[0], 0] = 1
-    weights[pixels > ticks[-1], -1] = 1
-    return weights
-
-
-def _check_size(image_size: tuple[int, int]) -> tuple[int, int]:
-    if len(image_size) != 2 or min(image_size) < 2:
-        raise ValueError(f"image_size must be (H, W) with H, W >= 2, got {image_size}")
-    return int(image_size[0]), int(image_size[1])
-
-
-def upsample_maps(maps: Tensor, image_size: tuple[int, int]) -> Tensor:
-    """Upsample (..., G, G) concept maps to (..., H, W) between the prompt-grid centres."""
-    height, width = _check_size(image_size)
-    grid = maps.shape[-1]
-    if maps.ndim < 2 or maps.shape[-2] != grid:
-        raise ValueError(f"maps must end in a square (G, G) grid, got {tuple(maps.shape)}")
-    rows = _interpolation(height, grid, maps.device)
-    cols = _interpolation(width, grid, maps.device)
-    return torch.einsum("...gh,yg,xh->...yx", maps.to(torch.float32), rows, cols)
-
-
 def roi_mask(roi: Roi, image_size: tuple[int, int]) -> Tensor:
     """Boolean (H, W) mask of an ROI: a box (x0, y0, x1, y1) with 0 <= x0 < x1 <= W and
     0 <= y0 < y1 <= H (half-open pixel ranges), or a non-empty (H, W) bool / 0-1 mask."""
-    height, width = _check_size(image_size)
+    height, width = image_size
     if isinstance(roi, Tensor):
         if roi.shape != (height, width):
             raise UserError(f"ROI mask must have shape ({height}, {width}), got {tuple(roi.shape)}")
@@ -170,13 +143,14 @@ class Explanations:
 def explain_batch(
     clf: ConceptClassifier,
     maps: Tensor,
-    image_size: tuple[int, int],
+    registration: Registration,
     *,
     k: int = 5,
     classes: int | Tensor | None = None,
 ) -> Explanations:
     """Explain B images from their concept maps (B, M, G, G): contributions to the predicted
-    (or given) class, the k concepts with the largest |contribution| and their heatmaps."""
+    (or given) class, the k concepts with the largest |contribution| and their heatmaps on the
+    stored image (`registration`)."""
     n_concepts = maps.shape[1]
     if not 1 <= k <= n_concepts:
         raise ValueError(f"k must be in [1, {n_concepts}] (the number of concepts), got {k}")
@@ -189,7 +163,7 @@ def explain_batch(
         activations=result.activations,
         scores=result.scores,
         top=top,
-        heatmaps=upsample_maps(top_maps, image_size),
+        heatmaps=registration.upsample(top_maps),
     )
 
 
@@ -201,20 +175,18 @@ def _single(maps: Tensor, clf: ConceptClassifier) -> None:
 
 
 @torch.no_grad()
-def probe(clf: ConceptClassifier, maps: Tensor, roi: Roi, image_size: tuple[int, int], *, k: int = 5) -> dict:
-    """Explain anything: top-k concepts by a(m | I) = sum I * up(c(x)[m]) inside an ROI.
+def probe(clf: ConceptClassifier, maps: Tensor, roi: Roi, registration: Registration, *, k: int = 5) -> dict:
+    """Explain anything: top-k concepts by a(m | I) = sum I * up(z_m) inside an ROI of the stored
+    image (module doc: the region rule shared with :func:`intervene`).
 
-    `maps` is one image's (M, G, G); maps are standardised per concept first (see
+    `maps` is one image's (M, G, G); z are the maps standardised per concept (see
     :meth:`ConceptClassifier.standardised_maps`). Returns a JSON-able dict.
     """
     _single(maps, clf)
     if not 1 <= k <= maps.shape[0]:
         raise ValueError(f"k must be in [1, {maps.shape[0]}] (the number of concepts), got {k}")
-    mask = roi_mask(roi, image_size).to(maps.device, torch.float32)
-    rows = _interpolation(mask.shape[0], maps.shape[-1], maps.device)
-    cols = _interpolation(mask.shape[1], maps.shape[-1], maps.device)
-    cell_weights = rows.T @ mask @ cols  # (G, G): adjoint of the upsampling applied to I
-    scores = torch.einsum("mgh,gh->m", clf.standardised_maps(maps), cell_weights)
+    mask = roi_mask(roi, registration.image_size).to(maps.device)
+    scores = torch.einsum("mgh,gh->m", clf.standardised_maps(maps), registration.region_weights(mask))
     values, indices = scores.topk(k)
     return {
         "roi_pixels": int(mask.sum()),
@@ -231,14 +203,15 @@ def intervene(
     concept: int | str,
     roi: Roi,
     beta: float,
-    image_size: tuple[int, int],
+    registration: Registration,
     target: int | None = None,
 ) -> dict:
-    """Local intervention: c(x)[m] += beta * std_m on the grid cells whose prompt centre lies in
-    the ROI, applied once, then re-pool and re-classify. `maps` is one image's (M, G, G), left
-    unchanged. beta is in units of the concept's train std of c* (std_m): the cos^3 loss leaves
-    the raw maps' scale arbitrary, so a raw beta (the paper's) would mean something different for
-    every concept; with average pooling an edit of the whole grid moves standardised c*[m] by beta.
+    """Local intervention: c(x)[m] += beta * std_m * share, share (G, G) the part of each cell's
+    footprint inside the ROI (module doc: the region rule shared with :func:`probe`), applied
+    once, then re-pool and re-classify. `maps` is one image's (M, G, G), left unchanged. beta is
+    in units of the concept's train std of c* (std_m): the cos^3 loss leaves the raw maps' scale
+    arbitrary, so a raw beta (the paper's) would mean something different for every concept; with
+    average pooling an edit of the whole image moves standardised c*[m] by beta.
 
     Returns a JSON-able dict with old/new top class, old/new logits, the change of c*[m] and the
     old/new logit of class `target` (default: the old prediction).
@@ -248,18 +221,9 @@ def intervene(
     n_classes = len(clf.class_names)
     if target is not None and not 0 <= target < n_classes:
         raise UserError(f"class index {target} out of range; allowed integers in [0, {n_classes})")
-    mask = roi_mask(roi, image_size).to(maps.device)
-    grid = maps.shape[-1]
-    ys = _ticks(mask.shape[0], grid, maps.device).long()
-    xs = _ticks(mask.shape[1], grid, maps.device).long()
-    cells = mask[ys][:, xs]  # (G, G): the ROI sampled at the prompt centres
-    if not bool(cells.any()):
-        raise ValueError(
-            f"ROI {roi if not isinstance(roi, Tensor) else 'mask'} covers no concept-grid cell; "
-            f"cell centres are at rows {ys.tolist()} and columns {xs.tolist()}"
-        )
+    share = registration.region_shares(roi_mask(roi, registration.image_size).to(maps.device))
     edited = maps.clone()
-    edited[index] += beta * clf.standardiser.std[index].to(edited.device) * cells.to(edited.dtype)
+    edited[index] += beta * clf.standardiser.std[index].to(edited.device) * share.to(edited.dtype)
     activations, logits = clf.classify(torch.stack([maps, edited]))
     old, new = logits.argmax(dim=1).tolist()
     target = old if target is None else target
@@ -267,7 +231,8 @@ def intervene(
         "concept": clf.concept_names[index],
         "concept_index": index,
         "beta": float(beta),
-        "cells": int(cells.sum()),
+        "cells": int((share > 0).sum()),  # cells the edit reaches
+        "cell_share": float(share.sum()),  # their summed shares: whole cells' worth of edit
         "delta_activation": float(activations[1, index] - activations[0, index]),
         "old_class": old,
         "old_class_name": clf.class_names[old],

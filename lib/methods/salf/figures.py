@@ -48,6 +48,8 @@ def explanation_figure(image: Tensor, record: dict, heatmaps: Tensor) -> Figure:
     ax_image.imshow(rgb.numpy())
     ax_image.set_axis_off()
     title = f"pred: {record['predicted_name']}"
+    if record.get("backbone_predicted_name"):
+        title += f" (backbone: {record['backbone_predicted_name']})"
     if record["class"] != record["predicted"]:
         title += f"\nexplained: {record['class_name']}"
     ax_image.set_title(title, fontsize=9)

@@ -19,7 +19,7 @@ position in [0, N) (it addresses the SAGA table; evaluation ignores it).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -240,6 +240,7 @@ def fit_elastic_net_path(
     alpha: float = 0.99,
     n_lambdas: int = 40,
     lambda_min_ratio: float = 1e-3,
+    lambdas: Sequence[float] | None = None,
     max_nonzeros_per_class: float | None = None,
     batch_size: int = 256,
     step_size: float | None = None,
@@ -249,7 +250,8 @@ def fit_elastic_net_path(
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
 ) -> ElasticNetPath:
-    """Fit the elastic net for n_lambdas log-spaced lam from lam_max down to lam_max * lambda_min_ratio.
+    """Fit the elastic net for n_lambdas log-spaced lam from lam_max down to lam_max * lambda_min_ratio,
+    or for the given `lambdas` (e.g. one: LF-CBM's single-lambda fit, from W = 0).
 
     Each fit warm-starts from the previous one. The path stops early once the mean nonzeros per
     class exceed `max_nonzeros_per_class` (later, denser entries could not be selected anyway).
@@ -262,11 +264,16 @@ def fit_elastic_net_path(
         raise ValueError(f"n_lambdas must be >= 1, got {n_lambdas}")
     if not 0 < lambda_min_ratio < 1:
         raise ValueError(f"lambda_min_ratio must be in (0, 1), got {lambda_min_ratio}")
+    if lambdas is not None and (len(lambdas) == 0 or min(lambdas) <= 0):
+        raise ValueError(f"lambdas must be a non-empty list of positive values, got {lambdas!r}")
     device = torch.device(device)
     saga = _Saga(train, n_classes, batch_size=batch_size, step_size=step_size, seed=seed, device=device)
-    lam_max = saga.lambda_max(alpha)
     val = _as_source(val, batch_size, seed, device)  # moved to the device once, not per lambda
-    lambdas = lam_max * torch.logspace(0, math.log10(lambda_min_ratio), n_lambdas, dtype=torch.float64)
+    if lambdas is None:
+        lam_max = saga.lambda_max(alpha)
+        lambdas = lam_max * torch.logspace(0, math.log10(lambda_min_ratio), n_lambdas, dtype=torch.float64)
+    else:
+        lambdas = torch.tensor(lambdas, dtype=torch.float64)
     rows: dict[str, list] = {k: [] for k in ("weights", "biases", "nonzeros", "val_acc", "loss", "epochs", "converged")}
     for i, lam in enumerate(lambdas.tolist()):
         epochs, converged, loss = saga.run(lam, alpha, max_epochs, tol)

@@ -5,21 +5,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
-from lib.core.errors import UserError
+from lib.core.errors import UserError, user_error_for
 from lib.core.layout import Layout
 from lib.core.params import Params
 from lib.core.stores import open_store
-from lib.data.imagefolder import load_rgb
+from lib.data.imagefolder import BadImageError, load_rgb
 from lib.methods.salf.artifacts import SalfModel
 from lib.methods.salf.explain import Roi
 
-__all__ = ["file_maps", "load_inputs", "parse_roi", "row_images", "row_maps"]
+__all__ = ["Inputs", "file_maps", "load_inputs", "parse_roi", "row_images", "row_maps"]
 
 
 def _read(array, rows: Sequence[int]) -> np.ndarray:
@@ -45,36 +46,51 @@ def row_maps(model: SalfModel, layout: Layout, rows: Sequence[int]) -> Tensor:
 
 
 @torch.no_grad()
-def file_maps(model: SalfModel, config: Params, paths: Sequence[Path]) -> tuple[np.ndarray, Tensor]:
-    """(uint8 images (B, S, S, 3), concept maps (B, M, G, G)) of image files: each is resized and
-    centre-cropped to data.image_size like prepared data, then run through the backbone."""
-    from lib.models.backbones import load_backbone
+def file_maps(model: SalfModel, config: Params, paths: Sequence[Path]) -> tuple[np.ndarray, Tensor, Tensor]:
+    """(uint8 images (B, S, S, 3), concept maps (B, M, G, G), backbone logits (B, K)) of image files:
+    each is resized and centre-cropped to data.image_size like prepared data, then run through the backbone."""
+    from lib.models.backbones import load_backbone_checked
     from lib.models.layers import extract_layers
 
-    images = np.stack([load_rgb(str(path), config.data.image_size) for path in paths])
+    with user_error_for("--image", catch=(BadImageError,), fix="pass image files Pillow can read"):
+        images = np.stack([load_rgb(str(path), config.data.image_size) for path in paths])
     device = model.bottleneck.conv.weight.device
-    backbone = load_backbone(config.backbone.arch, config.backbone.weights, num_classes=len(model.classifier.class_names))
+    backbone = load_backbone_checked(config.backbone)  # its own head, as the features stage ran it
     network = backbone.model.to(device)
     batch = backbone.preprocess(torch.from_numpy(images).to(device))
-    features = extract_layers(network, batch, [model.layer])[model.layer]
+    features = extract_layers(network, batch, [model.layer])[model.layer]  # stops at the layer: logits need their own pass
     # the stored features are fp16: round the same way so a file and its stored row agree
-    return images, model.concept_maps(features.half())
+    return images, model.concept_maps(features.half()), network(batch).float()
 
 
-def load_inputs(
-    model: SalfModel, config: Params, layout: Layout, rows: Sequence[int], files: Sequence[Path]
-) -> tuple[np.ndarray, Tensor, list[str]]:
-    """(uint8 images (B, H, W, 3), concept maps (B, M, G, G), names) of store rows then files;
-    names are "row<index>" and "file<i>_<stem>" (unique, safe as file names)."""
+class Inputs(NamedTuple):
+    """Images to explain: uint8 (B, H, W, 3), concept maps (B, M, G, G), names, the backbone's own logits (B, K)."""
+
+    images: np.ndarray
+    maps: Tensor
+    names: list[str]
+    backbone_logits: Tensor
+
+
+def load_inputs(model: SalfModel, config: Params, layout: Layout, rows: Sequence[int], files: Sequence[Path]) -> Inputs:
+    """The Inputs of store rows then files; names are "row<index>" and "file<i>_<stem>" (unique, safe as
+    file names); rows' logits are the stored ones."""
     if not rows and not files:
         raise UserError("no images given: pass store rows (--index) and/or image files (--image)")
     parts = []
     if rows:
-        parts.append((row_images(layout, rows), row_maps(model, layout, rows), [f"row{r}" for r in rows]))
+        logits = torch.from_numpy(_read(open_store(layout.logits)["logits"], rows))
+        parts.append((row_images(layout, rows), row_maps(model, layout, rows), [f"row{r}" for r in rows], logits))
     if files:
-        images, maps = file_maps(model, config, files)
-        parts.append((images, maps, [f"file{i}_{Path(f).stem}" for i, f in enumerate(files)]))
-    return np.concatenate([p[0] for p in parts]), torch.cat([p[1] for p in parts]), [n for p in parts for n in p[2]]
+        images, maps, logits = file_maps(model, config, files)
+        parts.append((images, maps, [f"file{i}_{Path(f).stem}" for i, f in enumerate(files)], logits))
+    device = parts[0][1].device
+    return Inputs(
+        np.concatenate([p[0] for p in parts]),
+        torch.cat([p[1] for p in parts]),
+        [n for p in parts for n in p[2]],
+        torch.cat([p[3].to(device) for p in parts]),
+    )
 
 
 def parse_roi(box: str | None, mask: Path | None) -> Roi:

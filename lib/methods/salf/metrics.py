@@ -11,19 +11,27 @@ import zarr
 from torch import Tensor
 
 from lib.core.streams import batch_source
+from lib.models.classes import ClassMap
 
-__all__ = ["rule_recovery", "stored_accuracy"]
+__all__ = ["backbone_accuracy", "rule_recovery"]
 
 
 @torch.no_grad()
-def stored_accuracy(logits: zarr.Array, labels: zarr.Array, rows: np.ndarray, batch_size: int = 4096) -> float:
-    """Top-1 accuracy of stored logits (N, K) against labels (N,) over store `rows`, streamed."""
+def backbone_accuracy(
+    logits: zarr.Array, labels: zarr.Array, rows: np.ndarray, class_map: ClassMap, batch_size: int = 4096
+) -> dict[str, float]:
+    """The backbone's test accuracy from its stored logits (N, K) against dataset labels (N,) over
+    store `rows`, streamed: "acc_backbone" with the argmax restricted to the outputs the dataset's
+    classes map onto, "acc_backbone_unrestricted" with the argmax over all K outputs (right only
+    when it is the true class's output; equal to the first when every output is mapped)."""
     if len(rows) == 0:
         raise ValueError("rows is empty: no images to score")
-    correct = 0
+    restricted = unrestricted = 0
     for block in batch_source({"logits": logits, "labels": labels}, rows, batch_size)():
-        correct += int((block["logits"].argmax(dim=1) == block["labels"].long()).sum())
-    return correct / len(rows)
+        y = block["labels"].long()
+        restricted += int((class_map.predict(block["logits"]) == y).sum())
+        unrestricted += int((class_map.top1(block["logits"]) == y).sum())
+    return {"acc_backbone": restricted / len(rows), "acc_backbone_unrestricted": unrestricted / len(rows)}
 
 
 def rule_recovery(

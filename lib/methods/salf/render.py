@@ -21,7 +21,8 @@ from lib.methods.salf.artifacts import SalfModel
 from lib.methods.salf.data import splits_of
 from lib.methods.salf.explain import explain_batch, top_activating
 from lib.methods.salf.figures import explanation_figure, gallery_figure
-from lib.methods.salf.images import load_inputs, row_images
+from lib.methods.salf.images import Inputs, load_inputs, row_images
+from lib.models.classes import ClassMap, read_class_map
 
 __all__ = ["ExplainReport", "default_rows", "run_explain", "write_explanations", "write_gallery"]
 
@@ -33,7 +34,10 @@ class ExplainReport:
     gallery: list[str] | None = None  # concepts shown in the gallery (stage run only)
 
     def summary(self) -> str:
-        predictions = ", ".join(f"{name}: {r['predicted_name']}" for name, r in self.records.items())
+        def shown(r: dict) -> str:  # SALF-CBM's prediction, then the backbone's own (absent with backbone.new_head)
+            return r["predicted_name"] + (f" (backbone: {r['backbone_predicted_name']})" if r["backbone_predicted_name"] else "")
+
+        predictions = ", ".join(f"{name}: {shown(r)}" for name, r in self.records.items())
         gallery = f"; gallery of {', '.join(self.gallery)}" if self.gallery else ""
         return f"{len(self.records)} images -> {self.out_dir} ({predictions}){gallery}"
 
@@ -51,27 +55,32 @@ def default_rows(test_rows: np.ndarray, n_images: int, seed: int) -> list[int]:
 
 def write_explanations(
     model: SalfModel,
-    images: np.ndarray,
-    maps: Tensor,
-    names: Sequence[str],
+    inputs: Inputs,
+    class_map: ClassMap | None,
     out_dir: Path,
     *,
     top_k: int,
     class_index: int | None = None,
 ) -> ExplainReport:
-    """Explain B images (uint8 (B, H, W, 3) with concept maps (B, M, G, G)) and write
-    `<name>.png` and `<name>.json` per image: prediction, the top-k nonzero contributions and their
-    heatmaps for the predicted class (or `class_index`)."""
+    """Explain B images and write `<name>.png` and `<name>.json` per image: SALF-CBM's prediction, the
+    top-k nonzero contributions and their heatmaps for it (or for `class_index`), and the backbone's
+    own prediction among the outputs the dataset's classes map onto (None with backbone.new_head)."""
+    images, maps, names = inputs.images, inputs.maps, inputs.names
     if len(names) != images.shape[0] or maps.shape[0] != images.shape[0]:
         raise ValueError(
             f"need one name and one map stack per image: {len(names)} names, {maps.shape[0]} maps, {images.shape[0]} images"
         )
+    if tuple(images.shape[1:3]) != model.registration.image_size:
+        raise ValueError(f"images are {images.shape[1:3]} but the bottleneck was trained on {model.registration.image_size}")
     k = min(top_k, maps.shape[1])
-    result = explain_batch(model.classifier, maps, images.shape[1:3], k=k, classes=class_index)
+    result = explain_batch(model.classifier, maps, model.registration, k=k, classes=class_index)
     pictures = _chw(images)
+    backbone = None if class_map is None else class_map.predict(inputs.backbone_logits).tolist()
     records = {}
     for i, name in enumerate(names):
         record = result.record(i, model.classifier)
+        record["backbone_predicted"] = None if backbone is None else backbone[i]
+        record["backbone_predicted_name"] = None if backbone is None else model.classifier.class_names[backbone[i]]
         # a sparse class row has fewer than k nonzero weights: zero contributions explain nothing
         shown = [j for j, c in enumerate(record["concepts"]) if c["contribution"] != 0] or [0]
         record["concepts"] = [record["concepts"][j] for j in shown]
@@ -118,16 +127,17 @@ def run_explain(
     """Explain the given store rows and image files into `out_dir` (default explain_adhoc); with
     neither, the stage run: explain.n_images seeded test images and the gallery into data/<name>/explain."""
     model = SalfModel.load(layout, device)
+    class_map = read_class_map(open_store(layout.logits).attrs, layout.logits)
     rows, files = indices, paths
     if rows or files:
-        images, maps, names = load_inputs(model, config, layout, list(rows), list(files))
+        inputs = load_inputs(model, config, layout, list(rows), list(files))
         return write_explanations(
-            model, images, maps, names, out_dir or layout.explain_adhoc, top_k=config.explain.top_k, class_index=class_index
+            model, inputs, class_map, out_dir or layout.explain_adhoc, top_k=config.explain.top_k, class_index=class_index
         )
     out_dir = out_dir or layout.explain
     test_rows = splits_of(config, layout).test
     chosen = default_rows(test_rows, config.explain.n_images, config.explain.seed)
-    images, maps, names = load_inputs(model, config, layout, chosen, [])
-    report = write_explanations(model, images, maps, names, out_dir, top_k=config.explain.top_k, class_index=class_index)
+    inputs = load_inputs(model, config, layout, chosen, [])
+    report = write_explanations(model, inputs, class_map, out_dir, top_k=config.explain.top_k, class_index=class_index)
     gallery = write_gallery(model, layout, test_rows, config.explain, out_dir / "gallery.png")
     return ExplainReport(out_dir, report.records, gallery)

@@ -1,0 +1,261 @@
+"""The contributions stage's work: the SAE spliced into the backbone at its layer, on the test split.
+
+Per test image and the class the spliced model predicts (mapped onto the backbone's output as the
+features stage recorded), every concept's presence P_j and contribution C_j to that logit
+(lib/methods/fact/contributions.py: one backward per batch of images), written to
+data/<name>/fact/concept_stats.zarr in the form the `stats` stage reads (lib/core/schema.py). The
+stage computes every shard in one pass (the tail's forward and backward are cheap next to the
+features stage) and writes the ones a killed run left missing, so its metrics always cover all
+images.
+
+metrics/fact.json:
+- fve: fraction of variance of the layer's features the SAE explains, every position of every test
+  image; l0: mean number of concepts present (P_j > 0) per image; alive_pct: % of concepts with a
+  nonzero contribution in some test image; poscover80: mean number of concepts needed for 80% of an
+  image's positive contribution (lib/metrics/concepts.py).
+- acc_backbone (the stored logits), acc_spliced (the SAE in place): test accuracies (null with
+  backbone.new_head: FaCT then explains the backbone's own top output, no dataset class).
+- completeness_max_rel_err: max over images of |sum_j C_j - (y_c - b)| / |y_c - b|, b = the tail's
+  logit for an all-zero map (its logit bias), y_c - b in float64 (FactBackbone.unbiased_logits). On
+  a dynamic-linear (B-cos) tail it must be at most fact.completeness_tol, else the stage fails (a
+  bug, not a setting); on other backbones it is reported (a ReLU network's tail after its last
+  block, average pooling and a linear layer, is linear too, and then it is ~1e-7).
+- c2, c2_random: C²-Score of the concepts and of random maps (lib/methods/fact/consistency.py),
+  means over the scored concepts; null when clip_images holds no dense features.
+- gt_found, gt_concepts, match_score: on data with concept masks, how many ground-truth concepts
+  found a latent on val and the mean best correlation (lib/methods/fact/matching.py, written in
+  full to data/<name>/fact/matching.json, which `evaluate` reads).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import Progress
+from torch import Tensor
+
+from lib.core.distributed import Ranks, gather_objects, sharded_outputs
+from lib.core.errors import UserError
+from lib.core.layout import Layout
+from lib.core.outputs import write_json
+from lib.core.params import Params, params_hash, source_hash
+from lib.core.schema import (
+    CONTRIBUTION,
+    DENSE,
+    FEATURES,
+    LOGITS,
+    PRED_BACKBONE,
+    PRED_MODEL,
+    PRESENCE,
+    STATS_IMAGE,
+    STATS_LABEL,
+    concept_stats_specs,
+)
+from lib.core.stores import ShardedWriter, open_store
+from lib.core.streams import read_rows
+from lib.data.manifest import read_dataset_info, read_manifest, split_indices, train_val_indices
+from lib.methods.fact.artifacts import load_sae
+from lib.methods.fact.backbone import FactBackbone, load_fact_backbone
+from lib.methods.fact.c2 import top_count
+from lib.methods.fact.consistency import TopImages, c2_per_concept, dense_mean
+from lib.methods.fact.contributions import concept_contributions, splice
+from lib.methods.fact.matching import LatentCorrelation, Matching
+from lib.methods.fact.sae import BiasFreeTopKSAE
+from lib.methods.fact.streams import fact_layer, feature_vectors
+from lib.methods.fact.train import fraction_of_variance_explained
+from lib.metrics.concepts import poscover
+
+__all__ = ["ContributionsReport", "explain_batch", "run_contributions"]
+
+_TINY = 1e-12
+
+
+def explain_batch(backbone: FactBackbone, sae: BiasFreeTopKSAE, acts: Tensor) -> dict[str, Tensor]:
+    """Presence, contributions, the spliced model's predicted class and the relative completeness
+    error |sum_j C_j - (y_c - b)| / |y_c - b|, for feature maps acts (B, C, H, W) of the SAE's layer."""
+    with torch.no_grad():
+        _, x_hat = splice(sae, acts)
+        predicted, target = backbone.explained_output(backbone.tail(x_hat))
+        reference = backbone.unbiased_logits(x_hat).gather(1, target[:, None])[:, 0]
+    out = concept_contributions(backbone.tail, sae, acts, target)
+    error = (out.contributions.double().sum(dim=1) - reference).abs() / reference.abs().clamp_min(_TINY)
+    return {PRESENCE: out.presence, CONTRIBUTION: out.contributions, PRED_MODEL: predicted, "completeness": error}
+
+
+@dataclass(frozen=True)
+class ContributionsReport:
+    metrics: dict[str, Any] | None  # None on torchrun ranks other than 0
+    path: Path
+
+    def summary(self) -> str:
+        if self.metrics is None:
+            return f"this rank's shards written; rank 0 writes {self.path}"
+        m = self.metrics
+        c2 = "C² n/a (clip_images.dense is off)" if m["c2"] is None else f"C² {m['c2']:.3f} (random {m['c2_random']:.3f})"
+        found = f"; {m['gt_found']}/{m['gt_concepts']} ground-truth concepts found a latent" if m["gt_concepts"] else ""
+        accuracy = (
+            "no dataset classes (backbone.new_head)" if m["acc_backbone"] is None
+            else f"accuracy backbone {m['acc_backbone']:.3f}, spliced {m['acc_spliced']:.3f}"
+        )
+        return (
+            f"fve {m['fve']:.4f}, L0 {m['l0']:.1f}, alive {m['alive_pct']:.1f}%, PosCover-80 {m['poscover80']:.2f}; {accuracy}; "
+            f"completeness error {m['completeness_max_rel_err']:.2e}; {c2}{found} -> {self.path}"
+        )
+
+
+def _match(config: Params, layout: Layout, sae: BiasFreeTopKSAE, device: torch.device) -> Matching | None:
+    """Latent of each ground-truth concept on val (None on data without concept masks)."""
+    images = open_store(layout.images)
+    if "masks" not in images:
+        return None
+    info = read_dataset_info(layout.dataset_info)
+    _, val, _ = train_val_indices(read_manifest(layout.manifest), config.fact.val_fraction, config.fact.seed)
+    feats = open_store(layout.features(fact_layer(config)))[FEATURES]
+    correlation = LatentCorrelation(sae.n_concepts, images["masks"].shape[1])
+    for start in range(0, len(val), config.fact.batch_size):
+        rows = val[start : start + config.fact.batch_size]
+        acts = torch.from_numpy(read_rows(feats, rows)).to(device, torch.float32)
+        with torch.no_grad():
+            codes, _ = splice(sae, acts)
+        b, _, h, w = acts.shape
+        correlation.add(codes.reshape(b, h, w, -1), torch.from_numpy(read_rows(images["masks"], rows)).to(device).bool())
+    names = [concept["name"] for concept in info["concepts"]]
+    return Matching.from_correlation(correlation.correlation(), names, config.fact.match_threshold)
+
+
+def run_contributions(
+    config: Params, layout: Layout, device: torch.device, ranks: Ranks, progress: Progress | None = None
+) -> ContributionsReport:
+    """Write data/<name>/fact/concept_stats.zarr, fact/matching.json and metrics/fact.json (module doc).
+
+    Under torchrun each rank explains the shards it owns and writes the missing ones; rank 0 gathers
+    the ranks' statistics and writes the metrics (the store is the one-process store byte for byte;
+    the C² images may differ only among images tied on presence)."""
+    settings = config.fact
+    backbone = load_fact_backbone(config, layout, device)
+    sae, record = load_sae(layout.fact_sae, device)
+    if (record["layer"], record["model_id"]) != (backbone.layer, backbone.model_id):
+        raise UserError(
+            f"{layout.fact_sae} was trained on {record['layer']} of {record['model_id']}, not {backbone.layer} of {backbone.model_id}",
+            key="fact.layer", fix="rerun sae_data and sae (dvc repro)",
+        )
+    manifest = read_manifest(layout.manifest)
+    rows = split_indices(manifest, "test")
+    labels = manifest.set_index("index").loc[rows, "label"].to_numpy(np.int64)
+    feats_store, logits_store = open_store(layout.features(backbone.layer)), open_store(layout.logits)
+    feats, stored_logits = feats_store[FEATURES], logits_store[LOGITS]
+    n_concepts = sae.n_concepts
+
+    fingerprint = params_hash(
+        hashlib.sha256(layout.fact_sae.read_bytes()).hexdigest(), feats_store.attrs["fingerprint"], logits_store.attrs["fingerprint"],
+        hashlib.sha256(rows.tobytes() + labels.tobytes()).hexdigest(), source_hash(sys.modules[__name__]),
+    )
+    attributes = {"stage": "contributions", "method": "fact", "split": "test", "concepts": [f"latent{j}" for j in range(n_concepts)]}
+    path = layout.concept_stats("fact")
+
+    def make_writers(create: bool) -> dict[str, ShardedWriter]:
+        return {path.name: ShardedWriter(path, concept_stats_specs(len(rows), n_concepts), config.data.rows_per_shard, attributes,
+                                         fingerprint, create=create, scratch=layout.scratch(path))}
+
+    top = TopImages(top_count(len(rows), settings.c2_top_fraction, settings.c2_min_images))
+    alive = torch.zeros(n_concepts, dtype=torch.bool, device=device)
+    l0, cover, errors, correct_model, correct_backbone = [], [], [], 0, 0
+    with sharded_outputs(make_writers, ranks) as writers:
+        writer = writers[path.name]
+        pending = set(writer.pending(ranks.rank, ranks.world_size))
+        owned = range(ranks.rank, writer.n_shards, ranks.world_size)  # all of them, written or not: the metrics cover every image
+        task = progress.add_task("contributions", total=sum(len(rows[writer.rows(s)]) for s in owned)) if progress is not None else None
+        for shard in owned:
+            span = writer.rows(shard)
+            block_rows = rows[span]
+            parts: list[dict[str, Tensor]] = []
+            for start in range(0, len(block_rows), settings.batch_size):
+                chunk = block_rows[start : start + settings.batch_size]
+                acts = torch.from_numpy(read_rows(feats, chunk)).to(device, torch.float32)
+                part = explain_batch(backbone, sae, acts)
+                part[PRED_BACKBONE], _ = backbone.explained_output(torch.from_numpy(read_rows(stored_logits, chunk)).to(device))
+                top.add(part[PRESENCE], torch.from_numpy(chunk))
+                parts.append(part)
+                if task is not None:
+                    progress.advance(task, len(chunk))
+            block = {name: torch.cat([p[name] for p in parts]).cpu().numpy() for name in parts[0]}
+            alive |= torch.from_numpy(block[CONTRIBUTION] != 0).any(dim=0).to(device)
+            l0.append((block[PRESENCE] > 0).sum(axis=1))
+            cover.append(poscover(block[CONTRIBUTION], 0.8))
+            errors.append(block.pop("completeness"))
+            correct_model += int((block[PRED_MODEL] == labels[span]).sum())
+            correct_backbone += int((block[PRED_BACKBONE] == labels[span]).sum())
+            if shard in pending:
+                writer.write(shard, {**block, STATS_IMAGE: block_rows, STATS_LABEL: labels[span]})
+    gathered = gather_objects((l0, cover, errors, correct_model, correct_backbone, alive.cpu(), top.cpu()), ranks)
+    if not ranks.is_main:  # rank 0 writes the metrics of every rank's images
+        return ContributionsReport(None, layout.fact_metrics)
+    for other in gathered[1:]:
+        l0, cover, errors = l0 + other[0], cover + other[1], errors + other[2]
+        correct_model, correct_backbone, alive = correct_model + other[3], correct_backbone + other[4], alive | other[5].to(device)
+        top.merge(other[6])
+
+    fve = fraction_of_variance_explained(sae, (v.to(device) for v in feature_vectors(feats, rows, settings.batch_size)))
+    completeness = float(np.concatenate(errors).max())
+    if backbone.dynamic_linear and completeness > settings.completeness_tol:
+        raise RuntimeError(
+            f"contributions are incomplete on a dynamic-linear backbone: max relative error {completeness:.3e} > "
+            f"fact.completeness_tol {settings.completeness_tol:g} (sum_j C_j must equal the logit minus its bias)"
+        )
+    matching = _match(config, layout, sae, device)
+    write_json(layout.fact_matching, matching.to_json() if matching is not None else {"concepts": []})
+    c2, c2_random, n_scored = _c2(config, layout, backbone, sae, rows, top, alive, progress)
+    metrics = {
+        "fve": fve,
+        "l0": float(np.concatenate(l0).mean()),
+        "alive_pct": 100.0 * float(alive.float().mean()),
+        "poscover80": float(np.nanmean(np.concatenate(cover))),
+        "acc_backbone": None if backbone.class_map is None else correct_backbone / len(rows),  # None: backbone.new_head
+        "acc_spliced": None if backbone.class_map is None else correct_model / len(rows),
+        "completeness_max_rel_err": completeness,
+        "dynamic_linear": backbone.dynamic_linear,
+        "c2": c2,
+        "c2_random": c2_random,
+        "c2_concepts": n_scored,
+        "n_concepts": n_concepts,
+        "k": sae.k,
+        "gt_concepts": 0 if matching is None else len(matching.names),
+        "gt_found": 0 if matching is None else matching.found,
+        "match_score": None if matching is None else matching.mean_score,
+    }
+    # 6 digits, except the completeness error, whose point is how small it is
+    write_json(layout.fact_metrics, {k: round(v, 6) if isinstance(v, float) and k != "completeness_max_rel_err" else v
+                                     for k, v in metrics.items()})
+    return ContributionsReport(metrics, layout.fact_metrics)
+
+
+def _c2(
+    config: Params, layout: Layout, backbone: FactBackbone, sae: BiasFreeTopKSAE, rows: np.ndarray, top: TopImages, alive: Tensor,
+    progress: Progress | None,
+) -> tuple[float | None, float | None, int]:
+    """(C², random baseline, concepts scored): means over the alive concepts with two or more images
+    of positive presence (a seeded sample of fact.c2_concepts of them); (None, None, 0) without dense features."""
+    clip_images = open_store(layout.clip_images)
+    if DENSE not in clip_images:
+        return None, None, 0
+    settings = config.fact
+    selected = top.result()
+    eligible = torch.nonzero(alive.cpu() & ((selected.presence > 0).sum(dim=1) >= 2).cpu()).flatten()
+    if settings.c2_concepts is not None and len(eligible) > settings.c2_concepts:
+        pick = torch.randperm(len(eligible), generator=torch.Generator().manual_seed(settings.seed))[: settings.c2_concepts]
+        eligible = eligible[pick.sort().values]
+    if len(eligible) == 0:
+        return None, None, 0
+    dense = clip_images[DENSE]
+    mean = dense_mean(dense, rows, settings.batch_size)
+    scores, baseline = c2_per_concept(
+        backbone, sae, open_store(layout.images)["images"], dense, mean, selected, eligible,
+        batch_size=settings.batch_size, seed=settings.seed, progress=progress,
+    )
+    return float(scores.nanmean()), float(baseline.nanmean()), len(eligible)

@@ -1,0 +1,11 @@
+"""contributions: FaCT's concepts spliced into the backbone on the test split (statistics, metrics, C²)."""
+
+from lib.core.cli import DEFAULT_PARAMS_PATH, ParamsOption, run_stage
+
+
+def contributions(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
+    """Write data/<name>/fact/concept_stats.zarr, fact/matching.json and metrics/fact.json."""
+    from lib.methods.fact.backbone import check_fact
+    from lib.methods.fact.contributions_stage import run_contributions
+
+    run_stage("contributions", params, run_contributions, sharded=True, check=check_fact)

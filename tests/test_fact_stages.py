@@ -1,0 +1,288 @@
+"""FaCT's stages end to end on a tiny toy project (random toy B-cos and CLIP): sae-data, sae (and its
+resume after a kill), contributions (completeness on B-cos, the stats store, metrics, matching, C²),
+fact-explain, evaluate's fact adapter; the toy CNN reports its completeness error instead."""
+
+import json
+import os
+import shutil
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from lib.core.distributed import Ranks
+from lib.core.layout import Layout
+from lib.core.params import Params, load_params
+from lib.core.schema import CONTRIBUTION, DENSE, PRED_BACKBONE, PRED_MODEL, PRESENCE, STATS_IMAGE, STATS_LABEL
+from lib.core.stores import open_store
+from lib.core.streams import read_rows
+from lib.data.manifest import read_dataset_info, read_manifest, split_indices
+from lib.evaluate.adapters import METHODS
+from lib.evaluate.registry import EvalBatch, EvalContext
+from lib.evaluate.truth import GroundTruth
+from lib.methods.fact.artifacts import load_sae
+from lib.methods.fact.backbone import load_fact_backbone
+from lib.methods.fact.contributions import splice
+from lib.methods.fact.sae_stage import run_sae
+from lib.methods.fact.streams import IMAGE, POSITION, VECTORS, VectorStream
+from lib.methods.fact.train import TrainState
+from lib.models.backbones import load_backbone
+from lib.models.layers import extract_layers, split_at
+from lib.models.weights import save_backbone
+from lib.toy.models.cnn import build_toy, toy_preprocess
+from stages.__main__ import app
+
+N_CONCEPTS, K, STEPS = 24, 3, 12
+SETTINGS = {
+    "backbone": {"arch": "toy:bcos", "weights": "models/toy/bcos.pt"},
+    "features": {"layers": ["layer2", "layer3"], "batch_size": 16},
+    "fact": {
+        "batch_size": 8,
+        "positions_budget": 1024,  # 1024 // 128 channels = 8 of layer3's 64 positions per image
+        "sae": {"n_concepts": N_CONCEPTS, "k": K, "aux_k": 6, "dead_after": 500, "steps": STEPS, "batch_size": 32,
+                "warmup_steps": 2, "checkpoint_every": 5, "buffer_shards": 2},
+        "c2_min_images": 3,
+        "c2_concepts": 3,
+        "explain": {"n_images": 2, "top_k": 2, "gallery_concepts": 2, "gallery_images": 2},
+    },
+}
+STAGES = ("clip-images", "features", "sae-data", "sae", "contributions", "fact-explain")
+
+
+def invoke(root: Path, *args: str):
+    cwd = Path.cwd()
+    try:
+        os.chdir(root)
+        return CliRunner().invoke(app, [*args, "--params", "params.yaml"])
+    finally:
+        os.chdir(cwd)
+
+
+def set_params(root: Path, **sections) -> None:
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+
+
+def run(root: Path, *stages: str) -> None:
+    for stage in stages:
+        result = invoke(root, stage)
+        assert result.exit_code == 0, f"{stage}: {result.output}"
+
+
+@pytest.fixture(scope="module")
+def project(toy_inputs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`toy_inputs` (24 train, 8 val, 8 test images) with a random toy B-cos, after every FaCT stage."""
+    root = tmp_path_factory.mktemp("fact") / "project"
+    shutil.copytree(toy_inputs, root)
+    torch.manual_seed(0)
+    save_backbone(root / "models/toy/bcos.pt", build_toy("bcos", 8), "toy:bcos", 8, toy_preprocess("bcos", 64))
+    set_params(root, **SETTINGS)
+    run(root, *STAGES)
+    return root
+
+
+def _config(root: Path) -> Params:
+    return load_params(root / "params.yaml")
+
+
+def _layout(root: Path) -> Layout:
+    return Layout.from_params(_config(root), base=root / "data")
+
+
+def test_sae_data_holds_the_stored_features_at_the_drawn_positions(project: Path):
+    layout = _layout(project)
+    store = open_store(layout.fact_vectors)
+    vectors, image, position = store[VECTORS][:], store[IMAGE][:], store[POSITION][:]
+    train = split_indices(read_manifest(layout.manifest), "train")
+    assert vectors.shape == (24 * 8, 128) and vectors.dtype == np.float16
+    assert image.tolist() == np.repeat(train, 8).tolist()  # image-major, 8 positions each
+    assert all(len(set(position[image == row])) == 8 for row in train)  # drawn without replacement
+    feats = open_store(layout.features("layer3"))["features"]
+    expected = feats.get_orthogonal_selection((image,))[np.arange(len(image)), :, position // 8, position % 8]
+    np.testing.assert_array_equal(vectors, expected)
+
+
+def test_vector_stream_batches_are_a_function_of_the_step(project: Path):
+    vectors = open_store(_layout(project).fact_vectors)[VECTORS]
+    stream = VectorStream(vectors, batch_size=32, seed=3, buffer_shards=1)
+    straight = list(islice(stream.batches(0), 12))
+    resumed = list(islice(stream.batches(5), 7))
+    assert all(torch.equal(a, b) for a, b in zip(straight[5:], resumed, strict=True))
+    assert not torch.equal(straight[0], straight[1])
+    # one epoch (windows of one shard: 128 and 64 vectors -> 4 + 2 batches) draws each kept vector once
+    epoch = torch.cat(straight[:6])
+    assert len({tuple(row.tolist()) for row in epoch}) == len(epoch)
+
+
+def test_contributions_are_complete_on_bcos(project: Path):
+    """sum_j C_j = y_c - b for the spliced toy B-cos (b = -log(7), its LogitLayer bias), checked
+    against the spliced model rebuilt here from the library's split and the SAE's own forward."""
+    layout = _layout(project)
+    stats = open_store(layout.concept_stats("fact"))
+    rows = stats[STATS_IMAGE][:]
+    assert rows.tolist() == split_indices(read_manifest(layout.manifest), "test").tolist()
+    sae, record = load_sae(layout.fact_sae)
+    assert (record["layer"], sae.n_concepts, sae.k) == ("layer3", N_CONCEPTS, K)
+    backbone = load_backbone("toy:bcos", project / "models/toy/bcos.pt")
+    _, tail = split_at(backbone.model, "layer3")
+    acts = torch.from_numpy(read_rows(open_store(layout.features("layer3"))["features"], rows)).float()
+    b, c, h, w = acts.shape
+    with torch.no_grad():
+        x_hat = sae(acts.permute(0, 2, 3, 1).reshape(-1, c)).reshape(b, h, w, c).permute(0, 3, 1, 2)
+        logits = tail(x_hat)
+    predicted = logits.argmax(dim=1)
+    explained = logits.gather(1, predicted[:, None])[:, 0] + np.log(7)
+    total = torch.from_numpy(stats[CONTRIBUTION][:]).double().sum(dim=1)
+    torch.testing.assert_close(total, explained.double(), rtol=1e-4, atol=1e-6)
+    assert stats[PRED_MODEL][:].tolist() == predicted.tolist()
+    stored_logits = read_rows(open_store(layout.logits)["logits"], rows)
+    assert stats[PRED_BACKBONE][:].tolist() == stored_logits.argmax(axis=1).tolist()
+    assert stats[STATS_LABEL][:].tolist() == read_rows(open_store(layout.images)["labels"], rows).tolist()
+    z, _ = splice(sae, acts)
+    np.testing.assert_allclose(stats[PRESENCE][:], z.sum(dim=1).numpy(), rtol=1e-5, atol=1e-6)
+    assert stats.attrs["method"] == "fact" and len(stats.attrs["concepts"]) == N_CONCEPTS
+
+    metrics = json.loads((project / "metrics/fact.json").read_text())
+    assert metrics["dynamic_linear"] is True and metrics["completeness_max_rel_err"] <= 1e-4
+    assert metrics["acc_spliced"] == float((predicted.numpy() == stats[STATS_LABEL][:]).mean())
+    assert metrics["fve"] <= 1 and 0 < metrics["l0"] <= K * h * w and 0 <= metrics["alive_pct"] <= 100
+    assert 1 <= metrics["poscover80"] <= N_CONCEPTS
+    assert metrics["c2_concepts"] == 3 and -1 <= metrics["c2_random"] <= 1 and -1 <= metrics["c2"] <= 1
+    assert metrics["gt_concepts"] == 17 and 0 <= metrics["gt_found"] <= 17
+
+
+def test_matching_names_a_latent_for_every_concept(project: Path):
+    layout = _layout(project)
+    matching = json.loads(layout.fact_matching.read_text())
+    names = [c["name"] for c in read_dataset_info(layout.dataset_info)["concepts"]]
+    assert [row["concept"] for row in matching["concepts"]] == names
+    assert all(0 <= row["latent"] < N_CONCEPTS and -1 <= row["score"] <= 1 for row in matching["concepts"])
+    assert [row["latent"] for row in matching["latents"]] == list(range(N_CONCEPTS))
+
+
+def test_input_maps_sum_to_presence_on_bcos(project: Path, monkeypatch: pytest.MonkeyPatch):
+    """B-cos in explanation mode: the input-level map of P_j is its exact share per pixel."""
+    monkeypatch.chdir(project)  # backbone.weights is relative to the project
+    layout = _layout(project)
+    backbone = load_fact_backbone(_config(project), layout, torch.device("cpu"))
+    sae, _ = load_sae(layout.fact_sae)
+    images = torch.from_numpy(open_store(layout.images)["images"][:4]).repeat_interleave(2, dim=0)
+    feats = extract_layers(backbone.model, backbone.preprocess(images), ["layer3"])["layer3"]
+    z, _ = splice(sae, feats.detach())
+    concepts = z.sum(dim=1).topk(2, dim=1).indices[torch.arange(8), torch.arange(8) % 2]  # each image's two strongest
+    presence = z.sum(dim=1).gather(1, concepts[:, None])[:, 0]
+    maps = backbone.input_maps(images, sae, concepts)
+    assert maps.shape == (8, 64, 64) and (presence > 0).all()
+    torch.testing.assert_close(maps.sum(dim=(1, 2)), presence, rtol=1e-4, atol=1e-5)
+
+
+def test_evaluate_adapter_maps_latents_and_the_class_evidence(project: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(project)  # backbone.weights is relative to the project
+    layout = _layout(project)
+    config = _config(project)
+    info = read_dataset_info(layout.dataset_info)
+    method = METHODS["fact"](EvalContext(config, layout, torch.device("cpu"), GroundTruth.from_info(info)))
+    assert method is not None and method.name == "fact"
+    rows = split_indices(read_manifest(layout.manifest), "test")[:4]
+    store = open_store(layout.images)
+    batch = EvalBatch(torch.from_numpy(rows), torch.from_numpy(read_rows(store["images"], rows)),
+                      torch.from_numpy(read_rows(store["labels"], rows)))
+    maps = method.concept_maps(batch)
+    matching = json.loads(layout.fact_matching.read_text())
+    assert maps.maps.shape == (4, 17, 8, 8) and maps.concepts.tolist() == list(range(17))
+    acts = torch.from_numpy(read_rows(open_store(layout.features("layer3"))["features"], rows)).float()
+    z, _ = splice(method.sae, acts)
+    latent = matching["concepts"][5]["latent"]
+    torch.testing.assert_close(maps.maps[:, 5].reshape(4, -1), z[:, :, latent])
+    # with every latent counted as an object, the class map sums to the explained logit sum_j C_j
+    method.object_latents = torch.ones(N_CONCEPTS)
+    class_maps = method.class_maps(batch)
+    stats = open_store(layout.concept_stats("fact"))
+    torch.testing.assert_close(class_maps.sum(dim=(1, 2)), torch.from_numpy(stats[CONTRIBUTION][:4]).sum(dim=1), rtol=1e-4, atol=1e-5)
+
+
+def test_fact_explain_writes_explanations_and_a_gallery(project: Path):
+    out = _layout(project).fact_explain
+    records = json.loads((out / "explanations.json").read_text())
+    assert len(records) == 2 and all(len(r["concepts"]) == 2 for r in records)
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(["gallery.png", *(f"row{r['row']}.png" for r in records)])
+    shares = [c["share"] for r in records for c in r["concepts"]]
+    assert all(s <= 1 + 1e-6 for s in shares)
+
+
+def test_clip_images_stores_the_dense_feature_map(project: Path):
+    store = open_store(_layout(project).clip_images)
+    assert store[DENSE].shape == (40, 512, 2, 2) and store.attrs["dense_layer"] == "layer4"  # toy CLIP: ModifiedResNet at 64 px
+
+
+def test_sae_resumes_after_a_kill_and_ends_where_an_uninterrupted_run_ends(project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    root = tmp_path / "project"
+    shutil.copytree(project, root)
+    monkeypatch.chdir(root)
+    config, layout = load_params("params.yaml"), Layout.from_params(load_params("params.yaml"))
+    reference, _ = load_sae(layout.fact_sae)
+    layout.fact_sae.unlink()
+    save = TrainState.save_checkpoint
+
+    def killed_after_first_checkpoint(state: TrainState, path: Path) -> None:
+        save(state, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TrainState, "save_checkpoint", killed_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        run_sae(config, layout, torch.device("cpu"), Ranks())
+    assert not layout.fact_sae.exists() and len(list((layout.root / ".partial").rglob("sae_checkpoint-*.pt"))) == 1
+    monkeypatch.setattr(TrainState, "save_checkpoint", save)
+    report = run_sae(config, layout, torch.device("cpu"), Ranks())
+    assert report.resumed_from == 5 and report.steps == STEPS
+    resumed, _ = load_sae(layout.fact_sae)
+    for name, value in reference.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
+    log = (root / "metrics/plots/fact_sae.csv").read_text().splitlines()
+    assert log[0] == "step,loss,nmse,aux,dead_fraction,lr" and [int(r.split(",")[0]) for r in log[1:]] == list(range(STEPS))
+    assert not list((layout.root / ".partial").rglob("sae_checkpoint-*"))
+
+
+def test_toy_cnn_reports_its_completeness_error(project: Path, tmp_path: Path):
+    """On the toy CNN at layer2 the tail (a ReLU block with BatchNorm shifts) is not dynamic linear:
+    the stage reports the completeness error instead of failing; without dense CLIP features no C²."""
+    root = tmp_path / "project"
+    shutil.copytree(project, root)
+    torch.manual_seed(1)
+    cnn = build_toy("cnn", 8)
+    with torch.no_grad():  # as after training: a fresh BatchNorm is x / sqrt(1 + eps), and a bias-free ReLU net is homogeneous
+        for norm in (m for m in cnn.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            norm.bias.normal_()
+            norm.running_mean.normal_()
+    save_backbone(root / "models/toy/cnn.pt", cnn, "toy:cnn", 8, toy_preprocess("cnn", 64))
+    set_params(root, backbone={"arch": "toy:cnn", "weights": "models/toy/cnn.pt"}, clip_images={"dense": False})
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["fact"]["layer"] = "layer2"
+    raw["fact"]["positions_budget"] = 512  # 8 of layer2's 256 positions (64 channels)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    run(root, "clip-images", "features", "sae-data", "sae", "contributions")
+    metrics = json.loads((root / "metrics/fact.json").read_text())
+    assert metrics["dynamic_linear"] is False and metrics["completeness_max_rel_err"] > 1e-3
+    assert metrics["c2"] is None and metrics["c2_random"] is None and metrics["c2_concepts"] == 0
+
+
+def test_with_a_new_head_fact_explains_the_backbones_top_output(project: Path, tmp_path: Path):
+    root = tmp_path / "project"
+    shutil.copytree(project, root)
+    set_params(root, backbone={"new_head": True})
+    run(root, "features", "sae-data", "sae", "contributions", "fact-explain")
+    metrics = json.loads((root / "metrics/fact.json").read_text())
+    assert metrics["acc_backbone"] is None and metrics["acc_spliced"] is None and metrics["completeness_max_rel_err"] <= 1e-4
+    stats = open_store(_layout(root).concept_stats("fact"))
+    assert set(stats[PRED_MODEL][:].tolist()) == set(stats[PRED_BACKBONE][:].tolist()) == {-1}
+
+
+def test_fact_layer_must_be_extracted():
+    with pytest.raises(ValueError, match="fact.layer 'layer1' is not extracted"):
+        Params.model_validate({"features": {"layers": ["layer3"]}, "fact": {"layer": "layer1"}})

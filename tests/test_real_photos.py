@@ -1,0 +1,198 @@
+"""Real photographs end to end, and a pretrained-size backbone keeping its own 1000 outputs.
+
+scikit-image's sample photographs (shipped in its wheel: a cat, an espresso, a rocket) are cut into
+a 3-class image folder whose class names are ImageNet classes, written three ways: a class name
+("tabby"), a WordNet id ("n07920052", espresso) and a name in another case ("Missile"). Every
+SALF-CBM stage runs on it through the CLI, with random-init real architectures at 64 px: a
+torchvision ResNet-50 with its 1000-output head (saved as a local checkpoint with 64 px
+preprocessing) and a ViT CLIP of ViT-B-32's shape, narrower and shallower. The backbone's head is
+kept: the 3 classes map by name onto 3 of its 1000 outputs, acc_backbone is the accuracy of its
+argmax among those 3, and explanations report its prediction among them.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torchvision
+import yaml
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from PIL import Image
+from typer.testing import CliRunner
+
+from lib.core.layout import Layout
+from lib.core.stores import open_store
+from lib.data.manifest import read_manifest
+from lib.kernels.preprocess import Preprocess
+from lib.models.clip_format import save_clip_dir
+from lib.models.weights import save_backbone
+from stages.__main__ import app
+
+# folder name -> (scikit-image photo, ImageNet-1k output it names)
+PHOTOS = {"tabby": ("chelsea.png", 281), "n07920052": ("coffee.png", 967), "Missile": ("rocket.jpg", 657)}
+CLASSES = sorted(PHOTOS)  # the image folder's class order
+OUTPUTS = [PHOTOS[c][1] for c in CLASSES]
+CROPS, SIZE = 12, 64  # crops per photo; stored and model input size
+CONCEPTS = ["fur", "whiskers", "cup", "saucer", "foam", "sky", "flame", "smoke", "metal", "wood", "stripes", "grass"]
+CLIP_CFG = {  # ViT-B-32's layout (patch tokens, class token, text transformer), smaller
+    "embed_dim": 128,
+    "vision_cfg": {"image_size": SIZE, "patch_size": 16, "width": 192, "layers": 3, "head_width": 64},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 2},
+}
+PARAMS = {
+    "runtime": {"device": "cpu"},
+    "data": {
+        "kind": "imagefolder", "name": "photos", "image_size": SIZE, "rows_per_shard": 16,
+        "imagefolder": {"root": "photos", "val_fraction": 0.25, "test_fraction": 0.25},
+    },
+    "backbone": {"arch": "torchvision:resnet50", "weights": "models/resnet50.pt"},
+    "features": {"layers": ["layer3"], "batch_size": 12},
+    "clip": {"model": "small-vit", "pretrained": "local-dir:models/clip"},
+    "clip_images": {"autocast": False},
+    "circles": {"grid": 3, "radius": 10.0, "width": 2.0, "batch_size": 8, "chunk": 72, "autocast": False},
+    # a random CLIP's similarities are meaningless: keep every concept
+    "concepts": {"file": "concepts.txt", "duplicate_threshold": 1.0, "class_similarity_threshold": 1.0, "min_top5_similarity": -1.0},
+    "cbl": {"max_steps": 20, "eval_every": 5, "batch_size": 16, "cos3_threshold": -1.0},
+    "sparse": {"n_lambdas": 4, "max_epochs": 20, "batch_size": 16, "target_nonzeros_per_class": 3},
+    "explain": {"n_images": 3, "top_k": 2, "gallery_concepts": 2, "gallery_images": 2},
+}
+STAGES = ("prepare", "features", "clip-images", "circles", "concepts", "similarity", "cbl", "sparse", "explain")
+
+
+def write_photo_folder(root: Path) -> None:
+    """CROPS seeded crops (40-90 % of the short side, some mirrored) of each photo, as JPEG and PNG files."""
+    data = importlib.resources.files("skimage") / "data"
+    rng = np.random.default_rng(0)
+    for name, (photo, _) in PHOTOS.items():
+        (root / name).mkdir(parents=True)
+        with Image.open(data / photo) as opened:
+            image = opened.convert("RGB")
+        for i in range(CROPS):
+            side = int(min(image.size) * rng.uniform(0.4, 0.9))
+            x, y = (int(rng.integers(0, limit - side + 1)) for limit in image.size)
+            crop = image.crop((x, y, x + side, y + side)).resize((96, 96), Image.Resampling.BILINEAR)
+            if i % 3 == 0:
+                crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            crop.save(root / name / f"{i:02d}.{'jpg' if i % 2 else 'png'}")
+
+
+def invoke(project: Path, *args: str):
+    cwd = Path.cwd()
+    try:
+        os.chdir(project)
+        return CliRunner().invoke(app, [*args, "--params", "params.yaml"])
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project folder with the photo folder, params, a concept list, the random ResNet-50 and CLIP;
+    every stage of STAGES run on it."""
+    root = tmp_path_factory.mktemp("photos")
+    write_photo_folder(root / "photos")
+    (root / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    (root / "concepts.txt").write_text("\n".join(CONCEPTS) + "\n")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        resnet = torchvision.models.resnet50()  # random init, the 1000-output ImageNet head
+        clip = open_clip.CLIP(**CLIP_CFG)
+    imagenet = torchvision.models.ResNet50_Weights.IMAGENET1K_V2.transforms()  # its normalisation, at 64 px
+    save_backbone(root / "models" / "resnet50.pt", resnet, "torchvision:resnet50", 1000, Preprocess(SIZE, imagenet.mean, imagenet.std))
+    save_clip_dir(root / "models" / "clip", clip, CLIP_CFG, Preprocess(SIZE, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD))
+    for stage in STAGES:
+        result = invoke(root, stage)
+        assert result.exit_code == 0, f"{stage}: {result.output}"
+    return root
+
+
+def stored(project: Path) -> tuple[Layout, np.ndarray, np.ndarray, np.ndarray]:
+    """(layout, logits (N, 1000), labels (N,), test rows) of the project."""
+    layout = Layout(project / "data" / "photos", project / "metrics")
+    manifest = read_manifest(layout.manifest)
+    test = manifest.loc[manifest["split"] == "test", "index"].to_numpy()
+    return layout, open_store(layout.logits)["logits"][:], open_store(layout.images)["labels"][:], test
+
+
+def test_every_stage_runs_on_real_photos(project: Path) -> None:
+    layout, logits, labels, _ = stored(project)
+    info = json.loads(layout.dataset_info.read_text())
+    assert info["classes"] == CLASSES and np.bincount(labels).tolist() == [CROPS] * 3
+    assert open_store(layout.features("layer3"))["features"].shape == (3 * CROPS, 1024, 4, 4)  # ResNet-50 layer3 at 64 px
+    assert open_store(layout.similarity)["P"].shape == (3 * CROPS, len(CONCEPTS), 3, 3)
+    assert len(list(layout.explain.glob("row*.json"))) == 3 and (layout.explain / "gallery.png").is_file()
+
+
+def test_the_backbone_keeps_its_1000_outputs_and_the_classes_map_onto_three(project: Path) -> None:
+    layout, logits, labels, test = stored(project)
+    assert logits.shape == (3 * CROPS, 1000)
+    mapping = open_store(layout.logits).attrs["class_map"]
+    assert mapping == {"outputs": OUTPUTS, "n_outputs": 1000, "how": "by name (ImageNet-1k)"}
+    metrics = json.loads(layout.salf_metrics.read_text())
+    restricted = logits[test][:, OUTPUTS].argmax(axis=1)  # the argmax among the 3 mapped outputs
+    assert metrics["acc_backbone"] == pytest.approx(float((restricted == labels[test]).mean()))
+    unrestricted = logits[test].argmax(axis=1) == np.array(OUTPUTS)[labels[test]]
+    assert metrics["acc_backbone_unrestricted"] == pytest.approx(float(unrestricted.mean()))
+    for path in layout.explain.glob("row*.json"):  # the backbone's prediction among the mapped classes
+        row, record = int(path.stem.removeprefix("row")), json.loads(path.read_text())
+        assert record["backbone_predicted"] == int(logits[row, OUTPUTS].argmax())
+        assert record["backbone_predicted_name"] == CLASSES[record["backbone_predicted"]]
+
+
+def test_an_image_file_is_explained_with_the_backbone_prediction_of_its_stored_row(project: Path) -> None:
+    layout, logits, _, test = stored(project)
+    row = int(test[0])
+    Image.fromarray(open_store(layout.images)["images"][row]).save(project / "picture.png")  # lossless: same pixels
+    result = invoke(project, "explain", "--index", str(row), "--image", "picture.png")
+    assert result.exit_code == 0, result.output
+    from_row = json.loads((layout.explain_adhoc / f"row{row}.json").read_text())
+    from_file = json.loads((layout.explain_adhoc / "file0_picture.json").read_text())
+    assert from_file["backbone_predicted"] == from_row["backbone_predicted"] == int(logits[row, OUTPUTS].argmax())
+    assert from_file["logit"] == pytest.approx(from_row["logit"], abs=1e-3)
+
+
+def test_classes_the_backbone_lacks_and_a_toy_backbone_on_photos_are_clear_errors(project: Path, tmp_path: Path) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    (tmp_path / "data" / "photos").mkdir(parents=True)  # features fails on the classes, before it reads any image
+    shutil.copy(project / "data" / "photos" / "dataset.json", tmp_path / "data" / "photos")
+    (tmp_path / "models").symlink_to(project / "models")
+    (tmp_path / "map.csv").write_text("dataset_class,backbone_index\ntabby,281\n")
+    cases = [
+        ({"class_map": "map.csv"}, "backbone.class_map: 'map.csv' — map.csv: 2 dataset classes are not mapped: Missile, n07920052"),
+        ({"arch": "toy:cnn", "weights": None}, "backbone.arch: 'toy:cnn' — backbone toy:cnn is a toy-world model"),
+    ]
+    for backbone, message in cases:
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump({**params, "backbone": {**params["backbone"], **backbone}}))
+        result = invoke(tmp_path, "features")
+        assert result.exit_code == 2, result.output
+        text = " ".join(result.output.split())
+        assert message in text and ("backbone.new_head: true" in text)
+
+
+def test_new_head_explains_the_features_without_the_backbone_classes(project: Path, tmp_path: Path) -> None:
+    """backbone.new_head: the classes are not mapped (tests/test_classes.py: nor need they be); acc_backbone
+    and the backbone's predictions are left out, SALF-CBM's final layer is trained as always."""
+    copy = tmp_path / "project"
+    shutil.copytree(project, copy)
+    params = yaml.safe_load((copy / "params.yaml").read_text())
+    params["backbone"]["new_head"] = True
+    (copy / "params.yaml").write_text(yaml.safe_dump(params))
+    for stage in ("features", "sparse", "explain"):
+        result = invoke(copy, stage)
+        assert result.exit_code == 0, f"{stage}: {result.output}"
+        if stage == "features":
+            assert "a different model from the backbone's own classifier" in " ".join(result.output.split())
+    layout = Layout(copy / "data" / "photos", copy / "metrics")
+    assert open_store(layout.logits).attrs["class_map"] is None
+    metrics = json.loads(layout.salf_metrics.read_text())
+    assert metrics["acc_backbone"] is None and metrics["acc_backbone_unrestricted"] is None and metrics["acc_sparse"] is not None
+    records = [json.loads(p.read_text()) for p in layout.explain.glob("row*.json")]
+    assert records and all(r["backbone_predicted"] is None and r["backbone_predicted_name"] is None for r in records)
