@@ -6,8 +6,12 @@ that embedding with the concept's text embedding. A concept's region in layer l 
 its score over that layer's activation maps; the layer's association score and the concept's
 contribution to a class are areas under masking curves over the concept's top channels.
 
-Modules: `translator` (the MLP, its default widths, the concept scores and the training loss),
-`regions` (Grad-CAM weights of every concept in one Jacobian per image, and the region maps),
-`association` (layer association scores, best layer and candidates, class contributions).
-This package imports nothing from the rest of the project.
+The method's core imports nothing from the rest of the project: `translator` (the MLP, its
+default widths, the concept scores and the training loss), `regions` (Grad-CAM weights of every
+concept in one Jacobian per image, or through the backbone in batched backward passes, and the
+region maps), `association` (layer association scores, best layer and candidates, class
+contributions). Around it: `training` (the translator's training loop), `taps` (activation maps
+of several layers in one autograd graph), `explain` (a batch of images explained), `artifacts`
+(the checkpoint and the regions store), `figures`, and the two stages' work, `translator_stage`
+and `regions_stage`.
 """
