@@ -47,6 +47,14 @@ def torchrun() -> Callable[..., subprocess.CompletedProcess]:
 
 
 @pytest.fixture(scope="session")
+def ddp_results(torchrun, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, torch.Tensor]]:
+    """{case: result} of every training case of tests/ddp_worker.py, trained with DDP on 2 CPU ranks."""
+    out = tmp_path_factory.mktemp("ddp") / "results.pt"
+    torchrun("tests/ddp_worker.py", str(out), cwd=REPO)
+    return torch.load(out)
+
+
+@pytest.fixture(scope="session")
 def prepared_toy(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., "Layout"]:
     """make(data: DataParams) -> the Layout of a freshly prepared toy world in its own temporary
     folder (data/<data.name>/ and metrics/ under it). Usable from module-scoped fixtures."""

@@ -1,10 +1,11 @@
 """Training cases that tests run both in one process and under torchrun (DDP on CPU ranks, gloo).
 
-    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/ddp_worker.py <case> <out.pt>
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/ddp_worker.py <out.pt>
 
 Each case trains on fixed global batches; a rank feeds its trainer its contiguous part of every
-batch (`part`), and rank 0 saves the result to <out.pt>. Called with Ranks() (one process), a case
-trains on the whole batches, so the two results must agree.
+batch (`part`), and rank 0 saves {case: result} to <out.pt> (one launch for all cases: starting
+ranks is the slow part). Called with Ranks() (one process), a case trains on the whole batches, so
+the two results must agree.
 """
 
 import sys
@@ -89,8 +90,7 @@ def translator_case(ranks: Ranks) -> dict[str, torch.Tensor]:
 CASES = {"cbl": cbl_case, "sae": sae_case, "translator": translator_case}
 
 if __name__ == "__main__":
-    case, out = sys.argv[1:3]
     ranks, _ = init_ranks(torch.device("cpu"))
-    result = CASES[case](ranks)
+    results = {name: case(ranks) for name, case in CASES.items()}
     if ranks.is_main:
-        torch.save(result, out)
+        torch.save(results, sys.argv[1])

@@ -177,11 +177,10 @@ def test_val_is_the_manifest_split_or_carved_from_train():
         train_val_indices(manifest.assign(split="test"), 0.25, 0)
 
 
-def test_ddp_on_two_ranks_equals_one_process_on_the_global_batch(torchrun, tmp_path):
+def test_ddp_on_two_ranks_equals_one_process_on_the_global_batch(ddp_results):
     from tests.ddp_worker import translator_case
 
-    torchrun("tests/ddp_worker.py", "translator", str(tmp_path / "ddp.pt"), cwd=Path(__file__).resolve().parents[1])
-    ddp, one = torch.load(tmp_path / "ddp.pt"), translator_case(Ranks())
+    ddp, one = ddp_results["translator"], translator_case(Ranks())
     assert one["val_loss"][-1] < one["val_loss"][0]
     for key in one:
         torch.testing.assert_close(ddp[key], one[key], rtol=1e-5, atol=1e-6)

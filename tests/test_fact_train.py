@@ -201,11 +201,10 @@ def test_train_and_resume_on_cuda(tmp_path: Path):
     assert fve_straight > 0.7 and fve_resumed == pytest.approx(fve_straight, abs=0.05)
 
 
-def test_ddp_on_two_ranks_equals_one_process_on_the_global_batch(torchrun, tmp_path):
+def test_ddp_on_two_ranks_equals_one_process_on_the_global_batch(ddp_results):
     from tests.ddp_worker import sae_case
 
-    torchrun("tests/ddp_worker.py", "sae", str(tmp_path / "ddp.pt"), cwd=Path(__file__).resolve().parents[1])
-    ddp, one = torch.load(tmp_path / "ddp.pt"), sae_case(Ranks())
+    ddp, one = ddp_results["sae"], sae_case(Ranks())
     assert one["loss"][-1] < one["loss"][0] and one["aux"].max() > 0  # it learns, and the aux-k loss took part
     for key in one:
         torch.testing.assert_close(ddp[key], one[key], rtol=1e-4, atol=1e-5)

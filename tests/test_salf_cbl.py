@@ -1,7 +1,6 @@
 """SALF-CBM bottleneck: cubic cosine loss, exact val scores, training, concept filtering."""
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -187,11 +186,10 @@ def test_filter_concepts_keeps_rows_at_or_above_threshold():
         filter_concepts(model, torch.tensor([0.5, 0.1, 0.45, 0.44]), threshold=0.9)
 
 
-def test_ddp_on_two_ranks_equals_one_process_on_the_global_batch(torchrun, tmp_path):
+def test_ddp_on_two_ranks_equals_one_process_on_the_global_batch(ddp_results):
     from tests.ddp_worker import cbl_case
 
-    torchrun("tests/ddp_worker.py", "cbl", str(tmp_path / "ddp.pt"), cwd=Path(__file__).resolve().parents[1])
-    ddp, one = torch.load(tmp_path / "ddp.pt"), cbl_case(Ranks())
+    ddp, one = ddp_results["cbl"], cbl_case(Ranks())
     assert one["val_loss"][-1] < one["val_loss"][0]  # it learns, so the steps are worth comparing
     for key in one:
         torch.testing.assert_close(ddp[key], one[key], rtol=1e-5, atol=1e-6)
