@@ -285,7 +285,7 @@ class CblParams(Section):
 class SparseParams(Section):
     """SALF-CBM's final layer (and the Table 1 baselines' layers, fitted the same way)."""
 
-    pooling: Literal["avg", "max", "softmax"] = "avg"
+    pooling: Literal["avg", "max", "softmax"] = "softmax"
     alpha: Annotated[float, Field(gt=0, le=1)] = 0.99
     # None: fit the lambda path and pick by val accuracy within target_nonzeros_per_class; a value:
     # fit that lambda alone from W = 0 (LF-CBM's and SALF-CBM's setting, e.g. 1e-4 for ImageNet)
@@ -429,7 +429,7 @@ class EvaluateParams(Section):
 
     split: Literal["train", "val", "test"] = "test"
     max_images: PositiveInt | None = None  # first N images of the split; None = all
-    cam_methods: tuple[Literal["gradcam", "gradcam++", "scorecam"], ...] = ("gradcam", "gradcam++", "scorecam")
+    cam_methods: tuple[Literal["gradcam", "gradcam++", "scorecam"], ...] = ("gradcam", "gradcam++")
     cam_layer: str | None = None  # None = the last of features.layers
     batch_size: PositiveInt = 64
     steps: Annotated[int, Field(ge=2)] = 101  # top-n grid 0..100 % of the IoU curves and NRA; its first step is refined to single pixels
