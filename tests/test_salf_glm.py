@@ -138,6 +138,19 @@ def test_max_nonzeros_stops_the_path_early(problem):
     assert path.weights.shape == (len(path.lambdas), 3, 8) and path.weights.is_sparse
 
 
+def test_path_stops_at_the_first_perfect_val_accuracy():
+    """Denser entries after a perfect one can only tie it, and ties go to the sparser entry."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(200, 6, generator=g)
+    y = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()  # 4 classes, separable by features 0 and 1
+    x[:, 0] += torch.where(x[:, 0] > 0, 1.0, -1.0)  # a margin
+    x[:, 1] += torch.where(x[:, 1] > 0, 1.0, -1.0)
+    path = fit_elastic_net_path((x, y), (x, y), n_classes=4, n_lambdas=30, lambda_min_ratio=1e-3, tol=1e-5)
+    assert len(path.lambdas) < 30
+    assert float(path.val_acc[-1]) == 1.0 and bool((path.val_acc[:-1] < 1.0).all())
+    assert select_lambda(path, target_nonzeros_per_class=6) == len(path.lambdas) - 1
+
+
 def test_fit_dense_matches_sklearn_l2(problem):
     x, y = problem
     lam = 1e-2

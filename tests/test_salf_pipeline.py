@@ -82,8 +82,8 @@ PARAMS = {
     "backbone": {"arch": "toy:cnn", "weights": "cnn.pt"},
     "features": {"layers": ["layer2", "layer3"]},
     "cbl": {"layer": "layer2", "lr": 0.05, "batch_size": 50, "max_steps": 120, "eval_every": 10, "patience": 4},
-    "sparse": {
-        "n_lambdas": 12, "lambda_min_ratio": 0.01, "target_nonzeros_per_class": 2,
+    "sparse": {  # average pooling: the class map's grid mean is then exactly the logit minus the bias (tested)
+        "pooling": "avg", "n_lambdas": 12, "lambda_min_ratio": 0.01, "target_nonzeros_per_class": 2,
         "max_epochs": 300, "tol": 1e-4, "batch_size": 32,
     },
     "explain": {"n_images": 3, "top_k": 2, "gallery_concepts": 2, "gallery_images": 3},

@@ -98,3 +98,23 @@ def test_any_rows_per_shard_works(tmp_path: Path) -> None:
         writer.write(shard, {"x": np.arange(rows.start * 2, rows.stop * 2).reshape(-1, 2)})
     writer.finalize()
     assert np.array_equal(open_store(tmp_path / "s.zarr")["x"][:], np.arange(500).reshape(250, 2))
+
+
+def test_publishing_leaves_no_empty_scratch_folders_but_keeps_others_work(tmp_path: Path) -> None:
+    """Layout.scratch nests (data/<name>/.partial/features/layer3.zarr): the folders a published store
+    leaves empty go, up to .partial; a folder holding another store under way stays."""
+    root = tmp_path / "data"
+    first, second = root / "features" / "a.zarr", root / "features" / "b.zarr"
+    writers = [ShardedWriter(p, specs(), ROWS, {}, fingerprint="v1", scratch=root / ".partial" / "features" / p.name)
+               for p in (first, second)]
+    for writer in writers:
+        writer.write(0, block(writer.rows(0)))  # both under way
+    for shard in writers[0].pending():
+        writers[0].write(shard, block(writers[0].rows(shard)))
+    writers[0].finalize()
+    assert open_store(first).attrs["complete"] is True
+    assert (root / ".partial" / "features" / "b.zarr").is_dir()  # the other store's shard survives
+    for shard in writers[1].pending():
+        writers[1].write(shard, block(writers[1].rows(shard)))
+    writers[1].finalize()
+    assert not (root / ".partial").exists()

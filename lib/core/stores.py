@@ -198,8 +198,21 @@ def publish(scratch: Path, path: Path) -> None:
     scratch.rename(path)
     if old.exists():
         shutil.rmtree(old)
-    if scratch.parent.name == SCRATCH_DIR and not any(scratch.parent.iterdir()):
-        scratch.parent.rmdir()
+    remove_empty_scratch_dirs(scratch.parent)
+
+
+def remove_empty_scratch_dirs(folder: Path) -> None:
+    """Remove `folder` and its parents up to the `.partial` dir while they are empty, so a finished
+    run leaves no empty scratch folders; one still holding another store's work is kept."""
+    for directory in (folder, *folder.parents):
+        if SCRATCH_DIR not in directory.parts:
+            return
+        try:
+            directory.rmdir()
+        except OSError:  # not empty (or already gone): another store is under way there
+            return
+        if directory.name == SCRATCH_DIR:
+            return
 
 
 def _unfinished(path: Path) -> Path | None:

@@ -32,7 +32,7 @@ from lib.core.outputs import write_csv, write_json
 from lib.core.params import Params, params_hash
 from lib.core.progress import progress_callback
 from lib.core.schema import CLIP_MODEL_KEY, FEATURES, IMAGE_EMB, check_compatible
-from lib.core.stores import ArraySpec, ShardedWriter, open_store
+from lib.core.stores import ArraySpec, ShardedWriter, open_store, remove_empty_scratch_dirs
 from lib.data.manifest import read_manifest, split_indices, train_val_indices
 from lib.methods.cefam.artifacts import cefam_layers, save_translator
 from lib.methods.cefam.training import TrainSettings, evaluate_translator, split_source, train_translator
@@ -211,4 +211,5 @@ def run_translator(
     curve = pd.DataFrame({k: history[k] for k in ("epoch", "train_loss", "val_loss", "lr")})
     write_csv(layout.cefam_plot("translator"), curve)
     checkpoint.unlink(missing_ok=True)  # published: a rerun must train afresh, not resume a finished run
+    remove_empty_scratch_dirs(checkpoint.parent)
     return report

@@ -36,7 +36,7 @@ from lib.core.layout import Layout
 from lib.core.outputs import write_csv
 from lib.core.params import Params, params_hash, source_hash
 from lib.core.schema import FEATURES
-from lib.core.stores import open_store
+from lib.core.stores import open_store, remove_empty_scratch_dirs
 from lib.data.manifest import read_manifest, train_val_indices
 from lib.methods.fact import sae as sae_module
 from lib.methods.fact import train as train_module
@@ -137,4 +137,5 @@ def run_sae(config: Params, layout: Layout, device: torch.device, ranks: Ranks, 
     write_csv(layout.fact_plot("sae"), pd.DataFrame(rows, columns=LOG_COLUMNS))
     checkpoint.unlink()
     log_path.unlink()
+    remove_empty_scratch_dirs(checkpoint.parent)
     return report

@@ -254,7 +254,8 @@ def fit_elastic_net_path(
     or for the given `lambdas` (e.g. one: LF-CBM's single-lambda fit, from W = 0).
 
     Each fit warm-starts from the previous one. The path stops early once the mean nonzeros per
-    class exceed `max_nonzeros_per_class` (later, denser entries could not be selected anyway).
+    class exceed `max_nonzeros_per_class`, or at the first entry with perfect val accuracy: later,
+    denser entries could not be selected anyway (select_lambda gives ties to the sparser entry).
     `batch_size` only applies to tensor data; `step_size=None` picks 1/L(B) from the data.
     """
     _check_common(batch_size, max_epochs, tol, step_size, n_classes)
@@ -286,7 +287,7 @@ def fit_elastic_net_path(
             rows[key].append(value)
         if progress is not None:
             progress(i, {"lambda": lam, "nonzeros_per_class": nonzeros / n_classes, "val_acc": acc, "epochs": epochs})
-        if max_nonzeros_per_class is not None and nonzeros / n_classes > max_nonzeros_per_class:
+        if acc == 1.0 or (max_nonzeros_per_class is not None and nonzeros / n_classes > max_nonzeros_per_class):
             break
     done = len(rows["nonzeros"])
     return ElasticNetPath(
