@@ -2,15 +2,12 @@
 their stores and checks, evaluate's cefam adapters, and the one-line errors."""
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
-from typer.testing import CliRunner
 
 from lib.core.layout import Layout
 from lib.core.params import load_params
@@ -28,7 +25,7 @@ from lib.models.backbones import load_backbone
 from lib.models.weights import save_backbone
 from lib.pipeline.stored_concepts import read_concepts
 from lib.toy.models.cnn import build_toy, toy_preprocess
-from stages.__main__ import app
+from tests.stage_cli import invoke, merge_params
 
 LAYERS = ["layer1", "layer2", "layer3"]
 SETTINGS = {
@@ -42,22 +39,6 @@ SETTINGS = {
 }
 
 
-def invoke(root: Path, *args: str):
-    cwd = Path.cwd()
-    try:
-        os.chdir(root)
-        return CliRunner().invoke(app, [*args, "--params", "params.yaml"])
-    finally:
-        os.chdir(cwd)
-
-
-def set_params(root: Path, **sections) -> None:
-    raw = yaml.safe_load((root / "params.yaml").read_text())
-    for name, values in sections.items():
-        raw[name] = {**raw.get(name, {}), **values}
-    (root / "params.yaml").write_text(yaml.safe_dump(raw))
-
-
 @pytest.fixture(scope="module")
 def project(toy_inputs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`toy_inputs` with a random toy CNN, after clip-images, concepts, features, translator and regions."""
@@ -65,7 +46,7 @@ def project(toy_inputs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copytree(toy_inputs, root)
     torch.manual_seed(0)
     save_backbone(root / "models/toy/cnn.pt", build_toy("cnn", 8), "toy:cnn", 8, toy_preprocess("cnn", 64))
-    set_params(root, **SETTINGS)
+    merge_params(root, **SETTINGS)
     for stage in ("clip-images", "concepts", "features", "translator", "regions"):
         result = invoke(root, stage)
         assert result.exit_code == 0, f"{stage}: {result.output}"
@@ -167,13 +148,13 @@ def _one_line_error(result, *needles: str) -> None:
 def test_clear_errors_for_layers(project: Path, tmp_path: Path):
     root = _copy(project, tmp_path)
     # regions asked for a layer the translator was not trained on (one the backbone has)
-    set_params(root, cefam={**SETTINGS["cefam"], "regions": {**SETTINGS["cefam"]["regions"], "layers": ["conv1"]}})
+    merge_params(root, cefam={**SETTINGS["cefam"], "regions": {**SETTINGS["cefam"]["regions"], "layers": ["conv1"]}})
     _one_line_error(invoke(root, "regions"), "cefam.regions.layers: ['conv1']", "the translator was trained on layers")
     # a layer the backbone does not have
-    set_params(root, features={"layers": [*LAYERS, "layer9"]}, cefam={**SETTINGS["cefam"], "layers": [*LAYERS, "layer9"]})
+    merge_params(root, features={"layers": [*LAYERS, "layer9"]}, cefam={**SETTINGS["cefam"], "layers": [*LAYERS, "layer9"]})
     _one_line_error(invoke(root, "translator"), "cefam.layers: 'layer9'", "not found")
     # a layer the features stage does not extract
-    set_params(root, features={"layers": LAYERS})
+    merge_params(root, features={"layers": LAYERS})
     _one_line_error(invoke(root, "translator"), "cefam.layers ['layer9'] are not extracted")
 
 
@@ -182,16 +163,16 @@ def test_clear_errors_for_changed_inputs(project: Path, tmp_path: Path):
     # another backbone than the translator's
     torch.manual_seed(1)
     save_backbone(root / "models/toy/other.pt", build_toy("cnn", 8), "toy:cnn", 8, toy_preprocess("cnn", 64))
-    set_params(root, backbone={"weights": "models/toy/other.pt"})
+    merge_params(root, backbone={"weights": "models/toy/other.pt"})
     _one_line_error(invoke(root, "regions"), "backbone:", "the translator was trained on features of")
-    set_params(root, backbone=SETTINGS["backbone"])
+    merge_params(root, backbone=SETTINGS["backbone"])
     # the concept list changed since training
     concepts = root / "concepts/toy.txt"
     concepts.write_text(concepts.read_text().replace("striped\tpattern\n", ""))
     assert invoke(root, "concepts").exit_code == 0
     _one_line_error(invoke(root, "regions"), "concepts.file", "concept list changed", "removed ['striped']", "lam: 0")
     # a concept-free translator (lam 0) explains any list
-    set_params(root, cefam={**SETTINGS["cefam"], "translator": {**SETTINGS["cefam"]["translator"], "lam": 0.0}})
+    merge_params(root, cefam={**SETTINGS["cefam"], "translator": {**SETTINGS["cefam"]["translator"], "lam": 0.0}})
     assert invoke(root, "translator").exit_code == 0
     result = invoke(root, "regions")
     assert result.exit_code == 0, result.output
@@ -200,7 +181,7 @@ def test_clear_errors_for_changed_inputs(project: Path, tmp_path: Path):
 def test_regions_on_two_torchrun_ranks_write_the_one_process_stores(project: Path, tmp_path: Path, torchrun):
     root = tmp_path / "project"
     shutil.copytree(project, root)
-    set_params(root, data={"rows_per_shard": 4})  # the 8 test images in 2 shards: one per rank
+    merge_params(root, data={"rows_per_shard": 4})  # the 8 test images in 2 shards: one per rank
     layout = _layout(root)
     stores = [layout.cefam_regions, layout.concept_stats("cefam")]
     for path in stores:

@@ -3,7 +3,6 @@ resume after a kill), contributions (completeness on B-cos, the stats store, met
 fact-explain, evaluate's fact adapter; the toy CNN reports its completeness error instead."""
 
 import json
-import os
 import shutil
 from itertools import islice
 from pathlib import Path
@@ -12,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from typer.testing import CliRunner
 
 from lib.core.distributed import Ranks
 from lib.core.layout import Layout
@@ -34,7 +32,7 @@ from lib.models.backbones import load_backbone
 from lib.models.layers import extract_layers, split_at
 from lib.models.weights import save_backbone
 from lib.toy.models.cnn import build_toy, toy_preprocess
-from stages.__main__ import app
+from tests.stage_cli import invoke, merge_params
 
 N_CONCEPTS, K, STEPS = 24, 3, 12
 SETTINGS = {
@@ -53,22 +51,6 @@ SETTINGS = {
 STAGES = ("clip-images", "features", "sae-data", "sae", "contributions", "fact-explain")
 
 
-def invoke(root: Path, *args: str):
-    cwd = Path.cwd()
-    try:
-        os.chdir(root)
-        return CliRunner().invoke(app, [*args, "--params", "params.yaml"])
-    finally:
-        os.chdir(cwd)
-
-
-def set_params(root: Path, **sections) -> None:
-    raw = yaml.safe_load((root / "params.yaml").read_text())
-    for name, values in sections.items():
-        raw[name] = {**raw.get(name, {}), **values}
-    (root / "params.yaml").write_text(yaml.safe_dump(raw))
-
-
 def run(root: Path, *stages: str) -> None:
     for stage in stages:
         result = invoke(root, stage)
@@ -82,7 +64,7 @@ def project(toy_inputs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copytree(toy_inputs, root)
     torch.manual_seed(0)
     save_backbone(root / "models/toy/bcos.pt", build_toy("bcos", 8), "toy:bcos", 8, toy_preprocess("bcos", 64))
-    set_params(root, **SETTINGS)
+    merge_params(root, **SETTINGS)
     run(root, *STAGES)
     return root
 
@@ -261,7 +243,7 @@ def test_toy_cnn_reports_its_completeness_error(project: Path, tmp_path: Path):
             norm.bias.normal_()
             norm.running_mean.normal_()
     save_backbone(root / "models/toy/cnn.pt", cnn, "toy:cnn", 8, toy_preprocess("cnn", 64))
-    set_params(root, backbone={"arch": "toy:cnn", "weights": "models/toy/cnn.pt"}, clip_images={"dense": False})
+    merge_params(root, backbone={"arch": "toy:cnn", "weights": "models/toy/cnn.pt"}, clip_images={"dense": False})
     raw = yaml.safe_load((root / "params.yaml").read_text())
     raw["fact"]["layer"] = "layer2"
     raw["fact"]["positions_budget"] = 512  # 8 of layer2's 256 positions (64 channels)
@@ -275,7 +257,7 @@ def test_toy_cnn_reports_its_completeness_error(project: Path, tmp_path: Path):
 def test_with_a_new_head_fact_explains_the_backbones_top_output(project: Path, tmp_path: Path):
     root = tmp_path / "project"
     shutil.copytree(project, root)
-    set_params(root, backbone={"new_head": True})
+    merge_params(root, backbone={"new_head": True})
     run(root, "features", "sae-data", "sae", "contributions", "fact-explain")
     metrics = json.loads((root / "metrics/fact.json").read_text())
     assert metrics["acc_backbone"] is None and metrics["acc_spliced"] is None and metrics["completeness_max_rel_err"] <= 1e-4

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib.resources
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -26,7 +25,6 @@ import torchvision
 import yaml
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
-from typer.testing import CliRunner
 
 from lib.core.layout import Layout
 from lib.core.stores import open_store
@@ -34,7 +32,7 @@ from lib.data.manifest import read_manifest
 from lib.kernels.preprocess import Preprocess
 from lib.models.clip_format import save_clip_dir
 from lib.models.weights import save_backbone
-from stages.__main__ import app
+from tests.stage_cli import invoke
 
 # folder name -> (scikit-image photo, ImageNet-1k output it names)
 PHOTOS = {"tabby": ("chelsea.png", 281), "n07920052": ("coffee.png", 967), "Missile": ("rocket.jpg", 657)}
@@ -82,15 +80,6 @@ def write_photo_folder(root: Path) -> None:
             if i % 3 == 0:
                 crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             crop.save(root / name / f"{i:02d}.{'jpg' if i % 2 else 'png'}")
-
-
-def invoke(project: Path, *args: str):
-    cwd = Path.cwd()
-    try:
-        os.chdir(project)
-        return CliRunner().invoke(app, [*args, "--params", "params.yaml"])
-    finally:
-        os.chdir(cwd)
 
 
 @pytest.fixture(scope="module")

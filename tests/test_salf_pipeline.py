@@ -9,7 +9,6 @@ built so that their cosines are exactly P: the on-the-fly target must equal the 
 """
 
 import json
-import os
 import shutil
 from functools import partial
 from pathlib import Path
@@ -22,7 +21,6 @@ import torch.nn.functional as F
 import yaml
 import zarr
 from PIL import Image
-from typer.testing import CliRunner
 
 from lib.core.layout import Layout
 from lib.core.params import load_params
@@ -57,7 +55,7 @@ from lib.models.layers import extract_layers
 from lib.models.weights import save_backbone
 from lib.pipeline.stored_concepts import read_concepts
 from lib.toy.models.cnn import build_toy, toy_preprocess
-from stages.__main__ import app
+from tests.stage_cli import invoke
 
 N, TRAIN, VAL = 160, 100, 30  # rows 0-99 train, 100-129 val, 130-159 test
 GRID, SIZE, ROWS_PER_SHARD = 3, 16, 32
@@ -152,16 +150,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Layout]:
     layout = make_world(base)
     (base / "params.yaml").write_text(yaml.safe_dump(PARAMS))
     return base, layout
-
-
-def invoke(base: Path, *args: str):
-    """Run a stage command in `base` (paths in params are relative to the working directory)."""
-    cwd = Path.cwd()
-    try:
-        os.chdir(base)
-        return CliRunner().invoke(app, [*args, "--params", "params.yaml"])
-    finally:
-        os.chdir(cwd)
 
 
 @pytest.fixture(scope="module")
