@@ -41,13 +41,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.circles import autocast_context, reference_loop
-from lib.core.device import autocast_dtype, native_bf16, precision_name, resolve_device
+from lib.core.device import autocast_dtype, native_bf16, precision_name, resolve_device, set_reader_threads
 from lib.core.distributed import Ranks
 from lib.core.layout import Layout
 from lib.core.params import Params, params_hash
 from lib.core.schema import TEXT_EMB, clip_provenance
 from lib.core.stores import ArraySpec, ShardedWriter
-from lib.core.streams import set_reader_threads
 from lib.data.manifest import write_dataset_info, write_manifest
 from lib.kernels.rings import CircleEncoder
 from lib.models.backbones import load_backbone

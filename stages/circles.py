@@ -1,6 +1,7 @@
 """circles: CLIP embeddings of every image with a red circle on each cell of a grid."""
 
-from lib.core.cli import DEFAULT_PARAMS_PATH, ParamsOption, run_stage
+from lib.core.cli import DEFAULT_PARAMS_PATH, ParamsOption
+from lib.core.sharded_stage import run_sharded_stage
 
 
 def circles(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
@@ -10,4 +11,4 @@ def circles(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
     """
     from lib.pipeline.circles import check_circles, run_circles
 
-    run_stage("circles", params, run_circles, sharded=True, check=check_circles)
+    run_sharded_stage("circles", params, run_circles, check=check_circles)

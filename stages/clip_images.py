@@ -1,6 +1,7 @@
 """clip_images: the CLIP embedding of every plain image."""
 
-from lib.core.cli import DEFAULT_PARAMS_PATH, ParamsOption, run_stage
+from lib.core.cli import DEFAULT_PARAMS_PATH, ParamsOption
+from lib.core.sharded_stage import run_sharded_stage
 
 
 def clip_images(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
@@ -10,4 +11,4 @@ def clip_images(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
     """
     from lib.pipeline.clip_images import check_clip_images, run_clip_images
 
-    run_stage("clip_images", params, run_clip_images, sharded=True, check=check_clip_images)
+    run_sharded_stage("clip_images", params, run_clip_images, check=check_clip_images)

@@ -1,6 +1,7 @@
 """contributions: FaCT's concepts spliced into the backbone on the test split (statistics, metrics, C²)."""
 
-from lib.core.cli import DEFAULT_PARAMS_PATH, ParamsOption, run_stage
+from lib.core.cli import DEFAULT_PARAMS_PATH, ParamsOption
+from lib.core.sharded_stage import run_sharded_stage
 
 
 def contributions(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
@@ -8,4 +9,4 @@ def contributions(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
     from lib.methods.fact.backbone import check_fact
     from lib.methods.fact.contributions_stage import run_contributions
 
-    run_stage("contributions", params, run_contributions, sharded=True, check=check_fact)
+    run_sharded_stage("contributions", params, run_contributions, check=check_fact)

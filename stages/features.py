@@ -1,6 +1,7 @@
 """features: the backbone's feature maps of the configured layers, and its logits."""
 
-from lib.core.cli import DEFAULT_PARAMS_PATH, ParamsOption, run_stage
+from lib.core.cli import DEFAULT_PARAMS_PATH, ParamsOption
+from lib.core.sharded_stage import run_sharded_stage
 
 
 def features(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
@@ -10,4 +11,4 @@ def features(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
     """
     from lib.pipeline.features import check_features, run_features
 
-    run_stage("features", params, run_features, sharded=True, check=check_features)
+    run_sharded_stage("features", params, run_features, check=check_features)

@@ -1,6 +1,7 @@
 """sae: FaCT's bias-free TopK sparse autoencoder, trained on the sae_data vectors."""
 
-from lib.core.cli import DEFAULT_PARAMS_PATH, ParamsOption, run_stage
+from lib.core.cli import DEFAULT_PARAMS_PATH, ParamsOption
+from lib.core.sharded_stage import run_sharded_stage
 
 
 def sae(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
@@ -10,4 +11,4 @@ def sae(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
     """
     from lib.methods.fact.sae_stage import run_sae
 
-    run_stage("sae", params, run_sae, sharded=True)
+    run_sharded_stage("sae", params, run_sae)

@@ -1,6 +1,7 @@
 """sae-data: FaCT's SAE training vectors, sampled from the stored feature maps of fact.layer."""
 
-from lib.core.cli import DEFAULT_PARAMS_PATH, ParamsOption, run_stage
+from lib.core.cli import DEFAULT_PARAMS_PATH, ParamsOption
+from lib.core.sharded_stage import run_sharded_stage
 
 
 def sae_data(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
@@ -11,4 +12,4 @@ def sae_data(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
     from lib.methods.fact.backbone import check_fact
     from lib.methods.fact.vectors import run_sae_data
 
-    run_stage("sae-data", params, run_sae_data, sharded=True, check=check_fact)
+    run_sharded_stage("sae-data", params, run_sae_data, check=check_fact)

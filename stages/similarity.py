@@ -1,6 +1,7 @@
 """similarity: P[n, m, h, w], the cosine of each red-circle embedding with each concept."""
 
-from lib.core.cli import DEFAULT_PARAMS_PATH, ParamsOption, run_stage
+from lib.core.cli import DEFAULT_PARAMS_PATH, ParamsOption
+from lib.core.sharded_stage import run_sharded_stage
 
 
 def similarity(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
@@ -11,4 +12,4 @@ def similarity(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
     """
     from lib.pipeline.similarity import run_similarity
 
-    run_stage("similarity", params, run_similarity, sharded=True)
+    run_sharded_stage("similarity", params, run_similarity)

@@ -139,6 +139,16 @@ def test_no_stage_depends_on_code_it_does_not_run(name):
     assert not unused, f"dvc.yaml stage {name!r} depends on {unused}, which it never runs"
 
 
+STORE_CODE = {"lib/core/stores.py", "lib/core/streams.py", "lib/core/distributed.py", "lib/core/sharded_stage.py"}
+
+
+@pytest.mark.parametrize("name", ["toy_backbone", "toy_clip"])
+def test_toy_training_stages_do_not_run_the_store_code(name):
+    """Their weights are shipped in git and reproduce only to their metrics, not their bytes (README):
+    an edit of the store plumbing, which they never need, must not make `dvc repro` retrain them."""
+    assert not STORE_CODE & stage_code(_command(_stages()[name]))
+
+
 def test_an_unlisted_import_is_caught(tmp_path, monkeypatch):
     """The check itself: a stage module importing a module outside its deps is reported."""
     stage = tmp_path / "stages" / "probe_stage.py"

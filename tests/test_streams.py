@@ -44,7 +44,8 @@ def test_batch_source_covers_rows_once_and_shuffles_reproducibly(tmp_path: Path)
 def test_reads_ahead_in_order_and_the_same_batches_with_any_reader_threads(tmp_path: Path) -> None:
     import time
 
-    from lib.core.streams import read_ahead, reader_threads, set_reader_threads
+    from lib.core.device import reader_threads, set_reader_threads
+    from lib.core.streams import read_ahead
 
     def slow(i: int) -> int:
         time.sleep(0.002 * (i % 3))  # later items often finish first

@@ -1,6 +1,8 @@
 """What every stage command shares: the --params option, error reporting, progress, set-up, `run_stage`.
 
 The Typer app itself is built in `stages/__main__.py` from one explicit table of commands.
+Store-writing stages run under torchrun through `lib.core.sharded_stage.run_sharded_stage`, kept
+apart so that stages which write no stores (the toy models' training) do not depend on the store code.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from lib.core.params import DEFAULT_PARAMS
 if TYPE_CHECKING:  # torch and the stage modules load only when a command runs
     import torch
 
-    from lib.core.distributed import Ranks
     from lib.core.layout import Layout
     from lib.core.params import Params
 
@@ -65,28 +66,17 @@ def stage_setup(params: Path, check: Check | None = None) -> tuple[Params, Layou
 
     `check(config)` runs right after the schema, before anything is loaded: the stage's checks
     that need no data or weights (a UserError naming the key when one fails). The store readers
-    of this process get runtime.num_workers threads (lib/core/streams.py).
+    of this process get runtime.num_workers threads (`lib.core.streams.read_ahead`).
     """
-    from lib.core.device import resolve_device
+    from lib.core.device import resolve_device, set_reader_threads
     from lib.core.layout import Layout
     from lib.core.params import load_params
-    from lib.core.streams import set_reader_threads
 
     config = load_params(params)
     if check is not None:
         check(config)
     set_reader_threads(config.runtime.num_workers)
     return config, Layout.from_params(config), resolve_device(config.runtime.device)
-
-
-def sharded_stage(params: Path, check: Check | None = None) -> tuple[Params, Layout, torch.device, Ranks]:
-    """stage_setup for a store-writing stage: under torchrun, this rank's ranks and device
-    (one GPU per rank)."""
-    from lib.core.distributed import init_ranks
-
-    config, layout, device = stage_setup(params, check)
-    ranks, device = init_ranks(device)
-    return config, layout, device, ranks
 
 
 class StageReport(Protocol):
@@ -96,24 +86,23 @@ class StageReport(Protocol):
 
 
 def run_stage(
-    name: str, params: Path, entry: Callable[..., StageReport], *, sharded: bool = False, check: Check | None = None, **options: Any
+    name: str, params: Path, entry: Callable[..., StageReport], *, check: Check | None = None, **options: Any
 ) -> StageReport:
     """The body of every pipeline command: set up, call the stage's one lib entry point, print its summary.
 
-    `entry(config, layout, device, [ranks,] progress, **options)`; `sharded` stages get this
-    torchrun rank's ranks and device. `check(config)` is the validation step: it runs right after
-    the params load, before any model or data, and checks what the stage reads (see `stage_setup`).
-    A UserError is one line and exit status 2.
+    `entry(config, layout, device, progress, **options)`. `check(config)` is the validation step: it
+    runs right after the params load, before any model or data, and checks what the stage reads
+    (see `stage_setup`). A UserError is one line and exit status 2.
     """
+    return run_with_setup(name, lambda: stage_setup(params, check), entry, **options)
+
+
+def run_with_setup(name: str, setup: Callable[[], tuple], entry: Callable[..., StageReport], **options: Any) -> StageReport:
+    """Call `entry(*setup(), progress, **options)` under one progress display and print its summary."""
     with user_errors():
-        if sharded:
-            config, layout, device, ranks = sharded_stage(params, check)
-            with progress() as bar:
-                report = entry(config, layout, device, ranks, bar, **options)
-        else:
-            config, layout, device = stage_setup(params, check)
-            with progress() as bar:
-                report = entry(config, layout, device, bar, **options)
+        arguments = setup()
+        with progress() as bar:
+            report = entry(*arguments, bar, **options)
     details = getattr(report, "details", None)
     if details:
         from rich.markdown import Markdown

@@ -1,8 +1,24 @@
-"""Device selection shared by every stage."""
+"""What a stage process computes with: its device, its precision and its store reader threads."""
 
 import torch
 
 from lib.core.errors import UserError
+from lib.core.params import RuntimeParams
+
+_reader_threads = RuntimeParams().num_workers
+
+
+def set_reader_threads(threads: int) -> None:
+    """Threads that read stores ahead of compute in this process (runtime.num_workers; 0: none)."""
+    global _reader_threads
+    if threads < 0:
+        raise ValueError(f"reader threads must be >= 0, got {threads}")
+    _reader_threads = threads
+
+
+def reader_threads() -> int:
+    """The store reader threads of this process (`lib.core.streams.read_ahead`'s default)."""
+    return _reader_threads
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -142,7 +142,7 @@ class ClipParams(Section):
 
 
 class ToyClassifierParams(Section):
-    epochs: PositiveInt = 4
+    epochs: PositiveInt = 10
     batch_size: PositiveInt = 64
     lr: PositiveFloat = 3e-3
     weight_decay: Annotated[float, Field(ge=0)] = 1e-4

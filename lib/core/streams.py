@@ -6,7 +6,7 @@ buffer of shards — the usual trade-off that keeps memory at `buffer_shards` sh
 
 Reads overlap compute: `read_ahead` decodes the next blocks in reader threads (zarr's decoding
 releases the GIL) while the caller computes on the current one. `runtime.num_workers` is the number
-of those threads in every stage (`set_reader_threads`, called by the stage set-up; 0 reads in the
+of those threads in every stage (`lib.core.device.set_reader_threads`, called by the stage set-up; 0 reads in the
 calling thread). On CUDA the blocks are pinned in the reader thread so copies to the GPU are
 asynchronous.
 """
@@ -22,25 +22,11 @@ import numpy as np
 import torch
 import zarr
 
-from lib.core.params import RuntimeParams
+from lib.core.device import reader_threads
 
 BatchSource = Callable[[], Iterator[dict[str, torch.Tensor]]]
 T = TypeVar("T")
 R = TypeVar("R")
-
-_reader_threads = RuntimeParams().num_workers
-
-
-def set_reader_threads(threads: int) -> None:
-    """Threads that read stores ahead of compute in this process (runtime.num_workers; 0: none)."""
-    global _reader_threads
-    if threads < 0:
-        raise ValueError(f"reader threads must be >= 0, got {threads}")
-    _reader_threads = threads
-
-
-def reader_threads() -> int:
-    return _reader_threads
 
 
 def read_ahead(read: Callable[[T], R], items: Iterable[T], threads: int | None = None) -> Iterator[R]:

@@ -103,28 +103,49 @@ def extract_layers(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> d
     layer runs (later in-place ops such as ReLU(inplace) cannot alter them), and the forward
     stops as soon as the last requested layer has run. Gradients flow through the outputs.
     """
-    return _capture(model, x, names, stop=True)[1]
+    _, captured = _capture(model, x, names, stop=True)
+    return _feature_maps(model, captured, x.shape[0])
 
 
 def forward_with_layers(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(model(x), extract_layers(model, x, names)) from a single forward pass: the cost of the bare model."""
-    return _capture(model, x, names, stop=False)
+    result, captured = _capture(model, x, names, stop=False)
+    return result, _feature_maps(model, captured, x.shape[0])
 
 
-def _capture(model: nn.Module, x: torch.Tensor, names: Sequence[str], stop: bool) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-    """The forward with hooks behind extract_layers (`stop`: end it after the last layer; output None)."""
+def forward_keeping_layers(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> tuple[torch.Tensor, dict[str, object]]:
+    """(model(x), {name: the layer's own output, as it returned it}) from one forward pass.
+
+    The rest of the network runs on a clone of each kept output: later in-place ops cannot alter
+    it, and the derivative of anything computed from a kept output reaches it both through that
+    use and through the later layers — the total derivative Grad-CAM's hooks take. (extract_layers'
+    copies are leaves of the graph for the later layers instead.)
+    """
+    return _capture(model, x, names, stop=False, keep_outputs=True)
+
+
+def _capture(
+    model: nn.Module, x: torch.Tensor, names: Sequence[str], stop: bool, keep_outputs: bool = False
+) -> tuple[torch.Tensor | None, dict[str, object]]:
+    """The forward with hooks behind the functions above: (output, {name: captured output}).
+
+    `stop`: end the forward after the last layer (output None). `keep_outputs`: capture each
+    output itself and pass a clone on; otherwise capture a clone.
+    """
     if isinstance(names, str) or len(names) == 0:
         raise ValueError(f"names must be a non-empty sequence of layer names, got {names!r}")
     wanted = {name: resolve_layer(model, name) for name in names}
-    captured: dict[str, torch.Tensor] = {}
+    captured: dict[str, object] = {}
 
     def hook_for(name: str):
-        def hook(module: nn.Module, args: tuple, output: object) -> None:
+        def hook(module: nn.Module, args: tuple, output: object) -> object:
             if name in captured:
                 raise ValueError(f"layer {name!r} runs more than once per forward; its output is ambiguous")
-            captured[name] = output.clone() if isinstance(output, torch.Tensor) else output
+            copy = output.clone() if isinstance(output, torch.Tensor) else output
+            captured[name] = output if keep_outputs else copy
             if stop and len(captured) == len(wanted):
                 raise _AllCaptured
+            return copy if keep_outputs else None
 
         return hook
 
@@ -140,13 +161,18 @@ def _capture(model: nn.Module, x: torch.Tensor, names: Sequence[str], stop: bool
     missing = [name for name in wanted if name not in captured]
     if missing:
         raise ValueError(f"layers {missing} did not run in the forward pass of {type(model).__name__}")
+    return result, {name: captured[name] for name in wanted}
+
+
+def _feature_maps(model: nn.Module, captured: dict[str, object], batch: int) -> dict[str, torch.Tensor]:
+    """Captured outputs as (B, C, h, w) maps, plus "<name>.cls" class tokens of ViT layers."""
     features: dict[str, torch.Tensor] = {}
-    for name in wanted:
-        grid, cls = _as_feature_map(model, name, captured[name], x.shape[0])
+    for name, output in captured.items():
+        grid, cls = _as_feature_map(model, name, output, batch)
         features[name] = grid
         if cls is not None:
             features[f"{name}.cls"] = cls
-    return result, features
+    return features
 
 
 class _Tracer(fx.Tracer):

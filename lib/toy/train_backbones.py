@@ -69,6 +69,11 @@ class ToyBackboneReport:
 def run_toy_backbone(config: Params, layout: Layout, device: torch.device, progress: Progress | None = None) -> ToyBackboneReport:
     """The toy_backbone stage: train both toy backbones, write their learning curves."""
     show = progress.console.print if progress is not None else print
-    history = train_toy_backbones(config, device, lambda arch, record: show(arch, record))
+
+    def log(arch: str, record: dict) -> None:
+        show(f"{arch} epoch {record['epoch']}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}, "
+             f"val acc {record['val_acc']:.3f}")  # fmt: skip
+
+    history = train_toy_backbones(config, device, log)
     write_csv(layout.toy_plot("toy_backbone"), history)
     return ToyBackboneReport(history)

@@ -102,7 +102,7 @@ def run_fact_explain(config: Params, layout: Layout, device: torch.device, progr
         top = contribution.topk(min(settings.top_k, len(contribution))).indices.tolist()
         picture = images[row]
         maps = _maps(backbone, sae, np.repeat(picture[None], len(top), axis=0), top)
-        figure = Figure(figsize=(1.8 * (len(top) + 1), 2.2))
+        figure = Figure(figsize=(1.8 * (len(top) + 1), 2.3), layout="constrained")  # fits the 3-line title
         axes = figure.subplots(1, len(top) + 1)
         name = classes[predicted] if predicted >= 0 else "the backbone's top output"  # -1: backbone.new_head
         _show(axes[0], picture, None, f"row {row}\npredicted {name}\nlogit - bias {total:.3g}")
@@ -112,7 +112,6 @@ def run_fact_explain(config: Params, layout: Layout, device: torch.device, progr
             share = value / total if total else float("nan")
             _show(axis, picture, heat, f"{_name(latent, labels)}\nC={value:.3g} ({share:.0%})")
             concepts.append({"latent": latent, "label": labels.get(latent), "contribution": value, "share": share})
-        figure.tight_layout()
         write_figure(out_dir / f"row{row}.png", figure)
         records.append({"row": row, "predicted": name, "explained_logit": total, "concepts": concepts})
     write_json(out_dir / "explanations.json", records)
@@ -128,13 +127,12 @@ def run_fact_explain(config: Params, layout: Layout, device: torch.device, progr
     for span in spans:
         top_images.add(torch.from_numpy(presence[span][:, gallery]), torch.from_numpy(image_rows[span]))
     selected = top_images.result()
-    figure = Figure(figsize=(1.6 * selected.index.shape[1], 1.8 * len(gallery)))
+    figure = Figure(figsize=(1.6 * selected.index.shape[1], 1.8 * len(gallery)), layout="constrained")
     axes = np.asarray(figure.subplots(len(gallery), selected.index.shape[1], squeeze=False))
     for line, latent in enumerate(gallery):
         pictures = np.stack([images[row] for row in selected.index[line].tolist()])
         maps = _maps(backbone, sae, pictures, [latent] * len(pictures))
         for axis, picture, heat, value in zip(axes[line], pictures, maps, selected.presence[line].tolist(), strict=True):
             _show(axis, picture, heat, f"{_name(latent, labels)}\nP={value:.3g}")
-    figure.tight_layout()
     write_figure(out_dir / "gallery.png", figure)
     return FactExplainReport(out_dir, len(records), gallery)
