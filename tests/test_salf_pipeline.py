@@ -36,6 +36,7 @@ from lib.core.schema import (
     TEXT_EMB,
     P,
     clip_provenance,
+    images_provenance,
     view_provenance,
 )
 from lib.core.stores import ArraySpec, ShardedWriter, open_store
@@ -123,16 +124,18 @@ def make_world(base: Path) -> Layout:
 
     layout = Layout(base / "data" / "syn", base / "metrics")
     write_store(layout.images, {"images": images.numpy(), "labels": labels.numpy()}, ROWS_PER_SHARD)
-    seen_by_backbone = view_provenance(backbone.preprocess.to_dict(), (SIZE, SIZE))
+    from_images = images_provenance(open_store(layout.images).attrs)
+    seen_by_backbone = {**view_provenance(backbone.preprocess.to_dict(), (SIZE, SIZE)), **from_images}
     for name, value in layers.items():
         write_store(layout.features(name), {"features": value.half().numpy()}, ROWS_PER_SHARD, seen_by_backbone)
     # the 3-output toy CNN's outputs are the 3 classes in order (the features stage records the mapping)
     write_store(layout.logits, {"logits": logits.numpy()}, ROWS_PER_SHARD, {CLASS_MAP_ATTR: ClassMap((0, 1, 2), 3, "test").to_attrs()})
-    write_store(layout.similarity, {P: similarity.half().numpy()}, ROWS_PER_SHARD)
-    seen_by_clip = {**clip, **view_provenance(CLIP_VIEW.to_dict(), (SIZE, SIZE)), "grid": GRID}
+    write_store(layout.similarity, {P: similarity.half().numpy()}, ROWS_PER_SHARD, from_images)
+    seen_by_clip = {**clip, **view_provenance(CLIP_VIEW.to_dict(), (SIZE, SIZE)), "grid": GRID, **from_images}
     write_store(layout.circles, {CIRCLES: circles.half().numpy()}, ROWS_PER_SHARD, seen_by_clip)
     # plain-image embeddings (LF-CBM's target): the circles' mean, so global similarity follows the features too
-    write_store(layout.clip_images, {IMAGE_EMB: F.normalize(circles.mean(dim=(1, 2)), dim=-1).half().numpy()}, ROWS_PER_SHARD, clip)
+    plain = F.normalize(circles.mean(dim=(1, 2)), dim=-1).half().numpy()
+    write_store(layout.clip_images, {IMAGE_EMB: plain}, ROWS_PER_SHARD, {**clip, **from_images})
     types = dict(GT_CONCEPTS)
     concepts = [{"name": n, "type": types.get(n), "prompt": n} for n in CONCEPTS]
     text_emb = np.eye(len(CONCEPTS), embed_dim, dtype=np.float16)
@@ -448,6 +451,25 @@ def test_evaluate_method_is_skipped_before_training(world, tmp_path):
     config = load_params(world[0] / "params.yaml")
     context = EvalContext(config, Layout(tmp_path / "none"), torch.device("cpu"), GroundTruth.from_info(INFO))
     assert METHODS["salf"](context) is None
+
+
+def test_stores_of_other_images_are_refused_before_training(world, tmp_path):
+    """cbl pairs rows of the features, circles and similarity stores: run by hand after the images
+    changed (prepare re-run, the rest not), it must stop with the fix instead of training on mismatched rows."""
+    base, _ = world
+    shutil.copytree(base, tmp_path / "copy")
+    layout = Layout(tmp_path / "copy" / "data" / "syn", tmp_path / "copy" / "metrics")
+    stored = open_store(layout.images)
+    images, labels = stored["images"][:], stored["labels"][:]
+    shutil.rmtree(layout.images)
+    write_store(layout.images, {"images": images, "labels": labels}, ROWS_PER_SHARD, fingerprint="re-prepared")
+    shutil.rmtree(layout.salf, ignore_errors=True)  # a trained model, when an earlier test made one
+    result = invoke(tmp_path / "copy", "cbl")
+    message = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert "the images, circles, features stores were made from different images" in message
+    assert "re-run the stages after prepare on the current images (dvc repro)" in message
+    assert not layout.salf_bottleneck.exists()
 
 
 def test_missing_inputs_and_bad_layer_are_clear_errors(world, tmp_path):

@@ -51,11 +51,36 @@ def check_compatible(a_attrs: Mapping[str, Any], b_attrs: Mapping[str, Any], nam
 # circles): how the model saw the stored images, so lib.kernels.registration can map between views.
 PREPROCESS_KEY = "preprocess"  # lib.kernels.preprocess.Preprocess.to_dict()
 IMAGE_SIZE_KEY = "image_size"  # [H, W] of the stored images
+# Every store computed row by row from the images (features, clip_images, circles, similarity)
+# records the image store's fingerprint, so a stage pairing rows of two of them can check that
+# both come from the current images (a stage run by hand after the images changed would not).
+IMAGES_KEY = "images_fingerprint"
 
 
 def view_provenance(preprocess: Mapping[str, Any], image_size: tuple[int, int]) -> dict[str, Any]:
     """The attributes that record a model's view of the stored images."""
     return {PREPROCESS_KEY: dict(preprocess), IMAGE_SIZE_KEY: [int(v) for v in image_size]}
+
+
+def images_provenance(image_store_attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """The attribute that records which image store a store was computed from."""
+    return {IMAGES_KEY: image_store_attrs["fingerprint"]}
+
+
+def check_same_images(stores: Mapping[str, Mapping[str, Any]]) -> None:
+    """Raise a UserError unless every named store (name -> its attributes) was computed from the
+    same image store; the current images take part as {"images": images_provenance(their attrs)}."""
+    seen = {name: attrs.get(IMAGES_KEY) for name, attrs in stores.items()}
+    missing = [name for name, fingerprint in seen.items() if fingerprint is None]
+    if missing:
+        raise UserError(f"the {', '.join(missing)} store(s) do not record the images they were made from",
+                        fix=f"re-run {', '.join(missing)} (dvc repro)")  # fmt: skip
+    if len(set(seen.values())) > 1:
+        raise UserError(
+            f"the {', '.join(seen)} stores were made from different images (image store fingerprints "
+            + ", ".join(f"{name} {str(fp)[:12]}" for name, fp in seen.items()) + ")",
+            fix="re-run the stages after prepare on the current images (dvc repro)",
+        )
 
 
 # Per-image concept statistics every concept method writes for the `stats` stage

@@ -20,7 +20,7 @@ from lib.core.errors import UserError
 from lib.core.extract import Fill, fill_stores
 from lib.core.layout import Layout
 from lib.core.params import Params, params_hash
-from lib.core.schema import CIRCLES, clip_provenance, view_provenance
+from lib.core.schema import CIRCLES, clip_provenance, images_provenance, view_provenance
 from lib.core.stores import ArraySpec, ShardedWriter, open_store
 from lib.kernels.rings import CircleEncoder, RingGeometryError, validate_grid
 from lib.models.clip import check_clip, load_clip_checked
@@ -89,6 +89,7 @@ def run_circles(config: Params, layout: Layout, device: torch.device, ranks: Ran
         **clip_provenance(clip.model_id, dim),
         "input_size": clip.preprocess.size,
         **view_provenance(clip.preprocess.to_dict(), images.shape[1:3]),  # where the rings lie (lib/kernels/registration.py)
+        **images_provenance(image_store.attrs),
         **content,
     }
     specs = [ArraySpec(CIRCLES, (n, grid, grid, dim), "float16", ("item", "grid_y", "grid_x", "embed"))]

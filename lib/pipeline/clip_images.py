@@ -23,7 +23,7 @@ from lib.core.distributed import Ranks, sharded_outputs
 from lib.core.extract import Fill, fill_stores
 from lib.core.layout import Layout
 from lib.core.params import Params, params_hash
-from lib.core.schema import DENSE, IMAGE_EMB, clip_provenance
+from lib.core.schema import DENSE, IMAGE_EMB, clip_provenance, images_provenance
 from lib.core.stores import ArraySpec, ShardedWriter, open_store
 from lib.models.clip import check_clip, dense_layer, load_clip_checked
 from lib.models.layers import extract_layers, forward_with_layers
@@ -65,7 +65,7 @@ def run_clip_images(config: Params, layout: Layout, device: torch.device, ranks:
     dense = dense_layer(model) if settings.dense else None
     fingerprint = params_hash(clip.model_id, image_store.attrs["fingerprint"], {"dense": dense})
     attributes = {"stage": "clip_images", "params_hash": fingerprint, **clip_provenance(clip.model_id, clip.embed_dim),
-                  "input_size": preprocess.size, "dense_layer": dense}
+                  "input_size": preprocess.size, "dense_layer": dense, **images_provenance(image_store.attrs)}
     specs = [ArraySpec(IMAGE_EMB, (n, clip.embed_dim), "float16", ("item", "embed"))]
     if dense is not None:
         with torch.inference_mode():

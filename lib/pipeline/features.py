@@ -14,7 +14,7 @@ from lib.core.distributed import Ranks, sharded_outputs
 from lib.core.extract import Fill, fill_stores
 from lib.core.layout import Layout
 from lib.core.params import Params, params_hash
-from lib.core.schema import view_provenance
+from lib.core.schema import images_provenance, view_provenance
 from lib.core.stores import ArraySpec, ShardedWriter, open_store
 from lib.data.manifest import read_dataset_info
 from lib.models.backbones import LoadedBackbone, check_backbone, load_backbone_checked
@@ -101,6 +101,7 @@ def run_features(config: Params, layout: Layout, device: torch.device, ranks: Ra
     provenance = {
         "stage": "features", "params_hash": fingerprint, "model_id": backbone.model_id,
         **view_provenance(backbone.preprocess.to_dict(), images.shape[1:3]),  # what the feature maps tile
+        **images_provenance(image_store.attrs),
     }
     dims = {"features": ("item", "channel", "y", "x"), "cls": ("item", "channel"), LOGITS: ("item", "class")}
 

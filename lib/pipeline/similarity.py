@@ -22,7 +22,7 @@ from lib.core.distributed import Ranks, sharded_outputs
 from lib.core.extract import fill_stores
 from lib.core.layout import Layout
 from lib.core.params import Params, params_hash
-from lib.core.schema import CIRCLES, CLIP_MODEL_KEY, EMBED_DIM_KEY, P, check_compatible
+from lib.core.schema import CIRCLES, CLIP_MODEL_KEY, EMBED_DIM_KEY, IMAGES_KEY, P, check_compatible
 from lib.core.stores import ArraySpec, ShardedWriter, open_store
 from lib.kernels.similarity import similarity_batch
 from lib.pipeline.stored_concepts import read_concepts
@@ -83,6 +83,7 @@ def run_similarity(
         "params_hash": fingerprint,
         CLIP_MODEL_KEY: circles.attrs[CLIP_MODEL_KEY],
         EMBED_DIM_KEY: circles.attrs[EMBED_DIM_KEY],
+        IMAGES_KEY: circles.attrs.get(IMAGES_KEY),  # P's rows are the circles' rows
         "materialized": materialize,
         "concepts": list(concepts.names),
     }

@@ -19,7 +19,7 @@ from torch import Tensor
 from lib.core.errors import UserError
 from lib.core.layout import Layout
 from lib.core.params import Params
-from lib.core.schema import CIRCLES, IMAGE_SIZE_KEY, PREPROCESS_KEY, P, check_compatible
+from lib.core.schema import CIRCLES, IMAGE_SIZE_KEY, PREPROCESS_KEY, P, check_compatible, check_same_images, images_provenance
 from lib.core.stores import open_store
 from lib.core.streams import batch_source
 from lib.data.manifest import read_manifest, split_indices
@@ -126,6 +126,7 @@ def similarity_target(layout: Layout, concepts: Concepts) -> SimilarityTarget:
     circle embeddings and the concepts' text embeddings; checked against the concept list."""
     stored = open_store(layout.similarity)
     if P in stored:
+        check_same_images({"similarity": stored.attrs, "circles": open_store(layout.circles).attrs})
         target = SimilarityTarget(stored[P])
     else:
         circles = open_store(layout.circles)
@@ -141,7 +142,8 @@ def similarity_target(layout: Layout, concepts: Concepts) -> SimilarityTarget:
 
 def registration_of(layout: Layout, layer: str) -> Registration:
     """The geometry of the grid (lib.kernels.registration) from the stores' records: the stored
-    images' size and CLIP's preprocessing (circles store), the backbone's (the layer's features store)."""
+    images' size and CLIP's preprocessing (circles store), the backbone's (the layer's features store).
+    Both stores must come from the current images: cbl pairs their rows."""
     circles = open_store(layout.circles).attrs
     features = open_store(layout.features(layer)).attrs
     for name, attrs in (("circles", circles), ("features", features)):
@@ -149,6 +151,7 @@ def registration_of(layout: Layout, layer: str) -> Registration:
             raise UserError(
                 f"the {name} store does not record the preprocessing it was made with", fix=f"re-run the {name} stage"
             )
+    check_same_images({"images": images_provenance(open_store(layout.images).attrs), "circles": circles, "features": features})
     if list(circles[IMAGE_SIZE_KEY]) != list(features[IMAGE_SIZE_KEY]):
         raise UserError(
             f"circles ({circles[IMAGE_SIZE_KEY]}) and features ({features[IMAGE_SIZE_KEY]}) were made from images of "
