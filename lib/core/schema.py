@@ -4,10 +4,11 @@ One place, so a stage never borrows a constant from another stage's module.
 """
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from lib.core.errors import UserError
-from lib.core.stores import ArraySpec
+from lib.core.stores import ArraySpec, open_store
 
 # features.zarr/<layer>.zarr hold FEATURES; features/logits.zarr holds LOGITS
 FEATURES = "features"
@@ -67,10 +68,10 @@ def images_provenance(image_store_attrs: Mapping[str, Any]) -> dict[str, Any]:
     return {IMAGES_KEY: image_store_attrs["fingerprint"]}
 
 
-def check_same_images(stores: Mapping[str, Mapping[str, Any]]) -> None:
+def check_same_images(images: Path, stores: Mapping[str, Mapping[str, Any]]) -> None:
     """Raise a UserError unless every named store (name -> its attributes) was computed from the
-    same image store; the current images take part as {"images": images_provenance(their attrs)}."""
-    seen = {name: attrs.get(IMAGES_KEY) for name, attrs in stores.items()}
+    image store at `images` (the current images)."""
+    seen = {"images": open_store(images).attrs["fingerprint"]} | {name: attrs.get(IMAGES_KEY) for name, attrs in stores.items()}
     missing = [name for name, fingerprint in seen.items() if fingerprint is None]
     if missing:
         raise UserError(f"the {', '.join(missing)} store(s) do not record the images they were made from",

@@ -31,7 +31,7 @@ from lib.core.layout import Layout
 from lib.core.outputs import write_csv, write_json
 from lib.core.params import Params, params_hash
 from lib.core.progress import progress_callback
-from lib.core.schema import CLIP_MODEL_KEY, FEATURES, IMAGE_EMB, check_compatible, check_same_images, images_provenance
+from lib.core.schema import CLIP_MODEL_KEY, FEATURES, IMAGE_EMB, check_compatible, check_same_images
 from lib.core.stores import ArraySpec, ShardedWriter, open_store, remove_empty_scratch_dirs
 from lib.data.manifest import read_manifest, split_indices, train_val_indices
 from lib.methods.cefam.artifacts import cefam_layers, save_translator
@@ -71,8 +71,7 @@ def write_pooled(layout: Layout, layers: tuple[str, ...], progress: Progress | N
         raise UserError(
             f"the feature stores of {list(layers)} come from different backbones {sorted(map(str, models))}", fix="rerun the features stage"
         )
-    feature_attrs = {f"features/{layer}": store.attrs for layer, store in zip(layers, stores, strict=True)}
-    check_same_images({"images": images_provenance(open_store(layout.images).attrs), **feature_attrs})
+    check_same_images(layout.images, {f"features/{layer}": store.attrs for layer, store in zip(layers, stores, strict=True)})
     channels = [array.shape[1] for array in arrays]
     n, rows = arrays[0].shape[0], (arrays[0].shards or arrays[0].chunks)[0]
     fingerprint = params_hash(list(layers), [store.attrs["fingerprint"] for store in stores])
@@ -143,7 +142,7 @@ def run_translator(
     clip_store = open_store(layout.clip_images)
     concepts = read_concepts(layout.concepts)
     check_compatible(clip_store.attrs, concepts.attrs, ("clip_images", "concepts"))
-    check_same_images({"images": images_provenance(open_store(layout.images).attrs), "clip_images": clip_store.attrs})
+    check_same_images(layout.images, {"clip_images": clip_store.attrs})
     scale, bias = _clip_scale(config, clip_store.attrs[CLIP_MODEL_KEY])
     if not ranks.is_main:
         barrier(ranks)  # rank 0 writes the pooled store first

@@ -64,8 +64,8 @@ def run_cbl(config: Params, layout: Layout, device: torch.device, ranks: Ranks, 
     layer = cbl_layer(config)
     features = open_store(layout.features(layer))["features"]
     concepts = read_concepts(layout.concepts)
+    registration = registration_of(layout, layer)  # first: it checks the stores against the current images
     target = similarity_target(layout, concepts)
-    registration = registration_of(layout, layer)
     if registration.grid != target.grid:
         raise ValueError(f"the circles store has a {registration.grid}x{registration.grid} grid, P {target.grid}x{target.grid}")
     # cell (h, w) reads the features at its circle's centre, mapped through CLIP's and the backbone's views

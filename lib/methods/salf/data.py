@@ -19,7 +19,7 @@ from torch import Tensor
 from lib.core.errors import UserError
 from lib.core.layout import Layout
 from lib.core.params import Params
-from lib.core.schema import CIRCLES, IMAGE_SIZE_KEY, PREPROCESS_KEY, P, check_compatible, check_same_images, images_provenance
+from lib.core.schema import CIRCLES, IMAGE_SIZE_KEY, PREPROCESS_KEY, P, check_compatible, check_same_images
 from lib.core.stores import open_store
 from lib.core.streams import batch_source
 from lib.data.manifest import read_manifest, split_indices
@@ -126,7 +126,7 @@ def similarity_target(layout: Layout, concepts: Concepts) -> SimilarityTarget:
     circle embeddings and the concepts' text embeddings; checked against the concept list."""
     stored = open_store(layout.similarity)
     if P in stored:
-        check_same_images({"similarity": stored.attrs, "circles": open_store(layout.circles).attrs})
+        check_same_images(layout.images, {"similarity": stored.attrs})
         target = SimilarityTarget(stored[P])
     else:
         circles = open_store(layout.circles)
@@ -151,7 +151,7 @@ def registration_of(layout: Layout, layer: str) -> Registration:
             raise UserError(
                 f"the {name} store does not record the preprocessing it was made with", fix=f"re-run the {name} stage"
             )
-    check_same_images({"images": images_provenance(open_store(layout.images).attrs), "circles": circles, "features": features})
+    check_same_images(layout.images, {"circles": circles, "features": features})
     if list(circles[IMAGE_SIZE_KEY]) != list(features[IMAGE_SIZE_KEY]):
         raise UserError(
             f"circles ({circles[IMAGE_SIZE_KEY]}) and features ({features[IMAGE_SIZE_KEY]}) were made from images of "
