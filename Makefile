@@ -1,10 +1,11 @@
 # `make repro` runs the pipeline, `make test` the tests; both set up .venv first (once).
+# `make readme` regenerates the results tables of README.md and docs/ from metrics/*.json (docs/generate.py).
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup repro test bench bench-gpu clean-venv
+.PHONY: setup repro test readme bench bench-gpu clean-venv
 
 # Reinstall only when the dependency list changes; a no-op (instant) otherwise.
 $(STAMP): pyproject.toml
@@ -21,6 +22,10 @@ repro: setup
 test: setup
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -n 2 --dist loadfile
+
+# No stage writes the docs: an uncached stage output would turn off DVC's run-cache.
+readme: setup
+	$(PY) -m docs.generate
 
 # CPU, a few minutes. The toy circles kernel at the precision the circles stage picks here (circles.autocast: auto):
 # bf16 only where the CPU has it natively. The scale run (ResNet-50 / ViT-B-16 at 224 px, small N, a 3 x 3 grid) in

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from lib.core.layout import Layout
@@ -29,11 +30,21 @@ def metrics_dict(evaluation: Evaluation) -> dict[str, Any]:
     return json_safe({"concept_maps": evaluation.concept_maps, "segmentation": evaluation.segmentation}, digits=6)
 
 
-def _number(value: float | None) -> str:
-    if value is None or math.isnan(value):
+def number(value: float | None, spec: str = ".3f") -> str:
+    """A table cell: `value` in format `spec`, "–" when it is missing or NaN."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    text = f"{value:.3f}"
-    return "0.000" if text == "-0.000" else text  # a chance-level NRA of -1e-17 is 0
+    text = format(value, spec)
+    return text[1:] if text.startswith("-") and float(text) == 0 else text  # a chance-level NRA of -1e-17 is 0
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]], text_columns: int = 1) -> list[str]:
+    """The lines of a Markdown table: the first `text_columns` columns left-aligned, the others (numbers) right-aligned."""
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * text_columns + "---:|" * (len(header) - text_columns),
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
 
 
 def summary_table(evaluation: Evaluation) -> str:
@@ -46,25 +57,25 @@ def summary_table(evaluation: Evaluation) -> str:
         group = (
             evaluation.concept_maps.get(method, {}).get(AVERAGE_KEY, {}) if key in CONCEPT_KEYS else evaluation.segmentation.get(method, {})
         )
-        return _number(group.get(key))
+        return number(group.get(key))
 
     lines = [
         f"Evaluated on {evaluation.n_images} images. {NOTE}",
         "",
-        "| method | " + " | ".join(HEADERS[c] for c in columns) + " |",
-        "|---|" + "---:|" * len(columns),
-        *("| " + " | ".join([m, *(cell(m, c) for c in columns)]) + " |" for m in methods),
+        *markdown_table(["method", *(HEADERS[c] for c in columns)], ([m, *(cell(m, c) for c in columns)] for m in methods)),
     ]
     if evaluation.concept_maps:
         lines += [
             "",
-            "| method | concept type | " + " | ".join(HEADERS[c] for c in CONCEPT_KEYS) + " |",
-            "|---|---|" + "---:|" * len(CONCEPT_KEYS),
-            *(
-                "| " + " | ".join([m, kind, *(_number(values.get(c)) for c in CONCEPT_KEYS)]) + " |"
-                for m, groups in evaluation.concept_maps.items()
-                for kind, values in groups.items()
-                if kind != AVERAGE_KEY
+            *markdown_table(
+                ["method", "concept type", *(HEADERS[c] for c in CONCEPT_KEYS)],
+                (
+                    [m, kind, *(number(values.get(c)) for c in CONCEPT_KEYS)]
+                    for m, groups in evaluation.concept_maps.items()
+                    for kind, values in groups.items()
+                    if kind != AVERAGE_KEY
+                ),
+                text_columns=2,
             ),
         ]
     return "\n".join(lines) + "\n"
