@@ -149,3 +149,30 @@ def test_the_link_check_finds_broken_links(tmp_path):
         "[gone](missing.md) [bad anchor](page.md#step-3) ![img](img/none.png)\n"
     )
     assert broken_links(doc) == ["missing.md: no such file", "page.md#step-3: no such heading", "img/none.png: no such file"]
+
+
+def ragged_rows(text: str) -> list[str]:
+    """Table rows with another number of cells than their table's header (an unescaped | in a cell)."""
+    ragged, width = [], None
+    for line in FENCE.sub("", text).splitlines():
+        if not line.startswith("|"):
+            width = None
+            continue
+        cells = len(re.split(r"(?<!\\)\|", line)) - 2
+        width = cells if width is None else width
+        if cells != width:
+            ragged.append(line)
+    return ragged
+
+
+@pytest.mark.parametrize("path", doc_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_tables_are_well_formed(path):
+    assert not ragged_rows(path.read_text())
+
+
+def test_a_ragged_row_is_found():
+    assert ragged_rows("| a | b |\n|---|---|\n| 1 \\| 2 | 3 |\n| x | y | z |\n\n| c |\n") == ["| x | y | z |"]
+
+
+def test_make_readme_regenerates_the_docs():
+    assert re.search(r"^readme: setup\n\t\$\(PY\) -m docs\.generate$", (ROOT / "Makefile").read_text(), re.MULTILINE)
