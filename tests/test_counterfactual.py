@@ -1,0 +1,116 @@
+"""Counterfactual toy images: replaying `generate` and re-rendering with one concept replaced."""
+
+import numpy as np
+import pytest
+
+from lib.core.params import DataParams, ToyWorldParams
+from lib.core.stores import open_store
+from lib.data.prepare import toy_split_draw
+from lib.toy import counterfactual as cf
+from lib.toy import world
+
+N, SEED, SIZE = 300, 11, 48  # two render chunks, the second partial
+
+
+@pytest.fixture(scope="module")
+def scenes() -> cf.Scenes:
+    return cf.replay(N, SEED, SIZE)
+
+
+@pytest.fixture(scope="module")
+def original() -> world.ToyWorld:
+    return world.generate(N, SEED, SIZE)
+
+
+@pytest.fixture(scope="module")
+def edits(scenes) -> "cf.pd.DataFrame":
+    return cf.concept_edits(scenes)
+
+
+def test_replay_rerenders_every_image_byte_for_byte(scenes, original):
+    assert len(scenes.chunk_states) == 2
+    np.testing.assert_array_equal(scenes.labels, original.labels)
+    np.testing.assert_array_equal(scenes.objects, original.objects)
+    for chunk in range(len(scenes.chunk_states)):
+        images, masks = cf.render_chunk(scenes, chunk)
+        rows = scenes.chunk_rows(chunk)
+        assert images.tobytes() == original.images[rows].tobytes()
+        np.testing.assert_array_equal(masks, original.concept_masks[rows])
+
+
+def test_rerender_equals_the_prepared_image_store(prepared_toy):
+    """Every stored test image of a prepared toy world, re-rendered from its replayed scene."""
+    data = DataParams(name="toy", image_size=40, rows_per_shard=64, toy=ToyWorldParams(n_train=16, n_val=16, n_test=270))
+    stored = open_store(prepared_toy(data).images)
+    n, seed = toy_split_draw(data, "test")
+    scenes = cf.replay(n, seed, data.image_size, data.toy.max_objects)
+    rendered = np.concatenate([cf.render_chunk(scenes, c)[0] for c in range(len(scenes.chunk_states))])
+    assert rendered.tobytes() == np.asarray(stored["images"][32 : 32 + n]).tobytes()
+
+
+def test_edits_cover_every_present_concept_and_other_value(scenes, edits):
+    present = cf.present_concepts(scenes.objects, scenes.background)
+    kinds = np.array([c.type for c in world.CONCEPTS])
+    per_type = {t: int((kinds == t).sum()) - 1 for t in world.CONCEPT_TYPES}
+    expected = sum(per_type[kinds[k]] for i, k in zip(*np.nonzero(present)))
+    assert len(edits) == expected
+    assert (kinds[edits["concept"]] == kinds[edits["replacement"]]).all()
+    assert (edits["concept"] != edits["replacement"]).all()
+    assert present[edits["image"], edits["concept"]].all()
+    # ~23 counterfactuals per image: 3 backgrounds + per object (4 colours + 4 shapes + 2 patterns), shared values fewer
+    assert 13 <= len(edits) / N <= 33
+
+
+def test_edit_changes_pixels_only_inside_old_and_new_concept_masks(scenes, edits, original):
+    edits = edits[edits["image"] >= 256].reset_index(drop=True)  # the partial chunk: cheap renders, every kind
+    assert set(kind for kind in (cf.world.CONCEPTS[c].type for c in edits["concept"])) == set(cf.world.CONCEPT_TYPES)
+    rendered = 0
+    for positions, images, masks in cf.render_edits(scenes, edits):
+        batch = edits.iloc[positions]
+        image, concept, replacement = (batch[c].to_numpy() for c in ("image", "concept", "replacement"))
+        allowed = original.concept_masks[image, concept] | masks[np.arange(len(batch)), replacement]
+        changed = (images != original.images[image]).any(axis=-1)
+        assert changed.reshape(len(batch), -1).any(axis=1).all()
+        assert not (changed & ~allowed).any()
+        rendered += len(batch)
+    assert rendered == len(edits)
+
+
+def test_a_to_b_to_a_restores_the_bytes(scenes, original):
+    """Every image of a chunk edited at once (its first object's colour, shape or pattern to a value
+    no object of the scene has), rendered, edited back and rendered again."""
+    rows = scenes.chunk_rows(0)
+    objects, background = scenes.objects[rows], scenes.background[rows]
+    for kind, column in (("color", 0), ("shape", 1), ("pattern", 2)):
+        a = objects[:, 0, column].astype(np.int64)
+        unused = ~(cf._type_ids(kind)[None, :, None] == objects[:, None, :, column]).any(axis=2)  # (n, values)
+        b = np.where(unused.any(axis=1), cf._type_ids(kind)[unused.argmax(axis=1)], a)  # no free value: no edit
+        there = cf.pd.DataFrame({"concept": a, "replacement": b})
+        back = cf.pd.DataFrame({"concept": b, "replacement": a})
+        objects_b, background_b = cf.apply_edits(objects, background, there)
+        images_b, _ = cf.render_chunk(scenes, 0, objects_b, background_b)
+        edited = a != b
+        assert edited.mean() > 0.5
+        differs = (images_b != original.images[rows]).reshape(len(a), -1).any(axis=1)
+        np.testing.assert_array_equal(differs, edited)
+        objects_a, background_a = cf.apply_edits(objects_b, background_b, back)
+        images_a, _ = cf.render_chunk(scenes, 0, objects_a, background_a)
+        assert images_a.tobytes() == original.images[rows].tobytes(), kind
+
+
+def test_tags_follow_the_class_rules():
+    # one scene of class blue_stripes (4): a blue striped square on sand
+    label = 4
+    objects = np.full((1, world.MAX_OBJECTS, 3), -1, np.int16)
+    objects[0, 0] = [world.concept_index("blue"), world.concept_index("square"), world.concept_index("striped")]
+    background = np.array([world.concept_index("sand")], np.int16)
+    cases = {
+        ("blue", "green"): cf.EditTag.RULE_BREAKING,  # no rule shown any more
+        ("square", "star"): cf.EditTag.RULE_CREATING,  # sand + star = desert_star
+        ("sand", "water"): cf.EditTag.NEUTRAL,  # still blue stripes only
+        ("striped", "dotted"): cf.EditTag.RULE_BREAKING,
+    }
+    for (old, new), tag in cases.items():
+        edit = cf.pd.DataFrame({"concept": [world.concept_index(old)], "replacement": [world.concept_index(new)]})
+        edited, bg = cf.apply_edits(objects, background, edit)
+        assert cf.edit_tags(edited, bg, np.array([label]))[0] == tag, (old, new)
