@@ -13,6 +13,7 @@ from stages import (
     clip_images,
     concepts,
     contributions,
+    counterfactuals,
     evaluate,
     explain,
     fact_explain,
@@ -53,6 +54,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "sae": sae.sae,
     "contributions": contributions.contributions,
     "fact-explain": fact_explain.fact_explain,
+    "counterfactuals": counterfactuals.counterfactuals,
     "evaluate": evaluate.evaluate,
     "stats": stats.stats,
 }

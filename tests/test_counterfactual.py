@@ -114,3 +114,54 @@ def test_tags_follow_the_class_rules():
         edit = cf.pd.DataFrame({"concept": [world.concept_index(old)], "replacement": [world.concept_index(new)]})
         edited, bg = cf.apply_edits(objects, background, edit)
         assert cf.edit_tags(edited, bg, np.array([label]))[0] == tag, (old, new)
+
+
+class _PixelModels:
+    """Two stand-in models whose class scores are fixed functions of the mean colour: known effects."""
+
+    names = ("a", "b")
+
+    def scores(self, images):
+        import torch
+
+        mean = images.float().mean(dim=(1, 2)) / 255  # (B, 3)
+        weights = torch.arange(24, dtype=torch.float32).reshape(3, 8) % 5 - 2
+        first = mean @ weights
+        return torch.stack([first, (mean**2) @ weights.flip(1)], dim=1)
+
+
+def test_effects_are_the_logit_minus_the_mean_counterfactual_logit():
+    import torch
+
+    from lib.compare.counterfactual_stage import MAX_EDITS, effects_block
+
+    scenes = cf.replay(20, 3, 40)
+    original = world.generate(20, 3, 40)
+    edits = cf.concept_edits(scenes)
+    mine = edits[edits["image"] < 3]
+    models = _PixelModels()
+    block = effects_block(models, scenes, original.images[:3], 0, mine, torch.device("cpu"))
+    assert MAX_EDITS == 33 and block["edit_logit"].shape == (3, MAX_EDITS, 2)
+    k = len(world.CONCEPTS)
+    for image in range(3):
+        base = models.scores(torch.from_numpy(original.images[[image]]))[0]  # (models, classes)
+        predicted = base.argmax(dim=1)
+        np.testing.assert_array_equal(block["prediction"][image], predicted.numpy())
+        for concept in range(k):
+            rows = mine[(mine["image"] == image) & (mine["concept"] == concept)]
+            if rows.empty:  # not in the image: no effect, NaN (never 0)
+                assert np.isnan(block["effect"][image, concept]).all()
+                continue
+            logits = []
+            for row in rows.itertuples():  # each counterfactual rendered on its own
+                objects, background = cf.apply_edits(scenes.objects[:20], scenes.background[:20], cf.pd.DataFrame({"concept": [concept] * 20, "replacement": [row.replacement] * 20}))
+                objects[np.arange(20) != image], background[np.arange(20) != image] = scenes.objects[np.arange(20) != image], scenes.background[np.arange(20) != image]
+                edited = cf.render_chunk(scenes, 0, objects, background)[0][[image]]
+                scores = models.scores(torch.from_numpy(edited))[0]
+                logits.append(scores[torch.arange(2), predicted].numpy())
+            expected = base[torch.arange(2), predicted].numpy() - np.mean(logits, axis=0)
+            np.testing.assert_allclose(block["effect"][image, concept], expected, rtol=1e-5, atol=1e-6)
+            tags = block["edit_tag"][image][block["edit_concept"][image] == concept]
+            np.testing.assert_array_equal(np.sort(tags), np.sort(rows["tag"].to_numpy()))
+    padding = block["edit_concept"] < 0
+    assert np.isnan(block["edit_logit"][padding]).all() and not np.isnan(block["edit_logit"][~padding]).any()

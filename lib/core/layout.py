@@ -210,6 +210,11 @@ class Layout:
         """Plot data of FaCT: "sae" (training loss per step)."""
         return self.metrics / "plots" / f"fact_{name}.csv"
 
+    @property
+    def counterfactuals(self) -> Path:
+        """counterfactuals: each present concept's true effect on every explained model (toy world; Zarr)."""
+        return self.root / "counterfactuals.zarr"
+
     # stats
     @property
     def stats(self) -> Path:
