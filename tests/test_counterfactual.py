@@ -154,8 +154,9 @@ def test_effects_are_the_logit_minus_the_mean_counterfactual_logit():
                 continue
             logits = []
             for row in rows.itertuples():  # each counterfactual rendered on its own
-                objects, background = cf.apply_edits(scenes.objects[:20], scenes.background[:20], cf.pd.DataFrame({"concept": [concept] * 20, "replacement": [row.replacement] * 20}))
-                objects[np.arange(20) != image], background[np.arange(20) != image] = scenes.objects[np.arange(20) != image], scenes.background[np.arange(20) != image]
+                edit = cf.pd.DataFrame({"concept": [concept], "replacement": [row.replacement]})
+                objects, background = scenes.objects[:20].copy(), scenes.background[:20].copy()
+                objects[[image]], background[[image]] = cf.apply_edits(objects[[image]], background[[image]], edit)
                 edited = cf.render_chunk(scenes, 0, objects, background)[0][[image]]
                 scores = models.scores(torch.from_numpy(edited))[0]
                 logits.append(scores[torch.arange(2), predicted].numpy())

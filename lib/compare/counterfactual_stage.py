@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 from rich.progress import Progress
 
+from lib.compare.explained_models import ExplainedModels, load_explained_models
 from lib.core.errors import UserError
 from lib.core.layout import Layout
 from lib.core.params import Params, params_hash, source_hash
@@ -30,7 +31,6 @@ from lib.core.stores import ArraySpec, ShardedWriter, open_store
 from lib.core.streams import read_rows
 from lib.data.manifest import read_manifest
 from lib.data.prepare import toy_split_draw
-from lib.compare.explained_models import ExplainedModels, load_explained_models
 from lib.toy import counterfactual, world
 
 __all__ = ["CounterfactualsReport", "check_counterfactuals", "run_counterfactuals"]
