@@ -11,6 +11,7 @@ from stages import (
     cbl,
     circles,
     clip_images,
+    compare,
     concepts,
     contributions,
     counterfactuals,
@@ -57,6 +58,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "counterfactuals": counterfactuals.counterfactuals,
     "evaluate": evaluate.evaluate,
     "stats": stats.stats,
+    "compare": compare.compare,
 }
 
 

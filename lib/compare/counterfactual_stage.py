@@ -33,7 +33,7 @@ from lib.data.manifest import read_manifest
 from lib.data.prepare import toy_split_draw
 from lib.toy import counterfactual, world
 
-__all__ = ["CounterfactualsReport", "check_counterfactuals", "run_counterfactuals"]
+__all__ = ["CounterfactualsReport", "run_counterfactuals"]
 
 # Most edits one image can have: the other backgrounds, then per object the other colours, shapes, patterns.
 _TYPE_SIZES = {kind: sum(c.type == kind for c in world.CONCEPTS) for kind in world.CONCEPT_TYPES}
@@ -53,15 +53,6 @@ class CounterfactualsReport:
         return (
             f"{self.n_images} images, {self.n_edits} counterfactuals ({self.n_edits / self.n_images:.1f} per image) "
             f"on {', '.join(self.models)}; mean |true effect| of a present concept: {effects} -> {self.path}"
-        )
-
-
-def check_counterfactuals(config: Params) -> None:
-    """Before any work: counterfactuals exist only for the toy world, which renders from scenes."""
-    if config.data.kind != "toy":
-        raise UserError(
-            f"counterfactual images need a scene renderer, which only the toy world has (data.kind is {config.data.kind!r})",
-            key="data.kind", fix="use data.kind: toy, or leave the counterfactuals stage out",
         )
 
 

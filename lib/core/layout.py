@@ -234,6 +234,22 @@ class Layout:
         """Learning curves of the toy models: "toy_backbone", "toy_clip"."""
         return self.metrics / "plots" / f"{name}.csv"
 
+    # compare
+    @property
+    def compare_metrics(self) -> Path:
+        """compare: every method's causal fidelity and the other stages' figures, side by side (JSON)."""
+        return self.metrics / "compare.json"
+
+    @property
+    def compare_table(self) -> Path:
+        """compare: the same as a Markdown table."""
+        return self.metrics / "compare.md"
+
+    @property
+    def compare_scatter(self) -> Path:
+        """Plot data: each method's contribution against the concept's true effect (a sample of pairs)."""
+        return self.metrics / "plots" / "compare_scatter.csv"
+
     # evaluate
     @property
     def evaluate_metrics(self) -> Path:
