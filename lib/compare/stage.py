@@ -20,6 +20,7 @@ contribution against true effect (metrics/plots/compare_scatter.csv).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,15 +30,16 @@ import torch
 from rich.progress import Progress
 
 from lib.compare.explained_models import BACKBONE, FACT, SALF
+from lib.compare.figures import MethodPanel, comparison_figure, index_html
 from lib.core.errors import UserError
 from lib.core.layout import Layout
-from lib.core.outputs import write_csv, write_json, write_text
+from lib.core.outputs import write_csv, write_figure, write_json, write_text
 from lib.core.params import Params
 from lib.core.stores import open_store
 from lib.core.streams import batch_source
 from lib.data.manifest import read_dataset_info
 from lib.evaluate.adapters import METHODS
-from lib.evaluate.registry import EvalBatch, EvalContext, build_methods
+from lib.evaluate.registry import ConceptMapMethod, EvalBatch, EvalContext, build_methods
 from lib.evaluate.truth import GroundTruth
 from lib.metrics.causal import fidelity
 
@@ -76,12 +78,16 @@ def _mass_in_masks(class_maps: torch.Tensor, masks: torch.Tensor) -> torch.Tenso
     return torch.einsum("bhw,bkhw->bk", maps, masks.float()) / total[:, None]
 
 
-def method_contributions(config: Params, layout: Layout, device: torch.device, truth: GroundTruth, rows: np.ndarray,
-                         progress: Progress | None) -> dict[str, np.ndarray]:
-    """{method: contributions (N, K) in ground-truth concept order, NaN where unscored} for every method
-    of evaluate's table that gives contributions."""
+def compared_methods(config: Params, layout: Layout, device: torch.device, truth: GroundTruth) -> list[ConceptMapMethod]:
+    """The methods of evaluate's table that the comparison holds against the true effects."""
     methods, _ = build_methods(EvalContext(config, layout, device, truth), METHODS)
-    methods = [m for m in methods if m.name not in SKIP]
+    return [m for m in methods if m.name not in SKIP]
+
+
+def method_contributions(methods: Sequence[ConceptMapMethod], config: Params, layout: Layout, device: torch.device,
+                         truth: GroundTruth, rows: np.ndarray, progress: Progress | None) -> dict[str, np.ndarray]:
+    """{method: contributions (N, K) in ground-truth concept order, NaN where unscored} of every method
+    that gives contributions."""
     store = open_store(layout.images)
     out = {m.name: np.full((len(rows), truth.n_concepts), np.nan, np.float32) for m in methods}
     source = batch_source({"images": store["images"], "labels": store["labels"], "masks": store["masks"]}, rows,
@@ -147,7 +153,8 @@ def run_compare(config: Params, layout: Layout, device: torch.device, progress: 
     rows = counterfactuals["image"][:]
     effects = counterfactuals["effect"][:]  # (N, K, models)
     by_tag = {name: tagged_effects(counterfactuals, tag) for tag, name in enumerate(TAGS)}
-    contributions = method_contributions(config, layout, device, truth, rows, progress)
+    methods = compared_methods(config, layout, device, truth)
+    contributions = method_contributions(methods, config, layout, device, truth, rows, progress)
 
     backbone = effects[..., models.index(BACKBONE)]
     predicted = counterfactuals["prediction"][:][:, models.index(BACKBONE)]
@@ -183,7 +190,51 @@ def run_compare(config: Params, layout: Layout, device: torch.device, progress: 
     write_json(layout.compare_metrics, {"n_images": int(len(rows)), "split": config.evaluate.split, "methods": table}, digits=4)
     write_text(layout.compare_table, compare_table(table) + "\n")
     write_csv(layout.compare_scatter, pd.concat(scatter))
+    write_figures(config, layout, device, truth, methods, rows, contributions, backbone, table)
     return CompareReport(table, layout.compare_metrics)
+
+
+def write_figures(config: Params, layout: Layout, device: torch.device, truth: GroundTruth, methods: Sequence[ConceptMapMethod],
+                  rows: np.ndarray, contributions: dict[str, np.ndarray], effects: np.ndarray, table: dict[str, dict]) -> None:
+    """The side-by-side PNGs of compare.n_figures seeded images of the split, and index.html beside them."""
+    folder = layout.compare_figures
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.png"):  # a run with fewer figures leaves none of the last run's
+        old.unlink()
+    picked = np.sort(np.random.default_rng(config.evaluate.seed).permutation(len(rows))[: config.compare.n_figures])
+    store = open_store(layout.images)
+    images = np.stack([store["images"][int(rows[i])] for i in picked]) if len(picked) else np.zeros((0, 1, 1, 3), np.uint8)
+    batch = EvalBatch(torch.from_numpy(rows[picked]).to(device), torch.from_numpy(images).to(device),
+                      torch.from_numpy(store["labels"][:][rows[picked]]).to(device))
+    size = images.shape[1:3]
+    panels: dict[str, list[MethodPanel]] = {i: [] for i in range(len(picked))}
+    for method in methods if len(picked) else []:
+        if method.name not in contributions:
+            continue
+        maps = method.concept_maps(batch) if method.name not in MASS_METHODS else None
+        dense = None
+        if maps is not None:
+            values = maps.maps.detach().float()
+            values = values[:, :, 0] if values.ndim == 5 else values  # candidate maps: the first (Top-1)
+            values = torch.nn.functional.interpolate(values, size=size, mode="bilinear", align_corners=False).cpu().numpy()
+            dense = np.full((len(picked), truth.n_concepts, *size), np.nan, np.float32)
+            dense[:, maps.concepts.cpu().numpy()] = values
+        class_maps = method.class_maps(batch) if method.name in MASS_METHODS else None
+        if class_maps is not None:
+            class_maps = torch.nn.functional.interpolate(class_maps[:, None].detach().float(), size=size, mode="bilinear",
+                                                         align_corners=False)[:, 0].cpu().numpy()
+        for i, row in enumerate(picked):
+            panels[i].append(MethodPanel(method.name, contributions[method.name][row], None if dense is None else dense[i],
+                                         None if class_maps is None else class_maps[i]))
+    names = []
+    for i, row in enumerate(picked):
+        label = int(batch.labels[i])
+        figure = comparison_figure(images[i], truth.concept_names, effects[row], f"image {int(rows[row])}: {truth.class_names[label]}",
+                                   panels[i])
+        name = f"image_{int(rows[row]):05d}.png"
+        write_figure(folder / name, figure)
+        names.append(name)
+    write_text(folder / "index.html", index_html("conceptrace: the methods side by side", compare_table(table), {"Images": names}))
 
 
 def _cell(value: float | None) -> str:

@@ -246,6 +246,11 @@ class Layout:
         return self.metrics / "compare.md"
 
     @property
+    def compare_figures(self) -> Path:
+        """compare: side-by-side PNGs of a sample of images and index.html."""
+        return self.root / "compare"
+
+    @property
     def compare_scatter(self) -> Path:
         """Plot data: each method's contribution against the concept's true effect (a sample of pairs)."""
         return self.metrics / "plots" / "compare_scatter.csv"
