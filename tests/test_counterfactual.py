@@ -166,3 +166,50 @@ def test_effects_are_the_logit_minus_the_mean_counterfactual_logit():
             np.testing.assert_array_equal(np.sort(tags), np.sort(rows["tag"].to_numpy()))
     padding = block["edit_concept"] < 0
     assert np.isnan(block["edit_logit"][padding]).all() and not np.isnan(block["edit_logit"][~padding]).any()
+
+
+def test_side_by_side_figure_and_an_index_whose_links_resolve(tmp_path):
+    from html.parser import HTMLParser
+
+    from lib.compare.figures import MethodPanel, comparison_figure, index_html
+    from lib.core.outputs import write_figure, write_text
+
+    scenes_world = world.generate(2, 5, 40)
+    k = len(world.CONCEPTS)
+    effects = np.where(scenes_world.concept_masks[0].any(axis=(1, 2)), np.linspace(-1, 2, k), np.nan)
+    rng = np.random.default_rng(0)
+    panels = [
+        MethodPanel("salf", rng.normal(size=k), rng.random((k, 40, 40)), None),
+        MethodPanel("gradcam", np.where(np.isfinite(effects), rng.random(k), 0.0), None, rng.random((40, 40))),
+        MethodPanel("fact", np.full(k, np.nan), rng.random((k, 40, 40)), None),  # nothing scored: an empty row
+    ]
+    names = [c.name for c in world.CONCEPTS]
+    write_figure(tmp_path / "image_00001.png", comparison_figure(scenes_world.images[0], names, effects, "image 1", panels))
+    page = index_html("side by side", "| method | ρ |\n|---|---:|\n| salf | 0.500 |\n| fact | N/A |", {"Images": ["image_00001.png"]})
+    write_text(tmp_path / "index.html", page)
+
+    class Links(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.links, self.cells = [], []
+
+        def handle_starttag(self, tag, attrs):
+            self.links += [value for name, value in attrs if name in ("href", "src")]
+
+        def handle_data(self, data):
+            self.cells.append(data)
+
+    parser = Links()
+    parser.feed((tmp_path / "index.html").read_text())
+    assert parser.links and all((tmp_path / link).is_file() for link in parser.links)
+    assert {"salf", "0.500", "N/A"} <= set(parser.cells)
+
+
+def test_counterfactual_stages_refuse_data_without_a_renderer(tmp_path):
+    from lib.compare.checks import check_toy_world
+    from lib.core.errors import UserError
+    from lib.core.params import Params
+
+    config = Params.model_validate({"data": {"kind": "imagefolder", "imagefolder": {"root": str(tmp_path)}}})
+    with pytest.raises(UserError, match="only the toy world"):
+        check_toy_world(config)
