@@ -11,8 +11,10 @@ from stages import (
     cbl,
     circles,
     clip_images,
+    compare,
     concepts,
     contributions,
+    counterfactuals,
     evaluate,
     explain,
     fact_explain,
@@ -53,8 +55,10 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "sae": sae.sae,
     "contributions": contributions.contributions,
     "fact-explain": fact_explain.fact_explain,
+    "counterfactuals": counterfactuals.counterfactuals,
     "evaluate": evaluate.evaluate,
     "stats": stats.stats,
+    "compare": compare.compare,
 }
 
 

@@ -187,6 +187,14 @@ def test_evaluate_adapter_maps_latents_and_the_class_evidence(project: Path, mon
     class_maps = method.class_maps(batch)
     stats = open_store(layout.concept_stats("fact"))
     torch.testing.assert_close(class_maps.sum(dim=(1, 2)), torch.from_numpy(stats[CONTRIBUTION][:4]).sum(dim=1), rtol=1e-4, atol=1e-5)
+    # contributions: each found concept's latent's C_j (as the stats store has it), NaN where the match is below threshold
+    given = method.concept_contributions(batch)
+    found = torch.tensor([c["score"] >= config.fact.match_threshold for c in matching["concepts"]])
+    assert given.concepts.tolist() == list(range(17)) and 0 < found.sum() < 17
+    latents = torch.tensor([c["latent"] for c in matching["concepts"]])
+    expected = torch.from_numpy(stats[CONTRIBUTION][:4])[:, latents]
+    torch.testing.assert_close(given.values[:, found], expected[:, found], rtol=1e-4, atol=1e-5)
+    assert given.values[:, ~found].isnan().all()
 
 
 def test_fact_explain_writes_explanations_and_a_gallery(project: Path):

@@ -444,6 +444,13 @@ def test_evaluate_method_maps_and_class_map(trained):
     assert no_scene.any() and not no_scene.all()
     spread = chosen_logit - model.classifier.bias[predicted]
     torch.testing.assert_close(expected.mean(dim=(1, 2))[no_scene], spread[no_scene])
+    # contributions W[l, m]·c*[m] of the scored concepts; with every concept scored they would sum to logit - bias
+    given = method.concept_contributions(batch)
+    activations, _ = model.classifier.classify(raw)
+    assert given.concepts.tolist() == maps.concepts.tolist()
+    full = weights * activations
+    torch.testing.assert_close(given.values, full[:, method.columns])
+    torch.testing.assert_close(full.sum(dim=1), chosen_logit - model.classifier.bias[predicted])
     assert method.accuracy_path() == [(r["nonzeros_per_class"], r["val_acc"]) for r in model.lambda_path]
 
 

@@ -210,6 +210,11 @@ class Layout:
         """Plot data of FaCT: "sae" (training loss per step)."""
         return self.metrics / "plots" / f"fact_{name}.csv"
 
+    @property
+    def counterfactuals(self) -> Path:
+        """counterfactuals: each present concept's true effect on every explained model (toy world; Zarr)."""
+        return self.root / "counterfactuals.zarr"
+
     # stats
     @property
     def stats(self) -> Path:
@@ -228,6 +233,27 @@ class Layout:
     def toy_plot(self, name: str) -> Path:
         """Learning curves of the toy models: "toy_backbone", "toy_clip"."""
         return self.metrics / "plots" / f"{name}.csv"
+
+    # compare
+    @property
+    def compare_metrics(self) -> Path:
+        """compare: every method's causal fidelity and the other stages' figures, side by side (JSON)."""
+        return self.metrics / "compare.json"
+
+    @property
+    def compare_table(self) -> Path:
+        """compare: the same as a Markdown table."""
+        return self.metrics / "compare.md"
+
+    @property
+    def compare_figures(self) -> Path:
+        """compare: side-by-side PNGs of a sample of images and index.html."""
+        return self.root / "compare"
+
+    @property
+    def compare_scatter(self) -> Path:
+        """Plot data: each method's contribution against the concept's true effect (a sample of pairs)."""
+        return self.metrics / "plots" / "compare_scatter.csv"
 
     # evaluate
     @property

@@ -437,6 +437,12 @@ class EvaluateParams(Section):
     seed: int = 0
 
 
+class CompareParams(Section):
+    """Every method side by side against the true concept effects (lib/compare; toy world)."""
+
+    n_figures: Annotated[int, Field(ge=0)] = 6  # side-by-side figures of a seeded sample of evaluate.split (evaluate.seed)
+
+
 class StatsParams(Section):
     """Every concept method's statistics, reduced with dask (lib/stats)."""
 
@@ -470,6 +476,7 @@ class Params(Section):
     explain: ExplainParams = ExplainParams()
     evaluate: EvaluateParams = EvaluateParams()
     stats: StatsParams = StatsParams()
+    compare: CompareParams = CompareParams()
     cefam: CefamParams = CefamParams()
     fact: FactParams = FactParams()
 

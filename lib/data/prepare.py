@@ -35,14 +35,19 @@ class PrepareReport:
         return f"{self.n_images} images ({counts}) in {self.root}{bad}"
 
 
+def toy_split_draw(params: DataParams, split: str) -> tuple[int, int]:
+    """(n, seed) of the toy world's `generate` call for one split: ``data.seed`` and the split name."""
+    n = {"train": params.toy.n_train, "val": params.toy.n_val, "test": params.toy.n_test}[split]
+    return n, int(np.random.SeedSequence([params.seed, SPLITS.index(split)]).generate_state(1)[0])
+
+
 def toy_split(params: DataParams, split: str) -> toy_world.ToyWorld:
     """The toy world's images of one split, generated from ``data.seed`` and the split name.
 
     The toy model stages call this too, so they train on exactly the prepared train split
     without depending on ``data/<name>/`` (which may hold real data).
     """
-    n = {"train": params.toy.n_train, "val": params.toy.n_val, "test": params.toy.n_test}[split]
-    seed = int(np.random.SeedSequence([params.seed, SPLITS.index(split)]).generate_state(1)[0])
+    n, seed = toy_split_draw(params, split)
     return toy_world.generate(n, seed, params.image_size, params.toy.max_objects)
 
 

@@ -58,6 +58,26 @@ class ConceptMaps:
             )
 
 
+@dataclass(frozen=True)
+class ConceptContributions:
+    """Each scored ground-truth concept's signed contribution to the logit of the class the method's
+    model predicts, as the method defines it (lib/compare uses them against true effects).
+
+    values: float (B, M'), NaN where the method gives concept concepts[j] no contribution for that
+    image (never 0: an unscored concept is not a zero contribution); concepts: int64 (M',) ids.
+    """
+
+    values: Tensor
+    concepts: Tensor
+
+    def __post_init__(self) -> None:
+        if self.values.ndim != 2 or self.concepts.ndim != 1 or self.concepts.numel() != self.values.shape[1]:
+            raise ValueError(
+                "ConceptContributions needs values (B, M') and concepts (M',); "
+                f"got {tuple(self.values.shape)} and {tuple(self.concepts.shape)}"
+            )
+
+
 class ConceptMapMethod(Protocol):
     """What the evaluator asks of a method. Subclass it explicitly to inherit the defaults
     (None: "this method does not produce that")."""
@@ -70,6 +90,10 @@ class ConceptMapMethod(Protocol):
 
     def class_maps(self, batch: EvalBatch) -> Tensor | None:
         """Float (B, h, w) maps of each image's class (true or predicted, as the method defines), or None."""
+        return None
+
+    def concept_contributions(self, batch: EvalBatch) -> ConceptContributions | None:
+        """Signed contributions of the ground-truth concepts to the predicted logit, or None."""
         return None
 
     def accuracy_path(self) -> Sequence[tuple[float, float]] | None:

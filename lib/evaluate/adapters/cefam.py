@@ -12,13 +12,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+import zarr
 from torch import Tensor
 
+from lib.core.schema import CONTRIBUTION
 from lib.core.stores import open_store
 from lib.core.streams import read_rows
-from lib.evaluate.registry import ConceptMapMethod, ConceptMaps, EvalBatch, EvalContext, MethodFactory
+from lib.evaluate.registry import ConceptContributions, ConceptMapMethod, ConceptMaps, EvalBatch, EvalContext, MethodFactory
 from lib.methods.cefam.artifacts import REGION_ASSOCIATION, RegionsStore, map_array
 
 
@@ -30,6 +33,7 @@ class CefamMaps(ConceptMapMethod):
     columns: Tensor  # store concept columns that are ground-truth concepts
     concepts: Tensor  # their ground-truth ids
     candidates: int
+    contributions: zarr.Array  # cefam/concept_stats.zarr's (n, M) contributions, rows as the regions store's
     name: str
 
     def concept_maps(self, batch: EvalBatch) -> ConceptMaps | None:
@@ -52,6 +56,17 @@ class CefamMaps(ConceptMapMethod):
         return ConceptMaps(maps[:, :, 0] if self.candidates == 1 else maps, self.concepts.to(device))
 
 
+    def concept_contributions(self, batch: EvalBatch) -> ConceptContributions | None:
+        """CE-FAM's concept-to-class contribution (its masking AUC) of the concepts the regions stage scored
+        for each image (`cefam.regions.contribution_concepts` of highest S^t); NaN for the others."""
+        if self.columns.numel() == 0:
+            return None
+        rows = self.store.rows(batch.index.cpu().numpy())
+        values = read_rows(self.contributions, rows)[:, self.columns.numpy()]
+        values = np.where(values != 0, values, np.nan)  # the store writes 0 for concepts it did not score
+        return ConceptContributions(torch.from_numpy(values).to(batch.images.device), self.concepts.to(batch.images.device))
+
+
 def _factory(name: str, top1: bool) -> MethodFactory:
     def factory(context: EvalContext) -> CefamMaps | None:
         layout = context.layout
@@ -61,7 +76,8 @@ def _factory(name: str, top1: bool) -> MethodFactory:
         store = RegionsStore.open(layout.cefam_regions, n_images)
         columns, concepts = context.truth.concept_ids(store.concepts)
         candidates = 1 if top1 else context.params.cefam.regions.candidates
-        return CefamMaps(store, columns, concepts, candidates, name)
+        contributions = open_store(layout.concept_stats("cefam"))[CONTRIBUTION]
+        return CefamMaps(store, columns, concepts, candidates, contributions, name)
 
     return factory
 

@@ -25,7 +25,7 @@ from torch import Tensor
 from lib.core.schema import FEATURES
 from lib.core.stores import open_store
 from lib.core.streams import read_rows
-from lib.evaluate.registry import ConceptMapMethod, ConceptMaps, EvalBatch, EvalContext
+from lib.evaluate.registry import ConceptContributions, ConceptMapMethod, ConceptMaps, EvalBatch, EvalContext
 from lib.evaluate.truth import SCENE_TYPES
 from lib.methods.fact.artifacts import load_sae
 from lib.methods.fact.backbone import FactBackbone, load_fact_backbone
@@ -44,6 +44,7 @@ class FactMaps(ConceptMapMethod):
     latents: Tensor  # (M',) the latent of each scored ground-truth concept
     concepts: Tensor  # (M',) their ground-truth ids
     object_latents: Tensor  # (J,) 1.0 for latents whose best ground-truth concept describes an object
+    found: Tensor  # (M',) bool: the concept's latent reaches fact.match_threshold on val
     name: str = "fact"
 
     def _acts(self, batch: EvalBatch) -> Tensor:
@@ -57,6 +58,18 @@ class FactMaps(ConceptMapMethod):
         b, _, h, w = acts.shape
         maps = codes[:, :, self.latents.to(codes.device)].transpose(1, 2).reshape(b, -1, h, w)
         return ConceptMaps(maps, self.concepts.to(maps.device))
+
+    def concept_contributions(self, batch: EvalBatch) -> ConceptContributions:
+        """C_j of each ground-truth concept's matched latent to the spliced model's predicted logit; NaN for
+        concepts whose latent does not reach fact.match_threshold (no latent of theirs to credit)."""
+        acts = self._acts(batch)
+        with torch.no_grad():
+            _, x_hat = splice(self.sae, acts)
+            _, target = self.backbone.explained_output(self.backbone.tail(x_hat))
+        out = concept_contributions(self.backbone.tail, self.sae, acts, target)
+        values = out.contributions[:, self.latents.to(acts.device)]
+        values = values.masked_fill(~self.found.to(acts.device), float("nan"))
+        return ConceptContributions(values, self.concepts.to(acts.device))
 
     def class_maps(self, batch: EvalBatch) -> Tensor:
         acts = self._acts(batch)
@@ -82,7 +95,8 @@ def fact_factory(context: EvalContext) -> FactMaps | None:
     sae, _ = load_sae(layout.fact_sae, context.device)
     columns, concepts = context.truth.concept_ids(list(matching.names))
     latents = torch.tensor(matching.latents, dtype=torch.int64)[columns]
+    found = torch.tensor([score >= context.params.fact.match_threshold for score in matching.scores])[columns]
     kinds = [context.truth.concept_types[context.truth.concept_names.index(matching.names[k])] for k in matching.latent_concepts]
     objects = torch.tensor([kind not in SCENE_TYPES for kind in kinds], dtype=torch.float32)
     features = open_store(layout.features(backbone.layer))[FEATURES]
-    return FactMaps(backbone, sae, features, latents, concepts, objects)
+    return FactMaps(backbone, sae, features, latents, concepts, objects, found)

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from lib.core.stores import open_store
 from lib.core.streams import read_rows
-from lib.evaluate.registry import ConceptMapMethod, ConceptMaps, EvalBatch, EvalContext
+from lib.evaluate.registry import ConceptContributions, ConceptMapMethod, ConceptMaps, EvalBatch, EvalContext
 from lib.evaluate.truth import SCENE_TYPES
 from lib.methods.salf.artifacts import SalfModel
 
@@ -62,6 +62,15 @@ class SalfMaps(ConceptMapMethod):
         weights = classifier.weight.to(raw.device)[logits.argmax(dim=1)]  # (B, M): the predicted class's row
         weights = weights * self.object_concepts.to(weights.device)
         return self.model.registration.upsample(torch.einsum("bm,bmgh->bgh", weights, classifier.standardised_maps(raw)))
+
+    def concept_contributions(self, batch: EvalBatch) -> ConceptContributions | None:
+        """W[l, m]·c*[m] of the ground-truth concepts for the sparse layer's prediction l."""
+        if self.columns.numel() == 0:
+            return None
+        activations, logits = self.model.classifier.classify(self._maps(batch))
+        weights = self.model.classifier.weight.to(activations.device)[logits.argmax(dim=1)]
+        columns = self.columns.to(activations.device)
+        return ConceptContributions((weights * activations)[:, columns], self.concepts.to(activations.device))
 
     def accuracy_path(self) -> Sequence[tuple[float, float]]:
         return [(row["nonzeros_per_class"], row["val_acc"]) for row in self.model.lambda_path]
