@@ -49,6 +49,10 @@ class ToyWorldParams(Section):
 # image; null: no limit. The default is Pillow's own (decode.DEFAULT_MAX_PIXELS, tested equal).
 MaxPixels = PositiveInt | None
 DEFAULT_MAX_PIXELS = 89_478_485
+# Real images are stored in a seeded random order within each split (lib/data/imagefolder.py
+# shuffle_within_splits), so every shard and every streamed batch mixes the classes; null keeps the
+# list's (or the sorted folders') order. The toy world's rows are independent draws already.
+RowShuffle = int | None
 
 
 class ImageFolderParams(Section):
@@ -61,6 +65,7 @@ class ImageFolderParams(Section):
     on_bad_image: Literal["error", "skip"] = "error"
     extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS
+    shuffle_seed: RowShuffle = 0
 
     @model_validator(mode="after")
     def _one_source(self) -> ImageFolderParams:
@@ -80,6 +85,7 @@ class SegFolderParams(Section):
     on_bad_image: Literal["error", "skip"] = "error"
     extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS
+    shuffle_seed: RowShuffle = 0
 
 
 class DataParams(Section):
