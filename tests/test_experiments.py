@@ -23,8 +23,8 @@ GENERATED = ("data/", "models/", "metrics/", "dvc.lock")
 MICRO = {
     "runtime": {"device": "cpu"},
     "data": {"image_size": 32, "rows_per_shard": 16, "toy": {"n_train": 32, "n_val": 16, "n_test": 32}},
-    "toy_backbone": {"n_train": 64, "n_val": 16, "cnn": {"epochs": 1}, "bcos": {"epochs": 1}},
-    "toy_clip": {"n_train": 64, "n_val": 8, "steps": 4, "batch_size": 8, "eval_every": 4, "warmup": 1},
+    "toy_backbone": {"image_size": 32, "n_train": 64, "n_val": 16, "cnn": {"epochs": 1}, "bcos": {"epochs": 1}},
+    "toy_clip": {"image_size": 32, "n_train": 64, "n_val": 8, "steps": 4, "batch_size": 8, "eval_every": 4, "warmup": 1},
     "circles": {"grid": 3},
     "concepts": {"min_top5_similarity": -1.0},  # a 4-step CLIP's similarities are meaningless
     "cbl": {"max_steps": 10, "eval_every": 5, "cos3_threshold": -1.0},

@@ -156,10 +156,16 @@ class ToyClassifierParams(Section):
     loss: Literal["ce", "bce"] = "ce"  # B-cos models train with binary cross-entropy
 
 
+# The toy models' own image side: they train on their own draws of the toy world at this size, so
+# changing data.image_size (real data) never retrains them; the toy data's 64 px by default.
+ToyImageSize = Annotated[int, Field(ge=32, le=1024)]
+
+
 class ToyBackboneParams(Section):
     """Toy backbones are trained on their own draw of the toy world (seeded), not on data/<name>."""
 
     seed: int = 1
+    image_size: ToyImageSize = 64
     n_train: PositiveInt = 8000
     n_val: PositiveInt = 1000
     cnn: ToyClassifierParams = ToyClassifierParams()
@@ -171,6 +177,7 @@ class ToyClipParams(Section):
 
     data_seed: int = 1  # train draw: generate(n_train, data_seed); val draw: data_seed + 1
     seed: int = 0  # initialisation and batch sampling
+    image_size: ToyImageSize = 64  # side of its toy-world draws (its vision tower's input is 64 px, lib/toy/models/configs)
     n_train: PositiveInt = 20000
     n_val: PositiveInt = 100
     steps: PositiveInt = 8000
