@@ -1,8 +1,8 @@
 """OpenAI's TorchScript CLIP releases (ViT-B-16.pt) load through our CLIP loader as "openai@<file>".
 
 The stand-in is a tiny random CLIP in OpenAI's release format: OpenAI's architecture conventions
-(64-wide heads, QuickGELU), fp16 weights, the input_resolution entry of its state dict, saved with torch.jit.save. open_clip's own reader of that format,
-`load_openai_model`, is the reference.
+(64-wide heads, QuickGELU), fp16 weights, the input_resolution entry of its state dict, saved
+with torch.jit.save. open_clip's own reader of that format, `load_openai_model`, is the reference.
 """
 
 import json

@@ -228,15 +228,20 @@ class ConceptsParams(Section):
 
     Defaults are LF-CBM's (max length 30, class similarity 0.85, duplicates 0.9, top-5 activation
     0.25: train_cbm.py's clip_cutoff; its ImageNet run used 0.28); params.yaml sets the toy CLIP's.
+    A null class or duplicate threshold switches that filter off (LF-CBM's published lists, e.g.
+    imagenet_filtered.txt, have been through both already). `sentence_model`: a local
+    sentence-transformers model folder (LF-CBM: all-mpnet-base-v2); the two similarity filters then
+    use LF-CBM's mix (sentence cosine + 3 CLIP cosine) / 4 instead of CLIP's alone.
     """
 
     file: str = "concepts/toy.txt"
     default_template: str = "{}"
     templates: dict[str, str] = Field(default_factory=dict)
     max_chars: PositiveInt = 30
-    duplicate_threshold: Fraction = 0.9
-    class_similarity_threshold: Fraction = 0.85
+    duplicate_threshold: Fraction | None = 0.9
+    class_similarity_threshold: Fraction | None = 0.85
     min_top5_similarity: Annotated[float, Field(ge=-1, le=1)] = 0.25
+    sentence_model: str | None = None
 
     @field_validator("default_template")
     @classmethod
