@@ -13,9 +13,9 @@ from lib.core.errors import UserError
 from lib.core.layout import Layout
 from lib.core.params import load_params
 from lib.models.classes import class_words
-from lib.models.sentence import load_sentence_encoder
 from lib.pipeline import concepts as concepts_stage
 from lib.pipeline.concept_list import filter_concepts, text_similarity
+from lib.pipeline.sentence import load_sentence_encoder
 
 # ImageNet classes 0 and 1 as ImageNet's folders name them
 TENCH, GOLDFISH = "n01440764", "n01443537"

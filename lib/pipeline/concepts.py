@@ -32,8 +32,8 @@ from lib.data.manifest import read_dataset_info, read_manifest, split_indices
 from lib.kernels.text import encode_texts
 from lib.models.classes import class_words
 from lib.models.clip import check_clip, load_clip_checked
-from lib.models.sentence import check_sentence_model, load_sentence_encoder
 from lib.pipeline.concept_list import TOP_K, concept_prompts, filter_concepts, read_concept_list
+from lib.pipeline.sentence import check_sentence_model, load_sentence_encoder
 
 __all__ = ["ConceptsReport", "check_concepts", "run_concepts"]
 
