@@ -95,7 +95,8 @@ def run_concepts(config: Params, layout: Layout, device: torch.device, progress:
     text = encode_texts(model, clip.tokenizer, prompts)
     # LF-CBM's similarity for the class and duplicate filters: a sentence encoder of the same texts besides CLIP
     sentence, class_sentence = None, None
-    if settings.sentence_model is not None:
+    filtering = settings.class_similarity_threshold is not None or settings.duplicate_threshold is not None
+    if settings.sentence_model is not None and filtering:
         encode = load_sentence_encoder(settings.sentence_model, device)
         sentence, class_sentence = encode(prompts), encode(class_prompts)
     # Cosines are >= -1: a threshold of -1 keeps everything, so no image needs to be read.
