@@ -58,13 +58,14 @@ def _run(repo: Path, *args: str) -> str:
     return done.stdout
 
 
-def _copy_project(target: Path) -> None:
+def _copy_project(target: Path, skip: tuple[str, ...] = GENERATED) -> None:
+    """The project's files (tracked and untracked-not-ignored) into `target`, but for paths starting with `skip`."""
     listed = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=PROJECT, capture_output=True, text=True, check=True
     ).stdout.splitlines()
     for name in listed:
         source = PROJECT / name
-        if name.startswith(GENERATED) or not source.is_file():  # deleted-but-tracked files are listed too
+        if name.startswith(skip) or not source.is_file():  # deleted-but-tracked files are listed too
             continue
         (target / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, target / name)

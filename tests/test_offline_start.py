@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_experiments import _run
+from tests.test_experiments import _copy_project, _run
 
-PROJECT = Path(__file__).resolve().parents[1]
 TOY_STAGES = ("toy_backbone", "toy_clip", "toy_report")
 
 
@@ -23,15 +22,7 @@ TOY_STAGES = ("toy_backbone", "toy_clip", "toy_report")
 def shipped(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The project's files as a fresh clone has them (no data/), committed to a new git repository."""
     repo = tmp_path_factory.mktemp("shipped")
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=PROJECT, capture_output=True, text=True, check=True
-    ).stdout.splitlines()
-    for name in listed:
-        source = PROJECT / name
-        if name.startswith("data/") or not source.is_file():
-            continue
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        (repo / name).write_bytes(source.read_bytes())
+    _copy_project(repo, skip=("data/",))
     _run(repo, "git", "init", "-q")
     _run(repo, "git", "add", "-A")
     _run(repo, "git", "commit", "-qm", "shipped")
