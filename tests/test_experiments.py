@@ -23,8 +23,8 @@ GENERATED = ("data/", "models/", "metrics/", "dvc.lock")
 MICRO = {
     "runtime": {"device": "cpu"},
     "data": {"image_size": 32, "rows_per_shard": 16, "toy": {"n_train": 32, "n_val": 16, "n_test": 32}},
-    "toy_backbone": {"n_train": 64, "n_val": 16, "cnn": {"epochs": 1}, "bcos": {"epochs": 1}},
-    "toy_clip": {"n_train": 64, "n_val": 8, "steps": 4, "batch_size": 8, "eval_every": 4, "warmup": 1},
+    "toy_backbone": {"image_size": 32, "n_train": 64, "n_val": 16, "cnn": {"epochs": 1}, "bcos": {"epochs": 1}},
+    "toy_clip": {"image_size": 32, "n_train": 64, "n_val": 8, "steps": 4, "batch_size": 8, "eval_every": 4, "warmup": 1},
     "circles": {"grid": 3},
     "concepts": {"min_top5_similarity": -1.0},  # a 4-step CLIP's similarities are meaningless
     "cbl": {"max_steps": 10, "eval_every": 5, "cos3_threshold": -1.0},
@@ -58,13 +58,14 @@ def _run(repo: Path, *args: str) -> str:
     return done.stdout
 
 
-def _copy_project(target: Path) -> None:
+def _copy_project(target: Path, skip: tuple[str, ...] = GENERATED) -> None:
+    """The project's files (tracked and untracked-not-ignored) into `target`, but for paths starting with `skip`."""
     listed = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=PROJECT, capture_output=True, text=True, check=True
     ).stdout.splitlines()
     for name in listed:
         source = PROJECT / name
-        if name.startswith(GENERATED) or not source.is_file():  # deleted-but-tracked files are listed too
+        if name.startswith(skip) or not source.is_file():  # deleted-but-tracked files are listed too
             continue
         (target / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, target / name)

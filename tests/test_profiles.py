@@ -33,11 +33,13 @@ def test_imagenet_profile_has_salf_cbms_imagenet_settings():
     assert config.backbone.arch == "torchvision:resnet50" and config.backbone.weights.startswith("IMAGENET1K_V1@")
     assert config.features.layers[-1] == "layer4" and config.cbl.layer is None  # the bottleneck reads layer4
     concepts = config.concepts
-    assert (concepts.max_chars, concepts.class_similarity_threshold, concepts.duplicate_threshold) == (30, 0.85, 0.9)
+    # LF-CBM's imagenet_filtered.txt as it is: its class and duplicate filters were applied when it was made
+    assert (concepts.max_chars, concepts.class_similarity_threshold, concepts.duplicate_threshold) == (30, None, None)
+    assert not config.clip_images.dense and config.data.imagefolder.shuffle_seed is not None
     assert concepts.min_top5_similarity == 0.28 and config.cbl.cos3_threshold == 0.45
     assert (config.sparse.lam, config.sparse.alpha, config.sparse.max_epochs) == (1e-4, 0.99, 80)
-    # P on the fly: 1.28 M train images x LF-CBM's 4741 concepts x 7 x 7 (before any filter)
-    shape = (1_281_167, 4741, 7, 7)
+    # P on the fly: 1.28 M train images x LF-CBM's 4751 concepts x 7 x 7 (before any filter)
+    shape = (1_281_167, 4751, 7, 7)
     assert config.similarity.materialize == "auto" and p_bytes(shape) > 500e9
     assert not materialize_p(config.similarity.materialize, shape, config.similarity.max_stored_gb)
 

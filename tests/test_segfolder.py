@@ -82,6 +82,7 @@ def test_binary_masks_become_the_class_concept(tmp_path: Path) -> None:
     manifest = read_manifest(layout.manifest)
     masks = open_store(layout.images)["masks"][:]
     assert masks.shape == (6, 2, SIZE, SIZE) and masks.dtype == np.uint8
+    assert open_store(layout.images).attrs["row_order"]["shuffle_seed"] == 0  # shuffled within splits (test_row_order.py)
     for row in manifest.itertuples():
         stem = int(Path(row.source).stem)
         assert np.array_equal(masks[row.index, row.label] > 0, _fitted(_region(stem)))
@@ -103,8 +104,8 @@ def test_index_coded_rgb_masks_with_a_concept_file(tmp_path: Path) -> None:
     labels = open_store(layout.images)["labels"][:]
     top_rows = np.zeros((20, 24), bool)
     top_rows[:2] = True
-    for i in range(6):
-        stem = i % 3  # rows are class-major, stems sorted
+    for row in read_manifest(layout.manifest).itertuples():  # rows are shuffled: each row's source names its stem
+        i, stem = row.index, int(Path(row.source).stem)
         assert np.array_equal(masks[i, labels[i]] > 0, _fitted(_region(stem)))
         assert np.array_equal(masks[i, 2] > 0, _fitted(top_rows))
     # value 1000 is not in concepts.csv: unlabelled, in no channel

@@ -49,6 +49,10 @@ class ToyWorldParams(Section):
 # image; null: no limit. The default is Pillow's own (decode.DEFAULT_MAX_PIXELS, tested equal).
 MaxPixels = PositiveInt | None
 DEFAULT_MAX_PIXELS = 89_478_485
+# Real images are stored in a seeded random order within each split (lib/data/imagefolder.py
+# shuffle_within_splits), so every shard and every streamed batch mixes the classes; null keeps the
+# list's (or the sorted folders') order. The toy world's rows are independent draws already.
+RowShuffle = int | None
 
 
 class ImageFolderParams(Section):
@@ -61,6 +65,7 @@ class ImageFolderParams(Section):
     on_bad_image: Literal["error", "skip"] = "error"
     extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS
+    shuffle_seed: RowShuffle = 0
 
     @model_validator(mode="after")
     def _one_source(self) -> ImageFolderParams:
@@ -80,6 +85,7 @@ class SegFolderParams(Section):
     on_bad_image: Literal["error", "skip"] = "error"
     extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS
+    shuffle_seed: RowShuffle = 0
 
 
 class DataParams(Section):
@@ -150,10 +156,16 @@ class ToyClassifierParams(Section):
     loss: Literal["ce", "bce"] = "ce"  # B-cos models train with binary cross-entropy
 
 
+# The toy models' own image side: they train on their own draws of the toy world at this size, so
+# changing data.image_size (real data) never retrains them; the toy data's 64 px by default.
+ToyImageSize = Annotated[int, Field(ge=32, le=1024)]
+
+
 class ToyBackboneParams(Section):
     """Toy backbones are trained on their own draw of the toy world (seeded), not on data/<name>."""
 
     seed: int = 1
+    image_size: ToyImageSize = 64
     n_train: PositiveInt = 8000
     n_val: PositiveInt = 1000
     cnn: ToyClassifierParams = ToyClassifierParams()
@@ -165,6 +177,7 @@ class ToyClipParams(Section):
 
     data_seed: int = 1  # train draw: generate(n_train, data_seed); val draw: data_seed + 1
     seed: int = 0  # initialisation and batch sampling
+    image_size: ToyImageSize = 64  # side of its toy-world draws (its vision tower's input is 64 px, lib/toy/models/configs)
     n_train: PositiveInt = 20000
     n_val: PositiveInt = 100
     steps: PositiveInt = 8000
@@ -215,15 +228,20 @@ class ConceptsParams(Section):
 
     Defaults are LF-CBM's (max length 30, class similarity 0.85, duplicates 0.9, top-5 activation
     0.25: train_cbm.py's clip_cutoff; its ImageNet run used 0.28); params.yaml sets the toy CLIP's.
+    A null class or duplicate threshold switches that filter off (LF-CBM's published lists, e.g.
+    imagenet_filtered.txt, have been through both already). `sentence_model`: a local
+    sentence-transformers model folder (LF-CBM: all-mpnet-base-v2); the two similarity filters then
+    use LF-CBM's mix (sentence cosine + 3 CLIP cosine) / 4 instead of CLIP's alone.
     """
 
     file: str = "concepts/toy.txt"
     default_template: str = "{}"
     templates: dict[str, str] = Field(default_factory=dict)
     max_chars: PositiveInt = 30
-    duplicate_threshold: Fraction = 0.9
-    class_similarity_threshold: Fraction = 0.85
+    duplicate_threshold: Fraction | None = 0.9
+    class_similarity_threshold: Fraction | None = 0.85
     min_top5_similarity: Annotated[float, Field(ge=-1, le=1)] = 0.25
+    sentence_model: str | None = None
 
     @field_validator("default_template")
     @classmethod

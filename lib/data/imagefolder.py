@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ class ImageList:
     labels: np.ndarray
     splits: np.ndarray
     class_names: list[str]
+    row_order: dict[str, object]  # how the rows were ordered (store_order), for the store's provenance
 
 
 def _require(path: Path, key: str, *, folder: bool) -> None:
@@ -120,8 +122,26 @@ def assign_splits(labels: np.ndarray, val_fraction: float, test_fraction: float,
     return splits
 
 
+def store_order(splits: np.ndarray, shuffle_seed: int | None) -> tuple[np.ndarray, dict[str, object]]:
+    """The stores' row order: list positions of train, then val, then test rows, each split in a
+    random order drawn from ``shuffle_seed`` (None: list order), and its record for provenance
+    ({"shuffle_seed", "permutation_sha256"}: the hash of the positions as little-endian int64).
+
+    Shuffling here, once, is what makes every shard and every streamed batch a mix of classes:
+    the streams shuffle a few shards at a time, so rows kept in a class-sorted list's order
+    would give batches of a handful of classes (SALF-CBM's batch-wide cos^3 loss and SAGA's
+    minibatches assume a random sample)."""
+    order = np.argsort(pd.Categorical(splits, categories=list(SPLITS)).codes, kind="stable")
+    if shuffle_seed is not None:
+        rng = np.random.default_rng(shuffle_seed)
+        order = np.concatenate([rng.permutation(order[splits[order] == split]) for split in SPLITS])
+    digest = hashlib.sha256(order.astype("<i8").tobytes()).hexdigest()
+    return order, {"shuffle_seed": shuffle_seed, "permutation_sha256": digest}
+
+
 def list_images(params: ImageFolderParams, seed: int) -> ImageList:
-    """Collect candidates, assign splits, and order them train, val, test (contiguous reads).
+    """Collect candidates, assign splits, and order them train, val, test (contiguous reads), each
+    split shuffled by ``params.shuffle_seed`` (store_order).
 
     Every class needs a train image (UserError otherwise): its weights are learnt from them."""
     if params.root is not None:
@@ -145,8 +165,8 @@ def list_images(params: ImageFolderParams, seed: int) -> ImageList:
     if untrained:
         raise UserError(f"classes without a train image: {', '.join(untrained)}", key=key, value=value,
                         fix="add images of them (or lower data.imagefolder.val_fraction and test_fraction, or give them train rows)")
-    order = np.argsort(pd.Categorical(splits, categories=["train", "val", "test"]).codes, kind="stable")
-    return ImageList([frame["path"].iloc[i] for i in order], labels[order], splits[order], classes)
+    order, record = store_order(splits, params.shuffle_seed)
+    return ImageList([frame["path"].iloc[i] for i in order], labels[order], splits[order], classes, record)
 
 
 def load_rgb(path: str, size: int, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, exif_transpose: bool = True) -> np.ndarray:

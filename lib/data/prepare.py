@@ -131,7 +131,7 @@ def prepare_imagefolder(params: DataParams, runtime: RuntimeParams, layout: Layo
             ArraySpec("ok", (n,), "uint8", ("item",)),  # 0 = undecodable file, left out of the manifest
         ],
         params.rows_per_shard,
-        {"stage": "prepare", "params_hash": fingerprint, "dataset": "imagefolder"},
+        {"stage": "prepare", "params_hash": fingerprint, "dataset": "imagefolder", "row_order": listing.row_order},
         fingerprint,
     )
     task = progress.add_task("decode images", total=n)
@@ -178,7 +178,7 @@ def prepare_segfolder(params: DataParams, runtime: RuntimeParams, layout: Layout
     vocabulary = segfolder.read_vocabulary(Path(source.root), pairs.class_names)
     n, size, k = len(pairs.images), params.image_size, len(vocabulary.concepts)
     fingerprint = params_hash(params, pairs.images, vocabulary.concepts)
-    provenance = {"stage": "prepare", "params_hash": fingerprint, "dataset": "segfolder"}
+    provenance = {"stage": "prepare", "params_hash": fingerprint, "dataset": "segfolder", "row_order": pairs.row_order}
     images = ShardedWriter(
         layout.images,
         [

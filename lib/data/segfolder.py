@@ -31,10 +31,9 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lib.core.errors import UserError
-from lib.core.layout import SPLITS
 from lib.core.params import SegFolderParams
 from lib.data.decode import DEFAULT_MAX_PIXELS
-from lib.data.imagefolder import BadImageError, assign_splits, load_rgb, scan_tree
+from lib.data.imagefolder import BadImageError, assign_splits, load_rgb, scan_tree, store_order
 
 CONCEPTS_FILE = "concepts.csv"
 MASK_SUFFIX = ".png"
@@ -60,6 +59,7 @@ class PairList:
     labels: np.ndarray
     splits: np.ndarray
     class_names: list[str]
+    row_order: dict[str, object]  # how the rows were ordered (imagefolder.store_order), for provenance
 
 
 def read_vocabulary(root: Path, class_names: list[str]) -> Vocabulary:
@@ -91,15 +91,16 @@ def _rule(class_id: int, class_name: str, concept_id: int, concept_type: str) ->
 
 
 def list_pairs(params: SegFolderParams, seed: int) -> PairList:
-    """Images under root/images with their mask paths, seeded stratified splits, train first."""
+    """Images under root/images with their mask paths, seeded stratified splits, train first, each
+    split shuffled by ``params.shuffle_seed`` (imagefolder.store_order)."""
     root = Path(params.root)
     paths, names, classes = scan_tree(root / "images", params.extensions, key="data.segfolder.root")
     images_dir = root / "images"
     masks = [str((root / "masks" / Path(p).relative_to(images_dir)).with_suffix(MASK_SUFFIX)) for p in paths]
     labels = np.array([classes.index(n) for n in names], dtype=np.int64)
     splits = assign_splits(labels, 0.0, params.test_fraction, seed)
-    order = np.argsort(pd.Categorical(splits, categories=list(SPLITS)).codes, kind="stable")
-    return PairList([paths[i] for i in order], [masks[i] for i in order], labels[order], splits[order], classes)
+    order, record = store_order(splits, params.shuffle_seed)
+    return PairList([paths[i] for i in order], [masks[i] for i in order], labels[order], splits[order], classes, record)
 
 
 def mask_values(path: str) -> np.ndarray:

@@ -31,6 +31,7 @@ __all__ = [
     "CLASS_MAP_ATTR",
     "ClassMap",
     "OutputNames",
+    "class_words",
     "imagenet_classes",
     "map_by_file",
     "map_by_names",
@@ -66,6 +67,15 @@ def imagenet_classes() -> OutputNames:
     return OutputNames(
         "ImageNet-1k", tuple(r[2] for r in rows), tuple(r[1] for r in rows), tuple(tuple(s.strip() for s in r[3].split(",")) for r in rows)
     )
+
+
+def class_words(classes: Sequence[str]) -> list[str]:
+    """The dataset's class names as text encoders should read them: an ImageNet WordNet id
+    ("n01440764", an ImageNet folder name) becomes its category name from imagenet1k_classes.tsv
+    ("tench"); other names are read with "_" as a space ("desert_star" -> "desert star")."""
+    index = imagenet_classes()
+    names = dict(zip(index.ids, index.names, strict=True))
+    return [names.get(name, name.replace("_", " ")) for name in classes]
 
 
 def _key(name: str) -> str:

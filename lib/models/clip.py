@@ -3,7 +3,8 @@
 `pretrained` is one of:
   None / "none"          random initialisation (preprocessing from the model config);
   "<tag>"                open_clip's named weights (e.g. "openai", "laion2b_s34b_b79k"): needs network;
-  "<tag>@<path>"         a local copy of a tag's weights, with that tag's preprocessing (offline);
+  "<tag>@<path>"         a local copy of a tag's weights, with that tag's preprocessing (offline); OpenAI's
+                         TorchScript releases load as they are ("openai@/models/clip/ViT-B-16.pt");
   "<path>"               a local file with an `open_clip_config.json` beside it (its "preprocess_cfg");
   "local-dir:<folder>"   a folder with open_clip_config.json (model_cfg + preprocess_cfg) and weights,
                          as written by `save_clip_dir`; it defines the architecture itself.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,7 +31,15 @@ from torch import nn
 from lib.core.errors import user_error_for
 from lib.kernels.preprocess import Preprocess
 from lib.models.clip_format import CONFIG_NAME, preprocess_from_open_clip
-from lib.models.weights import UnknownNameError, WeightsUnavailableError, fetching, file_id, parse_weights, unknown_name_error
+from lib.models.weights import (
+    UnknownNameError,
+    WeightsUnavailableError,
+    fetching,
+    file_id,
+    is_torchscript_archive,
+    parse_weights,
+    unknown_name_error,
+)
 
 if TYPE_CHECKING:
     from lib.core.params import ClipParams
@@ -139,15 +149,25 @@ def load_clip(model_name: str, pretrained: str | os.PathLike | None) -> LoadedCl
     if checkpoint is None and source.tag is not None:
         with fetching(f"open_clip weights {model_name}/{source.tag}", f"pretrained='{source.tag}@/path/to/open_clip_model.safetensors'"):
             checkpoint = Path(open_clip.download_pretrained(source.weights_cfg))
-    model = open_clip.create_model(
+    with warnings.catch_warnings():  # torch.load's note on TorchScript archives: they are expected here
+        warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive")
+        model = _create(model_name, checkpoint, source)
+    weights_id = file_id(checkpoint) if source.checkpoint else (f"tag={source.tag}" if source.tag else "random")
+    return _finish(model, open_clip.get_tokenizer(model_name), f"open_clip:{model_name}|{weights_id}", embed_dim)
+
+
+def _create(model_name: str, checkpoint: Path | None, source: ClipSource) -> nn.Module:
+    """open_clip's model `model_name` with the weights of `checkpoint` (None: random) and `source`'s preprocessing."""
+    return open_clip.create_model(
         model_name,
         pretrained=str(checkpoint) if checkpoint else None,
         force_quick_gelu=bool(source.weights_cfg.get("quick_gelu", False)),  # e.g. OpenAI weights were trained with QuickGELU
         force_preprocess_cfg=source.weights_cfg,  # open_clip keeps only the preprocessing keys
-        weights_only=True,
+        # torch.load refuses a TorchScript archive under weights_only=True; without it, torch.load hands
+        # the archive to torch.jit.load (TorchScript's own restricted unpickler, no Python pickle) and
+        # open_clip takes the state dict of the ScriptModule. Any other file stays weights_only.
+        weights_only=not (checkpoint and is_torchscript_archive(checkpoint)),
     )
-    weights_id = file_id(checkpoint) if source.checkpoint else (f"tag={source.tag}" if source.tag else "random")
-    return _finish(model, open_clip.get_tokenizer(model_name), f"open_clip:{model_name}|{weights_id}", embed_dim)
 
 
 @contextmanager

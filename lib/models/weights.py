@@ -10,6 +10,7 @@ import os
 import pickle
 import socket
 import urllib.parse
+import zipfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -57,6 +58,16 @@ def parse_weights(weights: str | os.PathLike | None) -> WeightsSpec:
     if os.sep in text or "/" in text or text.endswith(_FILE_SUFFIXES):
         raise ValueError(f"weights file {text!r} not found (weights may be None, a tag, a file, or '<tag>@<file>')")
     return WeightsSpec(text, None)
+
+
+def is_torchscript_archive(path: str | os.PathLike) -> bool:
+    """Whether `path` is a TorchScript archive (torch.jit.save; OpenAI's CLIP releases, e.g. ViT-B-16.pt):
+    a zip whose root folder holds constants.pkl, the test torch.load itself applies before handing
+    such a file to torch.jit.load."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.partition("/")[2] == "constants.pkl" for name in archive.namelist())
 
 
 def file_id(path: Path) -> str:

@@ -18,11 +18,14 @@ import torch.nn.functional as F
 
 from lib.core.errors import UserError
 
-__all__ = ["concept_prompts", "filter_concepts", "read_concept_list"]
+__all__ = ["concept_prompts", "filter_concepts", "read_concept_list", "text_similarity"]
 
 _TYPE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # LF-CBM's activation filter: mean of each concept's 5 best image similarities.
 TOP_K = 5
+# LF-CBM's text similarity with a sentence encoder (conceptset_utils.py): (sentence cos + 3 CLIP cos) / 4,
+# CLIP weighted up "since mpnet has higher variance"
+CLIP_WEIGHT = 3.0
 
 
 def read_concept_list(
@@ -116,6 +119,18 @@ def _top_k_mean(image_batches: Iterable[torch.Tensor], text_emb: torch.Tensor, k
     return best.mean(dim=0)
 
 
+def text_similarity(
+    clip_a: torch.Tensor, clip_b: torch.Tensor, sentence_a: torch.Tensor | None = None, sentence_b: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(A, B) similarity of two lists of texts: the cosine of their CLIP text embeddings, or with
+    sentence-encoder embeddings of the same texts LF-CBM's mix (sentence cos + 3 CLIP cos) / 4."""
+    clip = F.normalize(clip_a.float(), dim=-1) @ F.normalize(clip_b.float(), dim=-1).to(clip_a.device).T
+    if sentence_a is None or sentence_b is None:
+        return clip
+    sentence = F.normalize(sentence_a.float(), dim=-1) @ F.normalize(sentence_b.float(), dim=-1).T
+    return (sentence.to(clip.device) + CLIP_WEIGHT * clip) / (1 + CLIP_WEIGHT)
+
+
 def filter_concepts(
     concepts: Sequence[str],
     text_emb: torch.Tensor,
@@ -124,21 +139,26 @@ def filter_concepts(
     class_names: Sequence[str] = (),
     class_emb: torch.Tensor | None = None,
     max_chars: int = 30,
-    class_similarity_threshold: float = 0.85,
-    duplicate_threshold: float = 0.9,
+    class_similarity_threshold: float | None = 0.85,
+    duplicate_threshold: float | None = 0.9,
     min_top5_similarity: float = 0.25,
+    sentence_emb: torch.Tensor | None = None,
+    class_sentence_emb: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[str | None]]:
     """LF-CBM's concept filters; returns (kept bool (M,), reason per concept or None if kept).
 
     Applied in LF-CBM's order, each to the survivors of the previous ones:
     1. longer than `max_chars` characters;
-    2. text cosine to a class name's embedding (`class_emb` (L, D), rows named by `class_names`)
-       above `class_similarity_threshold`;
-    3. text cosine above `duplicate_threshold` to an earlier kept concept (the first one stays);
+    2. text similarity (`text_similarity`) to a class name (`class_emb` (L, D), rows named by
+       `class_names`) above `class_similarity_threshold` (None: off);
+    3. text similarity above `duplicate_threshold` to an earlier kept concept (the first one
+       stays; None: off);
     4. mean of the 5 highest cosines with the global image embeddings streamed from
        `image_batches` ((n, D) each) below `min_top5_similarity` (skipped when image_batches is None).
-    Differences from LF-CBM: similarities use CLIP text embeddings only (no mpnet), and
-    near-duplicates keep the earlier concept. Raises ValueError if nothing survives.
+    The text similarity is the CLIP cosine, or with `sentence_emb` (M, D') and `class_sentence_emb`
+    (L, D') of a sentence encoder LF-CBM's (sentence + 3 CLIP) / 4. Differences from LF-CBM: its
+    filters fire at >= the threshold, ours above it; of two near-duplicates LF-CBM drops the one
+    less similar to all others, ours the later one. Raises ValueError if nothing survives.
     """
     if not concepts:
         raise ValueError("concepts is empty: nothing to filter")
@@ -147,7 +167,10 @@ def filter_concepts(
             f"text_emb must have shape ({len(concepts)}, D) for {len(concepts)} concepts, "
             f"got {tuple(text_emb.shape)}"
         )
+    if sentence_emb is not None and sentence_emb.shape[0] != len(concepts):
+        raise ValueError(f"sentence_emb must have {len(concepts)} rows, one per concept, got {tuple(sentence_emb.shape)}")
     text = F.normalize(text_emb.float(), dim=-1)
+    measure = "cos" if sentence_emb is None else "sim"  # the CLIP cosine, or LF-CBM's mixed similarity
     # Every reason reads "<filter>: <details>"; the first filter that fires wins.
     reasons: list[str | None] = [None] * len(concepts)
 
@@ -155,26 +178,27 @@ def filter_concepts(
         if len(concept) > max_chars:
             reasons[i] = f"too long: {len(concept)} > {max_chars} characters"
 
-    if class_emb is not None:
+    if class_emb is not None and class_similarity_threshold is not None:
         if class_emb.shape != (len(class_names), text.shape[1]):
             raise ValueError(
                 f"class_emb must have shape ({len(class_names)}, {text.shape[1]}) for the "
                 f"{len(class_names)} class_names, got {tuple(class_emb.shape)}"
             )
-        best, which = (text @ F.normalize(class_emb.to(text), dim=-1).T).max(dim=1)
+        best, which = text_similarity(text, class_emb.to(text), sentence_emb, class_sentence_emb).max(dim=1)
         for i in torch.nonzero(best > class_similarity_threshold).flatten().tolist():
             if reasons[i] is None:
                 name, cos = class_names[which[i]], best[i]
-                reasons[i] = f"similar to class: {name!r} cos {cos:.3f} > {class_similarity_threshold}"
+                reasons[i] = f"similar to class: {name!r} {measure} {cos:.3f} > {class_similarity_threshold}"
 
-    sims = text @ text.T
-    # Greedy in list order; only concepts with an earlier near-duplicate need a look.
-    earlier_close = torch.tril(sims > duplicate_threshold, diagonal=-1)
-    for j in torch.nonzero(earlier_close.any(dim=1)).flatten().tolist():
-        kept_before = [i for i in torch.nonzero(earlier_close[j]).flatten().tolist() if reasons[i] is None]
-        if reasons[j] is None and kept_before:
-            i = kept_before[0]
-            reasons[j] = f"near-duplicate: of {concepts[i]!r} cos {sims[j, i]:.3f} > {duplicate_threshold}"
+    if duplicate_threshold is not None:
+        sims = text_similarity(text, text, sentence_emb, sentence_emb)
+        # Greedy in list order; only concepts with an earlier near-duplicate need a look.
+        earlier_close = torch.tril(sims > duplicate_threshold, diagonal=-1)
+        for j in torch.nonzero(earlier_close.any(dim=1)).flatten().tolist():
+            kept_before = [i for i in torch.nonzero(earlier_close[j]).flatten().tolist() if reasons[i] is None]
+            if reasons[j] is None and kept_before:
+                i = kept_before[0]
+                reasons[j] = f"near-duplicate: of {concepts[i]!r} {measure} {sims[j, i]:.3f} > {duplicate_threshold}"
 
     activation = None
     if image_batches is not None:

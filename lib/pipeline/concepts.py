@@ -30,8 +30,10 @@ from lib.core.stores import ArraySpec, ShardedWriter, open_store
 from lib.core.streams import batch_source
 from lib.data.manifest import read_dataset_info, read_manifest, split_indices
 from lib.kernels.text import encode_texts
+from lib.models.classes import class_words
 from lib.models.clip import check_clip, load_clip_checked
 from lib.pipeline.concept_list import TOP_K, concept_prompts, filter_concepts, read_concept_list
+from lib.pipeline.sentence import check_sentence_model, load_sentence_encoder
 
 __all__ = ["ConceptsReport", "check_concepts", "run_concepts"]
 
@@ -64,9 +66,11 @@ def _concept_list(settings: ConceptsParams) -> list[tuple[str, str | None]]:
 
 
 def check_concepts(config: Params) -> None:
-    """The stage's checks before any work: the concept list parses and the `clip` section (no weights loaded)."""
+    """The stage's checks before any work: the concept list parses, the `clip` section and the
+    sentence model's folder (no weights loaded)."""
     _concept_list(config.concepts)
     check_clip(config.clip)
+    check_sentence_model(config.concepts.sentence_model)
 
 
 def run_concepts(config: Params, layout: Layout, device: torch.device, progress: Progress | None = None) -> ConceptsReport:
@@ -83,11 +87,18 @@ def run_concepts(config: Params, layout: Layout, device: torch.device, progress:
     check_compatible(image_store.attrs, clip_provenance(clip.model_id, clip.embed_dim), ("clip_images", "clip params"))
     prompts = concept_prompts(listed, settings.templates, settings.default_template)
     classes = read_dataset_info(layout.dataset_info)["classes"]
-    # Class names are identifiers ("desert_star"); CLIP reads them as words.
-    class_prompts = concept_prompts([(c.replace("_", " "), None) for c in classes], {}, settings.default_template)
+    # Class names are identifiers ("desert_star") or WordNet ids (ImageNet's folders); CLIP reads words.
+    words = class_words(classes)
+    class_prompts = concept_prompts([(word, None) for word in words], {}, settings.default_template)
 
     model = clip.model.to(device)
     text = encode_texts(model, clip.tokenizer, prompts)
+    # LF-CBM's similarity for the class and duplicate filters: a sentence encoder of the same texts besides CLIP
+    sentence, class_sentence = None, None
+    filtering = settings.class_similarity_threshold is not None or settings.duplicate_threshold is not None
+    if settings.sentence_model is not None and filtering:
+        encode = load_sentence_encoder(settings.sentence_model, device)
+        sentence, class_sentence = encode(prompts), encode(class_prompts)
     # Cosines are >= -1: a threshold of -1 keeps everything, so no image needs to be read.
     images = None
     if settings.min_top5_similarity > -1:
@@ -100,9 +111,10 @@ def run_concepts(config: Params, layout: Layout, device: torch.device, progress:
         images = _image_embeddings(image_store, train, device)
     kept, reasons = filter_concepts(
         [name for name, _ in listed], text, images,
-        class_names=classes, class_emb=encode_texts(model, clip.tokenizer, class_prompts),
+        class_names=words, class_emb=encode_texts(model, clip.tokenizer, class_prompts),
         max_chars=settings.max_chars, class_similarity_threshold=settings.class_similarity_threshold,
         duplicate_threshold=settings.duplicate_threshold, min_top5_similarity=settings.min_top5_similarity,
+        sentence_emb=sentence, class_sentence_emb=class_sentence,
     )
 
     records = [
@@ -112,8 +124,10 @@ def run_concepts(config: Params, layout: Layout, device: torch.device, progress:
     kept_records = [{k: r[k] for k in ("name", "type", "prompt")} for r in records if r["reason"] is None]
     dropped_records = [r for r in records if r["reason"] is not None]
     concept_file_hash = hashlib.sha256(Path(settings.file).read_bytes()).hexdigest()
+    # keys at null (filters off, no sentence model) are left out: a store made before such a key existed stays valid
     fingerprint = params_hash(
-        settings, clip.model_id, concept_file_hash, image_store.attrs["fingerprint"], "\n".join(classes)
+        settings.model_dump(mode="json", exclude_none=True), clip.model_id, concept_file_hash, image_store.attrs["fingerprint"],
+        "\n".join(classes),
     )
     attributes = {
         "stage": "concepts",

@@ -1,4 +1,5 @@
-"""The toy_report stage's work: the shipped toy models scored on the prepared toy test split.
+"""The toy_report stage's work: the shipped toy models scored on the toy test split (data.seed,
+data.toy) drawn at each model's own image size (toy_backbone.image_size, toy_clip.image_size).
 
 They are loaded through the loaders real weights use, so this also checks the shipped files.
 """
@@ -18,11 +19,18 @@ from lib.toy.clip_eval import evaluate_toy_clip_model
 from lib.toy.models import BACKBONE_FILES, CLIP_DIR
 from lib.toy.models.clip import TOY_CLIP_NAME, register_toy_clip_config
 from lib.toy.train_classifier import evaluate_classifier
+from lib.toy.world import ToyWorld
+
+
+def _test_split(config: Params, image_size: int) -> ToyWorld:
+    """The toy test split (data.seed, data.toy) drawn at a toy model's own image size: the prepared
+    toy test split itself when data.image_size is that size (the toy params)."""
+    return toy_split(config.data.model_copy(update={"image_size": image_size}), "test")
 
 
 def evaluate_toy_models(config: Params, device: torch.device) -> dict:
     """Test-split scores of the shipped toy models, loaded as a user would load real weights."""
-    test = toy_split(config.data, "test")
+    test = _test_split(config, config.toy_backbone.image_size)
     images, labels = torch.from_numpy(test.images), torch.from_numpy(test.labels)
     metrics: dict = {}
     for arch, key in (("cnn", "backbone_acc"), ("bcos", "bcos_acc")):
@@ -33,6 +41,8 @@ def evaluate_toy_models(config: Params, device: torch.device) -> dict:
     clip = load_clip(TOY_CLIP_NAME, f"local-dir:{CLIP_DIR}")
     clip.model.to(device)
     params = config.toy_clip
+    if params.image_size != config.toy_backbone.image_size:
+        test = _test_split(config, params.image_size)
     metrics.update(
         evaluate_toy_clip_model(
             clip.model, clip.tokenizer, clip.preprocess, test,

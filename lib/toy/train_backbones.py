@@ -36,7 +36,8 @@ def _tensors(world: toy_world.ToyWorld) -> tuple[torch.Tensor, torch.Tensor]:
 
 def train_toy_backbones(config: Params, device: torch.device, log: Callable[[str, dict], None]) -> pd.DataFrame:
     """Train and save both toy backbones; returns the per-epoch history (arch, epoch, losses, acc)."""
-    params, size = config.toy_backbone, config.data.image_size
+    params = config.toy_backbone
+    size = params.image_size
     train = _tensors(_draw(params.n_train, params.seed, 0, size))
     val = _tensors(_draw(params.n_val, params.seed, 1, size))
     rows = []

@@ -314,8 +314,8 @@ def train_toy_clip(
 def train_teacher_clip(config: Params, device: torch.device, log: Callable[[dict], None]) -> pd.DataFrame:
     """Train and save the toy CLIP as an open_clip folder; returns the per-step loss curve."""
     params = config.toy_clip
-    train = toy_world.generate(params.n_train, params.data_seed, config.data.image_size)
-    val = toy_world.generate(params.n_val, params.data_seed + 1, config.data.image_size)
+    train = toy_world.generate(params.n_train, params.data_seed, params.image_size)
+    val = toy_world.generate(params.n_val, params.data_seed + 1, params.image_size)
     model, history = train_toy_clip(
         train, val,
         steps=params.steps, batch_size=params.batch_size, lr=params.lr, seed=params.seed, device=device,
