@@ -137,13 +137,14 @@ class _Saga:
             if x_sum is None:
                 x_sum = torch.zeros(x.shape[1], dtype=torch.float64, device=device)
                 xty = torch.zeros(n_classes, x.shape[1], dtype=torch.float64, device=device)
-                gram = torch.zeros(x.shape[1] + 1, x.shape[1] + 1, dtype=torch.float64, device=device)
+                if step_size is None:
+                    gram = torch.zeros(x.shape[1] + 1, x.shape[1] + 1, dtype=torch.float64, device=device)
             x_sum += x.sum(dim=0, dtype=torch.float64)
             xty.index_add_(0, y, x.to(torch.float64))
-            # Gram of [x, 1] gives the smoothness constant for the automatic step size.
-            x1 = F.pad(x, (0, 1), value=1.0).to(torch.float64)
-            gram += x1.T @ x1
-            max_sq = max(max_sq, float(x1.square().sum(dim=1).max()))
+            if step_size is None:  # Gram of [x, 1]: the smoothness constant of the automatic step (B M^2 per batch)
+                x1 = F.pad(x, (0, 1), value=1.0).to(torch.float64)
+                gram += x1.T @ x1
+                max_sq = max(max_sq, float(x1.square().sum(dim=1).max()))
             largest = max(largest, x.shape[0])
             idx_parts.append(idx)
             y_parts.append(y)
@@ -174,9 +175,10 @@ class _Saga:
             self.table = torch.zeros(n, n_classes, device=device)
             self.grad_w = torch.zeros_like(self.weight)
         # Per-sample loss CE(Wx+b) has Hessian (diag p - pp^T) (x) [x,1][x,1]^T with ||diag p - pp^T|| <= 1/2.
-        self._smooth = 0.5 * float(torch.linalg.eigvalsh(gram / n)[-1])
-        self._smooth_max = 0.5 * max_sq
         self.fixed_step = step_size
+        if step_size is None:
+            self._smooth = 0.5 * float(torch.linalg.eigvalsh(gram / n)[-1])
+            self._smooth_max = 0.5 * max_sq
         self.step_size = self._step(largest)
 
     def _step(self, batch: int) -> float:
