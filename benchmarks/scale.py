@@ -1,24 +1,32 @@
 """ImageNet-shaped scale benchmark: each heavy stage's own code path at real model sizes, against the hardware.
 
-    .venv/bin/python -m benchmarks.scale [--images 256] [--device auto] [--precision auto] [--stages ...]
+    .venv/bin/python -m benchmarks.scale [--profile profiles/imagenet.yaml] [--images 256] [--device auto]
+        [--precision auto] [--stages ...]
 
-A temporary project holds N random uint8 images (images.zarr, written with ShardedWriter), a
+A temporary project holds N images in class order (ImageNet's lists come sorted by class; every
+10th row test, the next val): with the `prepare` stage, generated JPEGs (--jpeg-size) decoded and
+resized by the prepare stage itself, else random uint8 images written with ShardedWriter; a
 manifest over ImageNet class ids, and random-init real architectures (torchvision ResNet-50 through
 lib.models.backbones, open_clip ViT-B-16 through lib.models.clip; random weights cost the FLOPs of
-trained ones). Each stage then runs through its own entry point with a Params built here:
-`features`, `clip_images` and `circles` (lib.pipeline), the `cbl` training steps (lib.methods.salf:
-the stage's streams over the stores, P computed on the fly from circles and M random concept
-embeddings), and FaCT's `sae_data` and CE-FAM's `regions` per-image stages (after their trainers,
-`sae` and `translator`, ran a few steps untimed).
+trained ones). `--profile` takes the stored size (the profile's 256: the ResNet centre-crops 224),
+models, grid, batches, M and the cbl/sparse lengths from a params profile. Each stage then runs
+through its own entry point with a Params built here: `prepare`, `features`, `clip_images`,
+`concepts` (--concept-texts prompts through the text tower) and `circles` (lib.pipeline), the `cbl`
+training steps (lib.methods.salf: the stage's streams over the stores, P computed on the fly from
+circles and M random concept embeddings), `sparse` (SAGA epochs on a streamed, class-ordered c*
+store, K = --sparse-classes, LF-CBM's step), and FaCT's `sae_data` and CE-FAM's `regions`
+per-image stages (after their trainers, `sae` and `translator`, ran a few steps untimed).
 
-Per stage: images/s in the stage's steady-state loop, FLOPs per image (torch.utils.flop_counter on a
-probe, the MHA fast path switched off so attention counts), achieved FLOP/s and, on a GPU, MFU
-against the dense peak of its precision (table below; --peak-tflops for other hardware), the ratio
-to the bare model on batches already on the device (`vs_bare`), the share of the loop spent waiting
-for input (reads from the stores), the peak host RSS while the stage ran, the peak GPU memory, and
-the projected hours for ImageNet's 1.28 M images. `circles` also runs the reference style (per
-variant: a Pillow ring, preprocess, one forward; benchmarks/circles.py) for `circles_vs_reference`.
-The last line is `name=value` pairs, e.g. `features_imgs=… features_mfu=… circles_vs_bare=…`;
+Per stage: items/s in the stage's steady-state loop (images; prompts for concepts; rows x epochs for
+sparse), FLOPs per item (torch.utils.flop_counter on a probe, the MHA fast path switched off so
+attention counts), achieved FLOP/s and, on a GPU, MFU against the dense peak of its precision
+(table below; --peak-tflops for other hardware), the ratio to the bare model on batches already on
+the device (`vs_bare`), the share of the loop spent waiting for input (reads from the stores), the
+peak host RSS while the stage ran, the peak GPU memory, and the projected hours on ImageNet train +
+val (`imagenet_items`). `circles` also runs the reference style (per variant: a Pillow ring,
+preprocess, one forward; benchmarks/circles.py) for `circles_vs_reference`. Then every store's
+bytes per image and its projected size on ImageNet, and the totals. The last line is `name=value`
+pairs, e.g. `features_imgs=… features_mfu=… circles_vs_bare=… store_images_bytes_per_image=…`;
 values that do not apply here (MFU without a known peak, GPU memory on a CPU) are `nan`.
 """
 
