@@ -1,24 +1,32 @@
 """ImageNet-shaped scale benchmark: each heavy stage's own code path at real model sizes, against the hardware.
 
-    .venv/bin/python -m benchmarks.scale [--images 256] [--device auto] [--precision auto] [--stages ...]
+    .venv/bin/python -m benchmarks.scale [--profile profiles/imagenet.yaml] [--images 256] [--device auto]
+        [--precision auto] [--stages ...]
 
-A temporary project holds N random uint8 images (images.zarr, written with ShardedWriter), a
+A temporary project holds N images in class order (ImageNet's lists come sorted by class; every
+10th row test, the next val): with the `prepare` stage, generated JPEGs (--jpeg-size) decoded and
+resized by the prepare stage itself, else random uint8 images written with ShardedWriter; a
 manifest over ImageNet class ids, and random-init real architectures (torchvision ResNet-50 through
 lib.models.backbones, open_clip ViT-B-16 through lib.models.clip; random weights cost the FLOPs of
-trained ones). Each stage then runs through its own entry point with a Params built here:
-`features`, `clip_images` and `circles` (lib.pipeline), the `cbl` training steps (lib.methods.salf:
-the stage's streams over the stores, P computed on the fly from circles and M random concept
-embeddings), and FaCT's `sae_data` and CE-FAM's `regions` per-image stages (after their trainers,
-`sae` and `translator`, ran a few steps untimed).
+trained ones). `--profile` takes the stored size (the profile's 256: the ResNet centre-crops 224),
+models, grid, batches, M and the cbl/sparse lengths from a params profile. Each stage then runs
+through its own entry point with a Params built here: `prepare`, `features`, `clip_images`,
+`concepts` (--concept-texts prompts through the text tower) and `circles` (lib.pipeline), the `cbl`
+training steps (lib.methods.salf: the stage's streams over the stores, P computed on the fly from
+circles and M random concept embeddings), `sparse` (SAGA epochs on a streamed, class-ordered c*
+store, K = --sparse-classes, LF-CBM's step), and FaCT's `sae_data` and CE-FAM's `regions`
+per-image stages (after their trainers, `sae` and `translator`, ran a few steps untimed).
 
-Per stage: images/s in the stage's steady-state loop, FLOPs per image (torch.utils.flop_counter on a
-probe, the MHA fast path switched off so attention counts), achieved FLOP/s and, on a GPU, MFU
-against the dense peak of its precision (table below; --peak-tflops for other hardware), the ratio
-to the bare model on batches already on the device (`vs_bare`), the share of the loop spent waiting
-for input (reads from the stores), the peak host RSS while the stage ran, the peak GPU memory, and
-the projected hours for ImageNet's 1.28 M images. `circles` also runs the reference style (per
-variant: a Pillow ring, preprocess, one forward; benchmarks/circles.py) for `circles_vs_reference`.
-The last line is `name=value` pairs, e.g. `features_imgs=… features_mfu=… circles_vs_bare=…`;
+Per stage: items/s in the stage's steady-state loop (images; prompts for concepts; rows x epochs for
+sparse), FLOPs per item (torch.utils.flop_counter on a probe, the MHA fast path switched off so
+attention counts), achieved FLOP/s and, on a GPU, MFU against the dense peak of its precision
+(table below; --peak-tflops for other hardware), the ratio to the bare model on batches already on
+the device (`vs_bare`), the share of the loop spent waiting for input (reads from the stores), the
+peak host RSS while the stage ran, the peak GPU memory, and the projected hours on ImageNet train +
+val (`imagenet_items`). `circles` also runs the reference style (per variant: a Pillow ring,
+preprocess, one forward; benchmarks/circles.py) for `circles_vs_reference`. Then every store's
+bytes per image and its projected size on ImageNet, and the totals. The last line is `name=value`
+pairs, e.g. `features_imgs=… features_mfu=… circles_vs_bare=… store_images_bytes_per_image=…`;
 values that do not apply here (MFU without a known peak, GPU memory on a CPU) are `nan`.
 """
 
@@ -38,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import zarr
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.circles import autocast_context, reference_loop
@@ -55,7 +64,9 @@ from lib.models.clip import load_clip
 from lib.models.layers import forward_with_layers
 from lib.toy.models.clip import register_toy_clip_config
 
-IMAGENET_IMAGES = 1_281_167
+IMAGENET_TRAIN, IMAGENET_VAL = 1_281_167, 50_000  # ILSVRC-2012 train and val images
+IMAGENET_IMAGES = IMAGENET_TRAIN + IMAGENET_VAL  # every per-image stage runs over both
+LF_CBM_IMAGENET_CONCEPTS = 4751  # lines of LF-CBM's data/concept_sets/imagenet_filtered.txt
 # Dense tensor-core peaks (TFLOP/s) by GPU name, the first match wins: (bf16/fp16, tf32). fp32 runs are
 # held against the TF32 peak (cuDNN convolutions use TF32 by default in PyTorch).
 GPU_PEAKS = (
@@ -63,7 +74,7 @@ GPU_PEAKS = (
     ("A100", 312.0, 156.0), ("A800", 312.0, 156.0), ("L40S", 362.0, 183.0), ("L40", 181.0, 90.5),
     ("L4", 121.0, 60.0), ("A10", 125.0, 62.5), ("RTX 4090", 165.0, 82.6), ("V100", 125.0, 15.7),
 )
-STAGES = ("features", "clip_images", "circles", "cbl", "sae_data", "regions")
+STAGES = ("prepare", "features", "clip_images", "concepts", "circles", "cbl", "sparse", "sae_data", "regions")
 
 
 def gpu_peak_flops(device: torch.device, dtype: torch.dtype | None) -> float:
@@ -94,13 +105,34 @@ class Result:
     def rate(self) -> float:
         return self.images / self.seconds
 
-    def values(self, peak: float) -> dict[str, float]:
+    def values(self, peak: float, imagenet_items: float) -> dict[str, float]:
+        """The printed figures; `hours_imagenet`: `imagenet_items` (what the stage processes on
+        ImageNet train + val in the units of `images`, see imagenet_items) at this rate."""
         flops = self.rate * self.flops_per_image
         return {
             "imgs": self.rate, "tflops": flops / 1e12, "mfu": flops / peak, "vs_bare": self.rate / self.bare_rate,
             "wait": self.input_wait / self.seconds, "rss_mib": self.rss_mib, "gpu_mib": self.gpu_mib,
-            "hours_1m28": IMAGENET_IMAGES / self.rate / 3600, **self.extra,
+            "hours_imagenet": imagenet_items / self.rate / 3600, **self.extra,
         }
+
+
+def imagenet_items(stage: str, config: Params, args: argparse.Namespace) -> float:
+    """What `stage` processes on ImageNet, in the units its Result counts: images for the per-image
+    stages (train + val; regions explains evaluate.max_images of the test split), training images
+    seen for cbl (max_steps x batch: early stopping can only shorten it), rows x epochs for sparse
+    (the train split's c*), concept prompts for concepts (the text tower; the top-5 filter's image
+    pass is one (N, D) x (D, M) product)."""
+    if stage == "cbl":
+        return args.cbl_max_steps * config.cbl.batch_size
+    if stage == "sparse":
+        return args.sparse_max_epochs * IMAGENET_TRAIN
+    if stage == "concepts":
+        return args.concepts
+    if stage == "sae_data":
+        return IMAGENET_TRAIN
+    if stage == "regions":  # the test split: ILSVRC val
+        return IMAGENET_VAL
+    return IMAGENET_IMAGES
 
 
 @contextmanager
@@ -191,6 +223,7 @@ def make_project(root: Path, args: argparse.Namespace) -> tuple[Params, Layout]:
                     "chunk": args.chunk, "autocast": autocast},
         "similarity": {"materialize": False},
         "cbl": {"batch_size": args.cbl_batch, "max_steps": args.cbl_steps, "eval_every": args.cbl_steps, "in_memory_mb": 0},
+        "sparse": {"batch_size": args.sparse_batch},
         "fact": {"batch_size": args.fact_batch, "sae": {"n_concepts": args.sae_concepts, "k": 32, "aux_k": 64, "steps": 2,
                                                          "warmup_steps": 1, "batch_size": args.sae_batch, "checkpoint_every": 2}},
         "cefam": {"translator": {"max_epochs": 1, "batch_size": 64},
@@ -200,8 +233,9 @@ def make_project(root: Path, args: argparse.Namespace) -> tuple[Params, Layout]:
     layout = Layout(root / "data" / "scale", root / "metrics")
     layout.root.mkdir(parents=True)
     layout.metrics.mkdir(parents=True)
-    classes = list(imagenet_classes().ids[: args.classes])  # WordNet ids: they map onto a 1000-output backbone by name
-    labels = np.arange(n) % len(classes)
+    classes, labels, split = class_ordered(n, args.classes)
+    if "prepare" in args.stages:  # the images come from JPEGs through the prepare stage (bench_prepare)
+        return config, layout
     fingerprint = params_hash({"synthetic": [n, size, rows, args.seed]})
     writer = ShardedWriter(
         layout.images,
@@ -214,12 +248,44 @@ def make_project(root: Path, args: argparse.Namespace) -> tuple[Params, Layout]:
         writer.write(shard, {"images": rng.integers(0, 256, (span.stop - span.start, size, size, 3), dtype=np.uint8),
                              "labels": labels[span]})
     writer.finalize()
-    # 80 / 10 / 10 by position: train first, then val, then test (every split non-empty)
-    split = np.select([np.arange(n) < max(2, int(0.1 * n)), np.arange(n) < max(4, int(0.2 * n))], ["test", "val"], "train")
     write_manifest(layout.manifest, pd.DataFrame({"index": np.arange(n), "source": [f"synthetic:{i}" for i in range(n)],
-                                                  "label": labels, "split": split[::-1]}))
+                                                  "label": labels, "split": split}))
     write_dataset_info(layout.dataset_info, {"kind": "imagefolder", "classes": classes, "concepts": [], "rules": []})
     return config, layout
+
+
+def class_ordered(n: int, n_classes: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(WordNet ids of the classes, labels, splits) of n rows in class order, as ImageNet's lists
+    come: rows sorted by class, every 10th of them test and the next val (each split non-empty
+    from n = 2). WordNet ids map the classes onto a 1000-output backbone by name."""
+    classes = list(imagenet_classes().ids[:n_classes])
+    labels = np.arange(n) * len(classes) // n
+    split = np.select([np.arange(n) % 10 == 0, np.arange(n) % 10 == 1], ["test", "val"], "train")
+    return classes, labels, split
+
+
+def write_jpegs(folder: Path, n: int, args: argparse.Namespace) -> tuple[Path, float]:
+    """n JPEGs (quality 90) of args.jpeg_size, smooth random colour fields plus grain (natural-photo-like
+    file sizes), under folder/<wnid>/, and a class-ordered list file (path, label, split); returns
+    (the list file, mean JPEG KiB)."""
+    from PIL import Image
+
+    classes, labels, split = class_ordered(n, args.classes)
+    width, height = args.jpeg_size
+    rng = np.random.default_rng(args.seed)
+    paths, total = [], 0
+    for i in range(n):
+        coarse = Image.fromarray(rng.integers(0, 256, (height // 32 + 2, width // 32 + 2, 3), dtype=np.uint8))
+        smooth = np.asarray(coarse.resize((width, height), Image.BICUBIC), dtype=np.float32)
+        pixels = np.clip(smooth + rng.normal(0, 6, smooth.shape), 0, 255).astype(np.uint8)
+        path = folder / classes[labels[i]] / f"{i:06d}.JPEG"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(path, quality=90)
+        paths.append(str(path))
+        total += path.stat().st_size
+    list_file = folder / "list.csv"
+    pd.DataFrame({"path": paths, "label": [classes[k] for k in labels], "split": split}).to_csv(list_file, index=False)
+    return list_file, total / n / 1024
 
 
 def write_concepts(layout: Layout, model_id: str, dim: int, m: int, seed: int) -> None:
@@ -432,16 +498,138 @@ def bench_regions(config: Params, layout: Layout, device: torch.device, args: ar
     return timed_entry(fresh, fresh, len(rows), device)
 
 
+def bench_prepare(config: Params, layout: Layout, device: torch.device, args: argparse.Namespace) -> Result:
+    """The prepare stage on N generated JPEGs of a class-ordered list: decode, resize to
+    data.image_size and store (runtime.num_workers decoding processes)."""
+    from rich.progress import Progress
+
+    from lib.data.prepare import run_prepare
+
+    list_file, jpeg_kib = write_jpegs(layout.root.parent.parent / "jpegs", args.images, args)
+    data = {**config.data.model_dump(), "kind": "imagefolder", "imagefolder": {"list_file": str(list_file)}}
+    prepared = Params.model_validate({**config.model_dump(), "data": data})
+    with peak_memory(device) as memory:
+        began = time.perf_counter()
+        run_prepare(prepared, layout, device, Progress(disable=True))
+        seconds = time.perf_counter() - began
+    return Result(args.images, seconds, math.nan, math.nan, math.nan, memory["rss_mib"], memory["gpu_mib"],
+                  {"jpeg_kib": jpeg_kib})
+
+
+def bench_concepts(config: Params, layout: Layout, device: torch.device, args: argparse.Namespace) -> Result:
+    """The concepts stage on args.concept_texts prompts (the text tower is linear in M; the projection
+    scales to args.concepts), its filters set to keep everything: a random CLIP's cosines mean nothing.
+    The store is then removed: cbl and regions read M random embeddings (write_concepts)."""
+    import shutil
+
+    from lib.pipeline.concepts import run_concepts
+
+    concept_file = layout.root.parent.parent / "concepts.txt"
+    concept_file.write_text("".join(f"concept number {j}\n" for j in range(args.concept_texts)))
+    settings = {"file": str(concept_file), "duplicate_threshold": 1.0, "class_similarity_threshold": 1.0,
+                "min_top5_similarity": -0.999}  # > -1: the top-5 pass over the train images still runs
+    configured = Params.model_validate({**config.model_dump(), "concepts": {**config.concepts.model_dump(), **settings}})
+    with peak_memory(device) as memory:
+        began = time.perf_counter()
+        run_concepts(configured, layout, device, None)
+        seconds = time.perf_counter() - began
+    shutil.rmtree(layout.concepts)
+    return Result(args.concept_texts, seconds, math.nan, math.nan, math.nan, memory["rss_mib"], memory["gpu_mib"])
+
+
+class EpochTimer:
+    """A batch source that records each pass's seconds, from its call to its last batch consumed."""
+
+    def __init__(self, source: Callable[[], Iterator]) -> None:
+        self.source, self.passes = source, []
+
+    def __call__(self) -> Iterator:
+        began = time.perf_counter()
+        yield from self.source()
+        self.passes.append(time.perf_counter() - began)
+
+
+def bench_sparse(config: Params, layout: Layout, device: torch.device, args: argparse.Namespace) -> Result:
+    """SAGA epochs on a c* store streamed from disk (sparse.in_memory_mb exceeded): args.sparse_rows
+    class-ordered rows of M = args.concepts random activations and K = args.sparse_classes classes,
+    LF-CBM's step 0.1 and lambda; the epochs' seconds exclude the statistics pass. Items: rows x epochs."""
+    from lib.core.streams import batch_source
+    from lib.methods.salf.data import glm_batches
+    from lib.methods.salf.glm import fit_elastic_net_path
+    from lib.methods.salf.pooling import Standardiser
+
+    n, m, k = args.sparse_rows, args.concepts, args.sparse_classes
+    labels = np.arange(n) * k // n
+    rng = np.random.default_rng(args.seed)
+    writer = ShardedWriter(
+        layout.salf_activations,
+        [ArraySpec("activations", (n, m), "float32", ("item", "concept")), ArraySpec("labels", (n,), "int64", ("item",))],
+        args.rows_per_shard, {"stage": "benchmark"}, params_hash({"synthetic c*": [n, m, k, args.seed]}),
+    )
+    for shard in writer.pending():
+        span = writer.rows(shard)
+        writer.write(shard, {"activations": rng.standard_normal((span.stop - span.start, m), dtype=np.float32),
+                             "labels": labels[span]})
+    writer.finalize()
+    activations, stored_labels = writer.group["activations"], writer.group["labels"]
+    rows = np.arange(n)
+    standardiser = Standardiser.fit(b["activations"] for b in batch_source({"activations": activations}, rows, 4096)())
+    train = EpochTimer(glm_batches(activations, stored_labels, rows, standardiser, config.sparse.batch_size, shuffle=True,
+                                   device=device))
+    val = (torch.zeros(k, m), torch.arange(k))
+    with peak_memory(device) as memory:
+        fit_elastic_net_path(train, val, n_classes=k, alpha=0.99, lambdas=[1e-4 / 0.99], step_size=0.1,
+                             max_epochs=args.sparse_epochs, tol=1e-30, device=device)
+    seconds = sum(train.passes[1:])  # pass 0 gathers the label counts and the table's start
+    return Result(n * (len(train.passes) - 1), seconds, 4.0 * m * k, math.nan, math.nan, memory["rss_mib"],
+                  memory["gpu_mib"], {"epoch_s_1m28": seconds / (len(train.passes) - 1) * IMAGENET_TRAIN / n})
+
+
+UNITS = {"concepts": "prompt", "sparse": "row", "cbl": "img"}  # what a stage's rate counts (default: images)
 BENCHES: dict[str, Callable[[Params, Layout, torch.device, argparse.Namespace], Result]] = {
-    "features": bench_features, "clip_images": bench_clip_images, "circles": bench_circles, "cbl": bench_cbl,
-    "sae_data": bench_sae_data, "regions": bench_regions,
+    "prepare": bench_prepare, "features": bench_features, "clip_images": bench_clip_images, "concepts": bench_concepts,
+    "circles": bench_circles, "cbl": bench_cbl, "sparse": bench_sparse, "sae_data": bench_sae_data, "regions": bench_regions,
 }
 # what each stage reads that an earlier stage writes (they run in STAGES order)
-NEEDS = {"cbl": ("features", "circles"), "sae_data": ("features",), "regions": ("features", "clip_images")}
+NEEDS = {"cbl": ("features", "circles"), "sae_data": ("features",), "regions": ("features", "clip_images"),
+         "concepts": ("clip_images",)}
+
+
+def store_sizes(root: Path) -> dict[str, tuple[int, int]]:
+    """(bytes on disk, rows) of every Zarr store under `root` (the concepts store, per concept, has no suffix)."""
+    sizes = {}
+    for path in sorted(root.rglob("*.zarr")):
+        if any(parent.suffix == ".zarr" for parent in path.parents):
+            continue
+        group = zarr.open_group(path, mode="r")
+        first = next(iter(group.array_keys()), None)
+        if first is None:
+            continue
+        name = str(path.relative_to(root).with_suffix("")).replace("/", "_")
+        sizes[name] = (sum(f.stat().st_size for f in path.rglob("*") if f.is_file()), group[first].shape[0])
+    return sizes
+
+
+def profile_defaults(path: str) -> dict[str, object]:
+    """The benchmark's defaults a params profile sets (its data, models, grid, batches, cbl and sparse
+    lengths); the models stay random-init (the weights' files are the profile's placeholders)."""
+    from lib.core.profile import profile_params
+
+    config = profile_params(path)
+    return {
+        "size": config.data.image_size, "rows_per_shard": config.data.rows_per_shard, "backbone": config.backbone.arch,
+        "layers": list(config.features.layers), "clip_model": config.clip.model, "grid": config.circles.grid,
+        "radius": config.circles.radius, "width": config.circles.width, "features_batch": config.features.batch_size,
+        "clip_batch": config.clip_images.batch_size, "circles_batch": config.circles.batch_size, "chunk": config.circles.chunk,
+        "cbl_batch": config.cbl.batch_size, "cbl_max_steps": config.cbl.max_steps, "sparse_max_epochs": config.sparse.max_epochs,
+        "sparse_batch": config.sparse.batch_size, "concepts": LF_CBM_IMAGENET_CONCEPTS, "sparse_classes": 1000,
+    }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default=None, help="take sizes, models, batches and lengths from this params profile "
+                        "(e.g. profiles/imagenet.yaml: 256 px stored, 224 cropped, M = 4751); flags given too win")
     parser.add_argument("--images", type=int, default=256, help="N: synthetic images")
     parser.add_argument("--size", type=int, default=224, help="stored image side (the models' input)")
     parser.add_argument("--rows-per-shard", type=int, default=64)
@@ -476,6 +664,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for MFU where the table has none")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jpeg-size", type=int, nargs=2, default=[500, 375], metavar=("W", "H"),
+                        help="prepare: generated JPEGs' size (ImageNet's typical photo)")
+    parser.add_argument("--concept-texts", type=int, default=64, help="concepts: prompts encoded (projected to --concepts)")
+    parser.add_argument("--sparse-rows", type=int, default=4096, help="sparse: rows of the synthetic c* store")
+    parser.add_argument("--sparse-classes", type=int, default=1000, help="sparse: K")
+    parser.add_argument("--sparse-batch", type=int, default=256, help="sparse.batch_size")
+    parser.add_argument("--sparse-epochs", type=int, default=2, help="sparse: SAGA epochs timed")
+    parser.add_argument("--cbl-max-steps", type=int, default=1000, help="cbl.max_steps of the projection")
+    parser.add_argument("--sparse-max-epochs", type=int, default=80, help="sparse.max_epochs of the projection")
+    known, _ = parser.parse_known_args(argv)
+    if known.profile is not None:
+        parser.set_defaults(**profile_defaults(known.profile))
     return parser.parse_args(argv)
 
 
@@ -503,13 +703,24 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 clip = load_clip(config.clip.model, config.clip.pretrained)
                 write_concepts(layout, clip.model_id, clip.embed_dim, args.concepts, args.seed)
             result = BENCHES[stage](config, layout, device, args)
-            for key, value in result.values(peak).items():
+            for key, value in result.values(peak, imagenet_items(stage, config, args)).items():
                 values[f"{stage}_{key}"] = value
-            print(f"{stage:12s} {result.rate:9.2f} img/s  {result.rate * result.flops_per_image / 1e12:8.3f} TFLOP/s "
-                  f"({result.flops_per_image / 1e9:.1f} GFLOP/img)  mfu {values[f'{stage}_mfu']:.3f}  vs bare "
-                  f"{values[f'{stage}_vs_bare']:.3f}  input wait {values[f'{stage}_wait']:.1%}  rss {result.rss_mib:.0f} MiB  "
-                  f"gpu {result.gpu_mib:.0f} MiB  1.28M images: {values[f'{stage}_hours_1m28']:.1f} h"
-                  + "".join(f"  {key} {value:.3g}" for key, value in result.extra.items()), flush=True)
+            print(f"{stage:12s} {result.rate:9.2f} {UNITS.get(stage, 'img')}/s  "
+                  f"{result.rate * result.flops_per_image / 1e12:8.3f} TFLOP/s ({result.flops_per_image / 1e9:.1f} GFLOP/item)  "
+                  f"mfu {values[f'{stage}_mfu']:.3f}  vs bare {values[f'{stage}_vs_bare']:.3f}  input wait "
+                  f"{values[f'{stage}_wait']:.1%}  rss {result.rss_mib:.0f} MiB  gpu {result.gpu_mib:.0f} MiB  ImageNet: "
+                  f"{values[f'{stage}_hours_imagenet']:.2f} h" + "".join(f"  {key} {value:.3g}" for key, value in result.extra.items()),
+                  flush=True)
+        sizes = store_sizes(layout.root)
+    print(f"stores (bytes per row; ImageNet train + val = {IMAGENET_IMAGES:,} images):")
+    for name, (size, rows) in sizes.items():
+        values[f"store_{name}_bytes_per_image"] = size / rows
+        values[f"store_{name}_gb_imagenet"] = size / rows * IMAGENET_IMAGES / 1e9
+        print(f"  {name:28s} {size / rows:12,.0f} B/image  {size / rows * IMAGENET_IMAGES / 1e9:9.1f} GB")
+    hours = sum(values[f"{stage}_hours_imagenet"] for stage in stages)
+    disk = sum(values[f"store_{name}_gb_imagenet"] for name in sizes)
+    values.update(total_hours_imagenet=hours, total_gb_imagenet=disk)
+    print(f"projected for ImageNet on this machine: {hours:.1f} h over the stages run, {disk:,.0f} GB of stores")
     print(" ".join(f"{key}={value:.4g}" for key, value in values.items()))
     return values
 

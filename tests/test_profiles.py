@@ -37,7 +37,9 @@ def test_imagenet_profile_has_salf_cbms_imagenet_settings():
     assert (concepts.max_chars, concepts.class_similarity_threshold, concepts.duplicate_threshold) == (30, None, None)
     assert not config.clip_images.dense and config.data.imagefolder.shuffle_seed is not None
     assert concepts.min_top5_similarity == 0.28 and config.cbl.cos3_threshold == 0.45
-    assert (config.sparse.lam, config.sparse.alpha, config.sparse.max_epochs) == (1e-4, 0.99, 80)
+    # LF-CBM's --lam 1e-4 is glm_saga's max_reg, divided by alpha: the objective's lambda is 1e-4 / 0.99
+    assert config.sparse.lam == pytest.approx(1e-4 / 0.99, rel=1e-15) and config.sparse.alpha == 0.99
+    assert (config.sparse.max_epochs, config.sparse.batch_size, config.sparse.step_size) == (80, 256, 0.1)
     # P on the fly: 1.28 M train images x LF-CBM's 4751 concepts x 7 x 7 (before any filter)
     shape = (1_281_167, 4751, 7, 7)
     assert config.similarity.materialize == "auto" and p_bytes(shape) > 500e9

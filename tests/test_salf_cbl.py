@@ -193,3 +193,16 @@ def test_ddp_on_two_ranks_equals_one_process_on_the_global_batch(ddp_results):
     assert one["val_loss"][-1] < one["val_loss"][0]  # it learns, so the steps are worth comparing
     for key in one:
         torch.testing.assert_close(ddp[key], one[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(64, 96, 128, 7), (32, 40, 256, 3)])
+def test_step_bytes_is_the_measured_peak_of_a_training_step(shape):
+    """The estimate the cbl stage checks free memory against is the step's peak tensor memory
+    (torch's MemTracker on real CPU tensors), never below it and above it by at most 2 % plus the
+    optimiser's (M, C) tensors (counted in full, not all alive at the peak)."""
+    from benchmarks.cbl_memory import tracked_peak
+    from lib.methods.salf.cbl import step_bytes
+
+    batch, n_concepts, channels, grid = shape
+    measured = tracked_peak(*shape, fake=False)
+    assert measured <= step_bytes(*shape) <= 1.02 * measured + 4 * 4 * n_concepts * channels

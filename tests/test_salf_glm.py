@@ -97,6 +97,62 @@ def test_one_fixed_lambda_from_zero_matches_sklearn(problem):
         fit_elastic_net_path((x, y), (x, y), n_classes=3, lambdas=[0.0])
 
 
+def _glm_saga_reference(x, y, order, epochs, step, lam, alpha, n_classes):
+    """The glm-saga package's train_saga update (LF-CBM's final layer), written out in numpy:
+    W, b, the (n, K) table a and its means start at zero; per minibatch B of the fixed `order`:
+
+        a_new  = softmax(x W^T + b) - onehot(y)        (at the current W, b)
+        g_W    = mean_B (a_new - a_old) x^T + mean_W;   g_b = mean_B (a_new - a_old) + mean_b
+        W      = soft_threshold(W - step g_W, step lam alpha) / (1 + step lam (1 - alpha))
+        b      = b - step g_b                          (bias unpenalised)
+        mean_W += sum_B (a_new - a_old) x^T / n;  mean_b += sum_B (a_new - a_old) / n;  a[B] = a_new
+    """
+    n, m = x.shape
+    w, b = np.zeros((n_classes, m)), np.zeros(n_classes)
+    table, mean_w, mean_b = np.zeros((n, n_classes)), np.zeros((n_classes, m)), np.zeros(n_classes)
+    for _ in range(epochs):
+        for idx in order:
+            xb, yb = x[idx], y[idx]
+            logits = xb @ w.T + b
+            p = np.exp(logits - logits.max(axis=1, keepdims=True))
+            a_new = p / p.sum(axis=1, keepdims=True) - np.eye(n_classes)[yb]
+            diff = a_new - table[idx]
+            g_w = diff.T @ xb / len(idx) + mean_w
+            g_b = diff.mean(axis=0) + mean_b
+            z = w - step * g_w
+            w = np.sign(z) * np.maximum(np.abs(z) - step * lam * alpha, 0) / (1 + step * lam * (1 - alpha))
+            b = b - step * g_b
+            mean_w, mean_b = mean_w + diff.T @ xb / n, mean_b + diff.sum(axis=0) / n
+            table[idx] = a_new
+    return w, b
+
+
+def test_fixed_step_is_glm_sagas_update_worked_by_hand():
+    """sparse.step_size: 0.1 runs LF-CBM's GLM-SAGA (zero W, b, table and means; its proximal step):
+    after the 2 steps of epoch 1 (empty table) and the 4 of epoch 2 (table read back) the weights
+    equal the written-out update; the automatic start (prior bias, full table) gives others."""
+    x = np.array([[1.0, -0.5, 2.0], [0.3, 1.2, -1.0], [-1.5, 0.4, 0.2], [0.8, -2.0, 0.5]])
+    y = np.array([0, 1, 2, 1])
+    order = [np.array([2, 0]), np.array([1, 3])]
+    xt, yt = torch.tensor(x, dtype=torch.float32), torch.tensor(y)
+
+    def source():
+        for idx in order:
+            yield xt[idx], yt[idx], torch.tensor(idx)
+
+    step, lam, alpha = 0.1, 0.5, 0.9
+    for epochs in (1, 2):
+        path = fit_elastic_net_path(source, (xt, yt), n_classes=3, alpha=alpha, lambdas=[lam], step_size=step,
+                                    max_epochs=epochs, tol=1e-12)
+        w, b = _glm_saga_reference(x, y, order, epochs, step, lam, alpha, 3)
+        assert (w == 0).any() and (w != 0).any()  # the soft threshold acts on some weights, not all
+        np.testing.assert_allclose(path.weight(0).numpy(), w, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(path.biases[0].numpy(), b, atol=1e-6, rtol=0)
+        assert path.step_size == step
+    auto = fit_elastic_net_path(source, (xt, yt), n_classes=3, alpha=alpha, lambdas=[lam], max_epochs=2, tol=1e-12)
+    assert np.abs(auto.biases[0].numpy() - b).max() > 1e-2
+
+
 def test_lambda_max_is_the_exact_sparsity_boundary(problem):
     x, y = problem
     alpha = 0.9

@@ -22,6 +22,7 @@ import yaml
 import zarr
 from PIL import Image
 
+from lib.core.distributed import Ranks
 from lib.core.layout import Layout
 from lib.core.params import load_params
 from lib.core.schema import (
@@ -241,6 +242,31 @@ def test_glm_batches_give_standardised_rows_and_their_table_positions(world, tmp
 
 
 # ------------------------------------------------------------------------------------- stages
+def test_cbl_refuses_a_batch_the_device_cannot_hold_before_any_work(world, monkeypatch):
+    """cbl.batch_size against the free memory (monkeypatched to 0.25 MiB): one line naming the key,
+    the need and the free memory, and no training; 1 GiB free lets the check pass."""
+    from lib.methods.salf import bottleneck_stage
+    from lib.methods.salf.cbl import step_bytes
+
+    base, layout = world
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("cbl trained before refusing the batch")
+
+    monkeypatch.setattr(bottleneck_stage, "train_bottleneck", no_training)
+    monkeypatch.setattr(bottleneck_stage, "available_memory", lambda device: 2**18)
+    result = invoke(base, "cbl")
+    assert result.exit_code == 2, result.output
+    # the whole train and val splits fit cbl.in_memory_mb: they are held on the device too
+    held = (TRAIN + VAL) * (64 + len(CONCEPTS)) * GRID**2 * 4
+    needed = step_bytes(PARAMS["cbl"]["batch_size"], len(CONCEPTS), 64, GRID) + held
+    assert "cbl.batch_size: 50" in result.output and f"needs {needed / 2**20:.1f} MiB" in result.output
+    assert "cpu has 0.2 MiB free" in result.output and needed > 2**19
+    monkeypatch.setattr(bottleneck_stage, "available_memory", lambda device: 2**30)
+    with pytest.raises(AssertionError, match="trained before refusing"):
+        bottleneck_stage.run_cbl(load_params(base / "params.yaml"), layout, torch.device("cpu"), Ranks())
+
+
 def test_cbl_learns_the_concepts_and_drops_the_unrelated_one(trained):
     base, layout = trained
     report = json.loads(layout.salf_concepts.read_text())

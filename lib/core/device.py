@@ -39,6 +39,22 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a stage can still allocate on `device`: free CUDA memory (cudaMemGetInfo), or on a CPU
+    the kernel's MemAvailable (/proc/meminfo); None where neither is known (MPS, non-Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as meminfo:
+                for line in meminfo:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024  # reported in KiB
+        except OSError:
+            return None
+    return None
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` runs bf16 matrix work natively (CUDA with bf16; CPUs with AVX512-BF16 or AMX).
 

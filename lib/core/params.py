@@ -314,6 +314,9 @@ class SparseParams(Section):
     max_epochs: PositiveInt = 1000
     tol: PositiveFloat = 1e-5
     batch_size: PositiveInt = 256  # SAGA minibatch; >= 1024 left toy-sized paths unconverged after 200 epochs
+    # "auto": 1/L(B) from the data, started at the exact lambda_max solution (ours); a number: that fixed
+    # step from zero weights, bias and SAGA table, as LF-CBM's glm_saga call (step 0.1) runs it
+    step_size: Literal["auto"] | PositiveFloat = "auto"
     seed: int = 0
     dense_lambda: Annotated[float, Field(ge=0)] = 1e-4  # L2 strength of the dense comparison layer
     # c* of a split up to this size is held on the device; a larger one streams from its store every epoch

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from lib.core.params import DEFAULT_PARAMS, Params, load_params
 
-__all__ = ["apply_profile", "overrides"]
+__all__ = ["apply_profile", "overrides", "profile_params"]
 
 
 def apply_profile(base: Mapping[str, Any], profile: Mapping[str, Any]) -> dict[str, Any]:
@@ -38,6 +38,12 @@ def apply_profile(base: Mapping[str, Any], profile: Mapping[str, Any]) -> dict[s
         else:
             merged[key] = value
     return merged
+
+
+def profile_params(profile: str | Path, base: str | Path = DEFAULT_PARAMS) -> Params:
+    """The validated params of `profile` applied to the params file `base` (e.g. for benchmarks)."""
+    merged = apply_profile(yaml.safe_load(Path(base).read_text()) or {}, yaml.safe_load(Path(profile).read_text()) or {})
+    return Params.model_validate(merged)
 
 
 def _leaves(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:

@@ -14,7 +14,9 @@ import pandas as pd
 import torch
 from rich.progress import Progress
 
+from lib.core.device import available_memory
 from lib.core.distributed import Ranks, rank_rows
+from lib.core.errors import UserError
 from lib.core.layout import Layout
 from lib.core.outputs import write_csv, write_figure, write_json
 from lib.core.params import Params, params_hash
@@ -22,12 +24,12 @@ from lib.core.progress import progress_callback
 from lib.core.stores import open_store
 from lib.kernels.registration import sample_features
 from lib.methods.salf.artifacts import save_bottleneck
-from lib.methods.salf.cbl import concept_scores, filter_concepts, train_bottleneck
-from lib.methods.salf.data import pair_batches, registration_of, similarity_target, splits_of
+from lib.methods.salf.cbl import concept_scores, filter_concepts, step_bytes, train_bottleneck
+from lib.methods.salf.data import held_pair_bytes, pair_batches, registration_of, similarity_target, splits_of
 from lib.methods.salf.figures import loss_curve_figure
 from lib.pipeline.stored_concepts import read_concepts
 
-__all__ = ["CblReport", "cbl_layer", "run_cbl"]
+__all__ = ["CblReport", "cbl_layer", "check_fits", "run_cbl"]
 
 
 def cbl_layer(config: Params) -> str:
@@ -56,6 +58,27 @@ class CblReport:
         )
 
 
+def check_fits(config: Params, device: torch.device, n_train: int, n_val: int, channels: int, n_concepts: int, grid: int) -> None:
+    """Refuse, before any work, a cbl.batch_size whose training step (lib.methods.salf.cbl.step_bytes)
+    plus the splits held in cbl.in_memory_mb does not fit the device's free memory."""
+    params = config.cbl
+    available = available_memory(device)
+    if available is None:
+        return
+    held = sum(held_pair_bytes(n, channels, n_concepts, grid, params.in_memory_mb) for n in (n_train, n_val))
+    batch = min(params.batch_size, n_train)
+    needed = step_bytes(batch, n_concepts, channels, grid) + held
+    if needed > available:
+        fixed = step_bytes(0, n_concepts, channels, grid)
+        fits = max(0, (available - held - fixed) // (step_bytes(1, n_concepts, channels, grid) - fixed))
+        raise UserError(
+            f"a training step of {batch} images x {n_concepts} concepts x {grid}x{grid} cells needs {needed / 2**20:,.1f} MiB"
+            f"{f' (with {held / 2**20:,.1f} MiB of cached splits)' if held else ''} but {device} has {available / 2**20:,.1f} MiB free",
+            key="cbl.batch_size", value=params.batch_size,
+            fix=f"lower it (at most {fits} fits here){', or cbl.in_memory_mb' if held else ''}, or use a larger device",
+        )
+
+
 def run_cbl(config: Params, layout: Layout, device: torch.device, ranks: Ranks, progress: Progress | None = None) -> CblReport:
     """Train the bottleneck on the train split, early-stopped on val; drop concepts whose val
     cos^3 is below cbl.cos3_threshold. Writes the bottleneck, the concept list and the loss curve."""
@@ -68,6 +91,7 @@ def run_cbl(config: Params, layout: Layout, device: torch.device, ranks: Ranks, 
     target = similarity_target(layout, concepts)
     if registration.grid != target.grid:
         raise ValueError(f"the circles store has a {registration.grid}x{registration.grid} grid, P {target.grid}x{target.grid}")
+    check_fits(config, device, len(splits.train), len(splits.val), features.shape[1], target.n_concepts, target.grid)
     # cell (h, w) reads the features at its circle's centre, mapped through CLIP's and the backbone's views
     positions = registration.feature_grid(device)
     sampler = partial(sample_features, grid=positions)

@@ -32,7 +32,7 @@ from lib.methods.salf.pooling import Standardiser
 from lib.pipeline.stored_concepts import Concepts
 
 __all__ = [
-    "SimilarityTarget", "Splits", "glm_batches", "pair_batches", "registration_of", "salf_splits", "similarity_target",
+    "SimilarityTarget", "Splits", "glm_batches", "held_pair_bytes", "pair_batches", "registration_of", "salf_splits", "similarity_target",
     "splits_of",
 ]
 
@@ -192,8 +192,7 @@ def pair_batches(
             "both must cover the same images"
         )
     smallest = min(batch_size, len(rows)) if shuffle else 1
-    cached_bytes = len(rows) * (features.shape[1] + target.n_concepts) * target.grid**2 * 4
-    if cached_bytes <= in_memory_mb * 2**20:
+    if held_pair_bytes(len(rows), features.shape[1], target.n_concepts, target.grid, in_memory_mb):
         return _cached_pairs(features, target, rows, batch_size, sample, smallest, shuffle=shuffle, seed=seed, device=device)
     source = batch_source(
         {"features": features, "target": target.array}, rows, batch_size, shuffle=shuffle, seed=seed, device=device
@@ -205,6 +204,13 @@ def pair_batches(
                 yield sample(block["features"]), target(block["target"])
 
     return batches
+
+
+def held_pair_bytes(n_rows: int, channels: int, n_concepts: int, grid: int, in_memory_mb: float) -> int:
+    """Bytes :func:`pair_batches` holds on the device for `n_rows` rows: the sampled features and P
+    (fp32) when they fit in `in_memory_mb`, else 0 (they stream)."""
+    cached = n_rows * (channels + n_concepts) * grid**2 * 4
+    return cached if cached <= in_memory_mb * 2**20 else 0
 
 
 def _cached_pairs(

@@ -69,7 +69,11 @@ def _glm_data(
     )
     if len(rows) * standardiser.mean.shape[0] * 4 > params.in_memory_mb * 2**20:
         return stream(shuffle=shuffle)
-    x, y, _ = (torch.cat(parts) for parts in zip(*stream()()))
+    # filled in place: concatenating the blocks would hold the split twice (ImageNet's c*: 2 x 23 GB)
+    x = torch.empty(len(rows), standardiser.mean.shape[0], device=device)
+    y = torch.empty(len(rows), dtype=torch.int64, device=device)
+    for values, labels_, position in stream()():
+        x[position], y[position] = values, labels_
     return x, y
 
 
@@ -95,7 +99,11 @@ def fit_final_layers(
     )
     split_data = partial(_glm_data, activations, labels, standardiser=standardiser, transform=transform, params=params, device=device)
     train, val, test = split_data(splits.train, shuffle=True), split_data(splits.val), split_data(splits.test)
-    fit = dict(batch_size=params.batch_size, max_epochs=params.max_epochs, tol=params.tol, seed=params.seed, device=device)
+    step_size = None if params.step_size == "auto" else params.step_size
+    fit = dict(
+        batch_size=params.batch_size, step_size=step_size, max_epochs=params.max_epochs, tol=params.tol, seed=params.seed,
+        device=device,
+    )
     if params.lam is None:
         path = fit_elastic_net_path(
             train, val, n_classes=n_classes, alpha=params.alpha, n_lambdas=params.n_lambdas,
@@ -103,7 +111,7 @@ def fit_final_layers(
             progress=progress_callback(progress, description, params.n_lambdas, "val_acc"), **fit,
         )
         selected = select_lambda(path, params.target_nonzeros_per_class)
-    else:  # one lambda from W = 0, as LF-CBM's glm_saga(k=1) at max_reg = lam
+    else:  # one lambda from W = 0, as LF-CBM's glm_saga(k=1) (whose lambda is its --lam / alpha: docs)
         path = fit_elastic_net_path(
             train, val, n_classes=n_classes, alpha=params.alpha, lambdas=[params.lam],
             progress=progress_callback(progress, description, 1, "val_acc"), **fit,

@@ -137,13 +137,14 @@ class _Saga:
             if x_sum is None:
                 x_sum = torch.zeros(x.shape[1], dtype=torch.float64, device=device)
                 xty = torch.zeros(n_classes, x.shape[1], dtype=torch.float64, device=device)
-                gram = torch.zeros(x.shape[1] + 1, x.shape[1] + 1, dtype=torch.float64, device=device)
+                if step_size is None:
+                    gram = torch.zeros(x.shape[1] + 1, x.shape[1] + 1, dtype=torch.float64, device=device)
             x_sum += x.sum(dim=0, dtype=torch.float64)
             xty.index_add_(0, y, x.to(torch.float64))
-            # Gram of [x, 1] gives the smoothness constant for the automatic step size.
-            x1 = F.pad(x, (0, 1), value=1.0).to(torch.float64)
-            gram += x1.T @ x1
-            max_sq = max(max_sq, float(x1.square().sum(dim=1).max()))
+            if step_size is None:  # Gram of [x, 1]: the smoothness constant of the automatic step (B M^2 per batch)
+                x1 = F.pad(x, (0, 1), value=1.0).to(torch.float64)
+                gram += x1.T @ x1
+                max_sq = max(max_sq, float(x1.square().sum(dim=1).max()))
             largest = max(largest, x.shape[0])
             idx_parts.append(idx)
             y_parts.append(y)
@@ -160,17 +161,24 @@ class _Saga:
             missing = torch.nonzero(counts == 0).flatten().tolist()
             raise ValueError(f"classes {missing} have no training samples; every class in [0, {n_classes}) needs one")
         prior = counts / n
-        # Start at the exact solution for lam >= lam_max: W = 0, softmax(b) = class prior.
+        # The exact gradient at W = 0, softmax(b) = class prior: (1/n) sum_i (prior - y_i) x_i^T
+        # (its bias part is exactly 0); it sets lambda_max whichever start is used.
+        self._grad_at_prior = ((prior[:, None] * x_sum[None, :] - xty) / n).to(torch.float32)
         self.weight = torch.zeros(n_classes, x_sum.shape[0], device=device)
-        self.bias = prior.log().to(torch.float32)
-        self.table = prior.to(torch.float32) - F.one_hot(labels, n_classes).to(torch.float32)
-        # Mean gradient of the table: (1/n) sum_i (prior - y_i) x_i^T; the bias part is exactly 0.
-        self.grad_w = ((prior[:, None] * x_sum[None, :] - xty) / n).to(torch.float32)
         self.grad_b = torch.zeros(n_classes, device=device)
+        if step_size is None:  # start at the exact solution for lam >= lam_max, table and its mean filled in
+            self.bias = prior.log().to(torch.float32)
+            self.table = prior.to(torch.float32) - F.one_hot(labels, n_classes).to(torch.float32)
+            self.grad_w = self._grad_at_prior.clone()
+        else:  # glm-saga's start (LF-CBM): zero bias, zero table, zero table means
+            self.bias = torch.zeros(n_classes, device=device)
+            self.table = torch.zeros(n, n_classes, device=device)
+            self.grad_w = torch.zeros_like(self.weight)
         # Per-sample loss CE(Wx+b) has Hessian (diag p - pp^T) (x) [x,1][x,1]^T with ||diag p - pp^T|| <= 1/2.
-        self._smooth = 0.5 * float(torch.linalg.eigvalsh(gram / n)[-1])
-        self._smooth_max = 0.5 * max_sq
         self.fixed_step = step_size
+        if step_size is None:
+            self._smooth = 0.5 * float(torch.linalg.eigvalsh(gram / n)[-1])
+            self._smooth_max = 0.5 * max_sq
         self.step_size = self._step(largest)
 
     def _step(self, batch: int) -> float:
@@ -187,7 +195,7 @@ class _Saga:
 
     def lambda_max(self, alpha: float) -> float:
         """Smallest lam with W = 0 optimal: max |grad_W at (0, log prior)| / alpha."""
-        return float(self.grad_w.abs().max()) / alpha
+        return float(self._grad_at_prior.abs().max()) / alpha
 
     def run(self, lam: float, alpha: float, max_epochs: int, tol: float) -> tuple[int, bool, float]:
         """Epochs of SAGA on the current problem until max|change| / max|param| <= tol per epoch
@@ -256,7 +264,8 @@ def fit_elastic_net_path(
     Each fit warm-starts from the previous one. The path stops early once the mean nonzeros per
     class exceed `max_nonzeros_per_class`, or at the first entry with perfect val accuracy: later,
     denser entries could not be selected anyway (select_lambda gives ties to the sparser entry).
-    `batch_size` only applies to tensor data; `step_size=None` picks 1/L(B) from the data.
+    `batch_size` only applies to tensor data; `step_size=None` picks 1/L(B) from the data and starts
+    at the exact solution for lam_max, a number is glm-saga's fixed step from zeros (module doc).
     """
     _check_common(batch_size, max_epochs, tol, step_size, n_classes)
     if not 0 < alpha <= 1:
