@@ -8,6 +8,7 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -43,8 +44,7 @@ SETTINGS = {
         "positions_budget": 1024,  # 1024 // 128 channels = 8 of layer3's 64 positions per image
         "sae": {"n_concepts": N_CONCEPTS, "k": K, "aux_k": 6, "dead_after": 500, "steps": STEPS, "batch_size": 32,
                 "warmup_steps": 2, "checkpoint_every": 5, "buffer_shards": 2},
-        "c2_min_images": 3,
-        "c2_concepts": 3,
+        "c2": {"featurizer": "gt", "min_images": 3, "mean_min_images": 2},
         "explain": {"n_images": 2, "top_k": 2, "gallery_concepts": 2, "gallery_images": 2},
     },
 }
@@ -135,7 +135,13 @@ def test_contributions_are_complete_on_bcos(project: Path):
     assert metrics["acc_spliced"] == float((predicted.numpy() == stats[STATS_LABEL][:]).mean())
     assert metrics["fve"] <= 1 and 0 < metrics["l0"] <= K * h * w and 0 <= metrics["alive_pct"] <= 100
     assert 1 <= metrics["poscover80"] <= N_CONCEPTS
-    assert metrics["c2_concepts"] == 3 and -1 <= metrics["c2_random"] <= 1 and -1 <= metrics["c2"] <= 1
+    assert metrics["c2_featurizer"] == "gt" and -1 <= metrics["c2_random"] <= 1 and -1 <= metrics["c2"] <= 1
+    assert metrics["c2_delta"] == pytest.approx(metrics["c2"] - metrics["c2_random"], abs=2e-6)
+    table = pd.read_parquet(layout.fact_c2)  # every concept with 2 of the 8 test images is scored
+    assert len(table) == metrics["c2_scored"] >= metrics["c2_concepts"] == int(table["averaged"].sum()) > 0
+    assert (table["images"] >= 2).all() and table["extent_fraction"].between(0, 1).all()
+    histogram = pd.read_csv(project / "metrics/plots/fact_c2.csv")
+    assert histogram["kind"].tolist()[-2:] == ["c2", "c2_random"]
     assert metrics["gt_concepts"] == 17 and 0 <= metrics["gt_found"] <= 17
 
 
@@ -251,7 +257,7 @@ def test_toy_cnn_reports_its_completeness_error(project: Path, tmp_path: Path):
     run(root, "clip-images", "features", "sae-data", "sae", "contributions")
     metrics = json.loads((root / "metrics/fact.json").read_text())
     assert metrics["dynamic_linear"] is False and metrics["completeness_max_rel_err"] > 1e-3
-    assert metrics["c2"] is None and metrics["c2_random"] is None and metrics["c2_concepts"] == 0
+    assert metrics["c2_featurizer"] == "gt"  # the ground-truth masks need no dense CLIP features
 
 
 def test_with_a_new_head_fact_explains_the_backbones_top_output(project: Path, tmp_path: Path):

@@ -20,8 +20,12 @@ metrics/fact.json:
   a dynamic-linear (B-cos) tail it must be at most fact.completeness_tol, else the stage fails (a
   bug, not a setting); on other backbones it is reported (a ReLU network's tail after its last
   block, average pooling and a linear layer, is linear too, and then it is ~1e-7).
-- c2, c2_random: C²-Score of the concepts and of random maps (lib/methods/fact/consistency.py),
-  means over the scored concepts; null when clip_images holds no dense features.
+- c2_delta = c2 - c2_random, the C²-Score's headline (the paper's Δ_rand), by the authors' definition
+  (lib/methods/fact/c2.py): c2 the mean C² over the concepts with at least fact.c2.mean_min_images
+  images (c2_concepts of them; c2_scored concepts have the fact.c2.min_count images to be scored),
+  c2_random that of one pooled random concept over every test image; c2_featurizer names the
+  featurizer (each is another metric). Per concept to data/<name>/fact/c2.parquet (images, C²,
+  spatial extent), the histogram to metrics/plots/fact_c2.csv.
 - gt_found, gt_concepts, match_score: on data with concept masks, how many ground-truth concepts
   found a latent on val and the mean best correlation (lib/methods/fact/matching.py, written in
   full to data/<name>/fact/matching.json, which `evaluate` reads).
@@ -43,11 +47,10 @@ from torch import Tensor
 from lib.core.distributed import Ranks, gather_objects, sharded_outputs
 from lib.core.errors import UserError
 from lib.core.layout import Layout
-from lib.core.outputs import write_json
+from lib.core.outputs import write_csv, write_json, write_parquet
 from lib.core.params import Params, params_hash, source_hash
 from lib.core.schema import (
     CONTRIBUTION,
-    DENSE,
     FEATURES,
     LOGITS,
     PRED_BACKBONE,
@@ -61,19 +64,25 @@ from lib.core.stores import ShardedWriter, open_store
 from lib.core.streams import read_rows
 from lib.data.manifest import read_dataset_info, read_manifest, split_indices, train_val_indices
 from lib.methods.fact.artifacts import load_sae
-from lib.methods.fact.backbone import FactBackbone, load_fact_backbone
-from lib.methods.fact.c2 import top_count
-from lib.methods.fact.consistency import TopImages, c2_per_concept, dense_mean
+from lib.methods.fact.backbone import FactBackbone, check_fact, load_fact_backbone
+from lib.methods.fact.consistency import fact_c2, top_images
 from lib.methods.fact.contributions import concept_contributions, splice
+from lib.methods.fact.featurizers import check_featurizer
 from lib.methods.fact.matching import LatentCorrelation, Matching
 from lib.methods.fact.sae import BiasFreeTopKSAE
 from lib.methods.fact.streams import fact_layer, feature_vectors
 from lib.methods.fact.train import fraction_of_variance_explained
 from lib.metrics.concepts import poscover
 
-__all__ = ["ContributionsReport", "explain_batch", "run_contributions"]
+__all__ = ["ContributionsReport", "check_contributions", "explain_batch", "run_contributions"]
 
 _TINY = 1e-12
+
+
+def check_contributions(config: Params) -> None:
+    """The stage's checks before any work: FaCT's backbone section and layer, and fact.c2's featurizer."""
+    check_fact(config)
+    check_featurizer(config)
 
 
 def explain_batch(backbone: FactBackbone, sae: BiasFreeTopKSAE, acts: Tensor) -> dict[str, Tensor]:
@@ -97,7 +106,9 @@ class ContributionsReport:
         if self.metrics is None:
             return f"this rank's shards written; rank 0 writes {self.path}"
         m = self.metrics
-        c2 = "C² n/a (clip_images.dense is off)" if m["c2"] is None else f"C² {m['c2']:.3f} (random {m['c2_random']:.3f})"
+        c2 = "C² n/a (no concept has enough images)" if m["c2_delta"] is None else (
+            f"C² Δ_rand {m['c2_delta']:.3f} (mean {m['c2']:.3f}, random {m['c2_random']:.3f}, featurizer {m['c2_featurizer']})"
+        )
         found = f"; {m['gt_found']}/{m['gt_concepts']} ground-truth concepts found a latent" if m["gt_concepts"] else ""
         accuracy = (
             "no dataset classes (backbone.new_head)" if m["acc_backbone"] is None
@@ -163,7 +174,7 @@ def run_contributions(
         return {path.name: ShardedWriter(path, concept_stats_specs(len(rows), n_concepts), config.data.rows_per_shard, attributes,
                                          fingerprint, create=create, scratch=layout.scratch(path))}
 
-    top = TopImages(top_count(len(rows), settings.c2_top_fraction, settings.c2_min_images))
+    top = top_images(config, len(rows))
     alive = torch.zeros(n_concepts, dtype=torch.bool, device=device)
     l0, cover, errors, correct_model, correct_backbone = [], [], [], 0, 0
     with sharded_outputs(make_writers, ranks) as writers:
@@ -210,7 +221,9 @@ def run_contributions(
         )
     matching = _match(config, layout, sae, device)
     write_json(layout.fact_matching, matching.to_json() if matching is not None else {"concepts": []})
-    c2, c2_random, n_scored = _c2(config, layout, backbone, sae, rows, top, alive, progress)
+    c2, featurizer = fact_c2(config, layout, backbone, sae, rows, top, progress)
+    write_parquet(layout.fact_c2, c2.table)
+    write_csv(layout.fact_plot("c2"), c2.histogram())
     metrics = {
         "fve": fve,
         "l0": float(np.concatenate(l0).mean()),
@@ -220,9 +233,12 @@ def run_contributions(
         "acc_spliced": None if backbone.class_map is None else correct_model / len(rows),
         "completeness_max_rel_err": completeness,
         "dynamic_linear": backbone.dynamic_linear,
-        "c2": c2,
-        "c2_random": c2_random,
-        "c2_concepts": n_scored,
+        "c2_delta": _finite(c2.c2_delta),
+        "c2": _finite(c2.c2),
+        "c2_random": _finite(c2.c2_random),
+        "c2_concepts": c2.n_averaged,
+        "c2_scored": c2.n_scored,
+        "c2_featurizer": featurizer.name,
         "n_concepts": n_concepts,
         "k": sae.k,
         "gt_concepts": 0 if matching is None else len(matching.names),
@@ -235,27 +251,7 @@ def run_contributions(
     return ContributionsReport(metrics, layout.fact_metrics)
 
 
-def _c2(
-    config: Params, layout: Layout, backbone: FactBackbone, sae: BiasFreeTopKSAE, rows: np.ndarray, top: TopImages, alive: Tensor,
-    progress: Progress | None,
-) -> tuple[float | None, float | None, int]:
-    """(C², random baseline, concepts scored): means over the alive concepts with two or more images
-    of positive presence (a seeded sample of fact.c2_concepts of them); (None, None, 0) without dense features."""
-    clip_images = open_store(layout.clip_images)
-    if DENSE not in clip_images:
-        return None, None, 0
-    settings = config.fact
-    selected = top.result()
-    eligible = torch.nonzero(alive.cpu() & ((selected.presence > 0).sum(dim=1) >= 2).cpu()).flatten()
-    if settings.c2_concepts is not None and len(eligible) > settings.c2_concepts:
-        pick = torch.randperm(len(eligible), generator=torch.Generator().manual_seed(settings.seed))[: settings.c2_concepts]
-        eligible = eligible[pick.sort().values]
-    if len(eligible) == 0:
-        return None, None, 0
-    dense = clip_images[DENSE]
-    mean = dense_mean(dense, rows, settings.batch_size)
-    scores, baseline = c2_per_concept(
-        backbone, sae, open_store(layout.images)["images"], dense, mean, selected, eligible,
-        batch_size=settings.batch_size, seed=settings.seed, progress=progress,
-    )
-    return float(scores.nanmean()), float(baseline.nanmean()), len(eligible)
+
+def _finite(value: float) -> float | None:
+    """JSON has no NaN: null (e.g. no concept with enough images for the mean)."""
+    return value if np.isfinite(value) else None

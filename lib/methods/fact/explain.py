@@ -33,7 +33,7 @@ from lib.core.stores import open_store
 from lib.data.manifest import read_dataset_info
 from lib.methods.fact.artifacts import load_sae
 from lib.methods.fact.backbone import FactBackbone, load_fact_backbone
-from lib.methods.fact.consistency import TopImages
+from lib.methods.fact.c2 import TopImages
 from lib.methods.fact.matching import Matching
 from lib.methods.fact.sae import BiasFreeTopKSAE
 
