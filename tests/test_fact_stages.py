@@ -132,6 +132,11 @@ def test_contributions_are_complete_on_bcos(project: Path):
 
     metrics = json.loads((project / "metrics/fact.json").read_text())
     assert metrics["dynamic_linear"] is True and metrics["completeness_max_rel_err"] <= 1e-4
+    assert metrics["completeness_concept_max_err"] <= 1e-5  # each C_j is its logit through the frozen tail
+    with torch.no_grad():  # the explained logit, spliced against unspliced (float32 here: 1 % agreement)
+        unspliced = tail(acts).gather(1, predicted[:, None])[:, 0].double() + np.log(7)
+    spliced_error = float(((explained.double() - unspliced).abs() / unspliced.abs()).max())
+    assert metrics["spliced_logit_max_rel_err"] == pytest.approx(spliced_error, rel=1e-2)
     assert metrics["acc_spliced"] == float((predicted.numpy() == stats[STATS_LABEL][:]).mean())
     assert metrics["fve"] <= 1 and 0 < metrics["l0"] <= K * h * w and 0 <= metrics["alive_pct"] <= 100
     assert 1 <= metrics["poscover80"] <= N_CONCEPTS
@@ -257,6 +262,7 @@ def test_toy_cnn_reports_its_completeness_error(project: Path, tmp_path: Path):
     run(root, "clip-images", "features", "sae-data", "sae", "contributions")
     metrics = json.loads((root / "metrics/fact.json").read_text())
     assert metrics["dynamic_linear"] is False and metrics["completeness_max_rel_err"] > 1e-3
+    assert metrics["completeness_concept_max_err"] <= 1e-5  # piecewise affine: frozen ReLU gates give the same C_j
     assert metrics["c2_featurizer"] == "gt"  # the ground-truth masks need no dense CLIP features
 
 

@@ -73,7 +73,8 @@ class FactBackbone:
         return classes, self.class_map.output_of(classes)
 
     @cached_property
-    def _tail64(self) -> nn.Module:
+    def tail64(self) -> nn.Module:
+        """A float64 copy of the tail (references that must keep more digits than float32 has)."""
         return copy.deepcopy(self.tail).double()
 
     @torch.no_grad()
@@ -83,7 +84,7 @@ class FactBackbone:
         its LogitLayer's). Float64, because in float32 the difference of two nearly equal logits (an
         untrained network's) keeps only a few digits, too few to check completeness against."""
         x = feats.double()
-        return self._tail64(x) - self._tail64(torch.zeros_like(x[:1]))
+        return self.tail64(x) - self.tail64(torch.zeros_like(x[:1]))
 
     def input_maps(self, images: Tensor, sae: BiasFreeTopKSAE, concepts: Tensor) -> Tensor:
         """Input-level map (B, H, W) of concept concepts[b]'s presence P in image b, for uint8 images
