@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from bcos.common import gradient_to_image
 
 from lib.core.distributed import Ranks
 from lib.core.layout import Layout
@@ -25,7 +26,8 @@ from lib.evaluate.registry import EvalBatch, EvalContext
 from lib.evaluate.truth import GroundTruth
 from lib.methods.fact.artifacts import load_sae
 from lib.methods.fact.backbone import load_fact_backbone
-from lib.methods.fact.contributions import splice
+from lib.methods.fact.contributions import concept_contributions, splice
+from lib.methods.fact.explain import code_weights, colour_map
 from lib.methods.fact.sae_stage import run_sae
 from lib.methods.fact.streams import IMAGE, POSITION, VECTORS, VectorStream
 from lib.methods.fact.train import TrainState
@@ -204,9 +206,65 @@ def test_fact_explain_writes_explanations_and_a_gallery(project: Path):
     out = _layout(project).fact_explain
     records = json.loads((out / "explanations.json").read_text())
     assert len(records) == 2 and all(len(r["concepts"]) == 2 for r in records)
-    assert sorted(p.name for p in out.glob("*.png")) == sorted(["gallery.png", *(f"row{r['row']}.png" for r in records)])
-    shares = [c["share"] for r in records for c in r["concepts"]]
-    assert all(s <= 1 + 1e-6 for s in shares)
+    local = [f"local_row{r['row']}_latent{r['concepts'][0]['latent']}.png" for r in records]  # each image's top concept
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(["gallery.png", *(f"row{r['row']}.png" for r in records), *local])
+    stats = open_store(_layout(project).concept_stats("fact"))
+    index = {int(row): i for i, row in enumerate(stats[STATS_IMAGE][:])}
+    for record in records:  # shares of the positive contributions; the rest is "other concepts", of y - b
+        c = stats[CONTRIBUTION][index[record["row"]]].astype(np.float64)
+        assert record["explained"] == record["predicted"]
+        assert record["positive_total"] == pytest.approx(c.clip(0).sum(), rel=1e-4)
+        assert record["explained_logit"] == pytest.approx(c.sum(), rel=1e-4, abs=1e-5)
+        for concept in record["concepts"]:
+            assert concept["share"] == pytest.approx(c[concept["latent"]] / c.clip(0).sum(), rel=1e-4)
+        shown = sum(concept["contribution"] for concept in record["concepts"])
+        assert shown + record["other_share"] * record["explained_logit"] == pytest.approx(record["explained_logit"], rel=1e-4, abs=1e-5)
+
+
+def test_fact_explain_explains_a_chosen_logit_and_named_latents(project: Path, tmp_path: Path):
+    root = tmp_path / "project"
+    shutil.copytree(project, root)
+    first = json.loads((_layout(project).fact_explain / "explanations.json").read_text())
+    named = sorted({c["latent"] for r in first for c in r["concepts"]} | {0})
+    merge_params(root, fact={"explain": {"logit": 3, "concepts": named, "top_k": N_CONCEPTS}})
+    run(root, "fact-explain")
+    out = _layout(root).fact_explain
+    records = json.loads((out / "explanations.json").read_text())
+    classes = read_dataset_info(_layout(root).dataset_info)["classes"]
+    assert all(r["explained"] == classes[3] for r in records)
+    # every latent is shown (top_k = all), so each named latent gets a local-and-global figure per image
+    local = sorted(p.name for p in out.glob("local_*.png"))
+    assert local == sorted(f"local_row{r['row']}_latent{j}.png" for r in records for j in named)
+    assert all(r["other_share"] == pytest.approx(0, abs=1e-6) for r in records)
+    merge_params(root, fact={"explain": {"concepts": [N_CONCEPTS]}})
+    result = invoke(root, "fact-explain")
+    assert result.exit_code != 0 and "fact.explain.concepts" in result.output
+
+
+def test_the_logit_and_other_concepts_maps_sum_to_their_contributions(project: Path, monkeypatch: pytest.MonkeyPatch):
+    """The input maps of fact_explain: sum_pixels W(x) . [x, 1 - x] of the logit's map is y_c - b, of
+    the "other concepts" map sum_(j not shown) C_j, of a shown latent's map its presence."""
+    monkeypatch.chdir(project)
+    layout = _layout(project)
+    backbone = load_fact_backbone(_config(project), layout, torch.device("cpu"))
+    sae, _ = load_sae(layout.fact_sae)
+    rows = split_indices(read_manifest(layout.manifest), "test")[:2]
+    images = torch.from_numpy(read_rows(open_store(layout.images)["images"], rows))
+    with torch.no_grad():  # the features the input maps see (the stored ones may tip a near-tie of the top-k)
+        acts = extract_layers(backbone.model, backbone.preprocess(images), ["layer3"])["layer3"]
+    for b in range(2):
+        out = concept_contributions(backbone.tail, sae, acts[b : b + 1])
+        shown = out.contributions[0].topk(2).indices.tolist()
+        weight = code_weights(out.grad[0], sae.atoms, shown)
+        inputs, grads = backbone.input_weights(images[b : b + 1].repeat(4, 1, 1, 1), sae,
+                                               lambda codes, weight=weight: (codes * weight).sum(dim=(1, 2)))
+        sums = (inputs * grads).sum(dim=(1, 2, 3)).double()
+        explained = out.explained[0].item()
+        expected = [*out.presence[0, shown].tolist(), explained, explained - out.contributions[0, shown].sum().item()]
+        torch.testing.assert_close(sums, torch.tensor(expected, dtype=torch.float64), rtol=1e-4, atol=1e-5)
+        image = colour_map(inputs[2], grads[2], 3, 99.5)
+        assert image.shape == (64, 64, 4) and 0 <= image.min() and image.max() <= 1
+        np.testing.assert_allclose(image, gradient_to_image(inputs[2].double(), grads[2].double(), smooth=3, alpha_percentile=99.5))
 
 
 def test_clip_images_stores_the_dense_feature_map(project: Path):

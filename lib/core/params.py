@@ -421,6 +421,10 @@ class FactExplainParams(Section):
     gallery_concepts: PositiveInt = 6  # concepts in the gallery (seeded sample of the alive ones)
     gallery_images: PositiveInt = 6  # top images per gallery concept, by presence
     seed: int = 0
+    logit: Annotated[int, Field(ge=0)] | None = None  # explain this dataset class's logit in every image; None = the prediction
+    concepts: tuple[Annotated[int, Field(ge=0)], ...] | None = None  # latents of the gallery and local-and-global figures; None = a sample
+    smooth: Annotated[int, Field(ge=0)] = 3  # B-cos colour maps: alpha smoothing kernel (the authors' figures: 3; 0 = none)
+    alpha_percentile: Annotated[float, Field(gt=0, le=100)] = 99.5  # B-cos colour maps: alpha = ||W|| / this percentile
 
 
 class FactParams(Section):
