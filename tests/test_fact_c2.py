@@ -297,3 +297,19 @@ def test_timm_featurizer_loads_a_local_file_and_returns_the_patch_grid(tmp_path)
     with torch.no_grad():
         tokens = model.forward_features(x)[:, 1:]
     torch.testing.assert_close(got, tokens.transpose(1, 2).reshape(3, 24, 2, 2))
+
+
+def test_featurizer_settings_are_checked_before_any_work(tmp_path):
+    from lib.core.errors import UserError
+    from lib.core.params import Params
+    from lib.methods.fact.featurizers import check_featurizer
+
+    with pytest.raises(UserError, match="fact.c2.weights"):
+        check_featurizer(Params())  # the authors' DINOv2-S needs a local file
+    with pytest.raises(UserError, match="no such file"):
+        check_featurizer(Params.model_validate({"fact": {"c2": {"weights": str(tmp_path / "missing.pth")}}}))
+    with pytest.raises(UserError, match="fact.c2.layer"):
+        check_featurizer(
+            Params.model_validate({"features": {"layers": ["layer3"]}, "fact": {"c2": {"featurizer": "backbone", "layer": "layer2"}}})
+        )
+    check_featurizer(Params.model_validate({"features": {"layers": ["layer2"]}, "fact": {"c2": {"featurizer": "backbone"}}}))

@@ -76,7 +76,7 @@ from lib.methods.fact.backbone import FactBackbone, check_fact, load_fact_backbo
 from lib.methods.fact.completeness import frozen_contributions
 from lib.methods.fact.consistency import fact_c2, top_images
 from lib.methods.fact.contributions import concept_contributions, splice
-from lib.methods.fact.featurizers import check_featurizer
+from lib.methods.fact.featurizers import check_featurizer, load_featurizer
 from lib.methods.fact.matching import LatentCorrelation, Matching
 from lib.methods.fact.sae import BiasFreeTopKSAE
 from lib.methods.fact.streams import fact_layer, feature_vectors
@@ -181,6 +181,7 @@ def run_contributions(
             f"{layout.fact_sae} was trained on {record['layer']} of {record['model_id']}, not {backbone.layer} of {backbone.model_id}",
             key="fact.layer", fix="rerun sae_data and sae (dvc repro)",
         )
+    featurizer = load_featurizer(config, layout, device)  # C²'s: its data are checked before any work
     manifest = read_manifest(layout.manifest)
     rows = split_indices(manifest, "test")
     labels = manifest.set_index("index").loc[rows, "label"].to_numpy(np.int64)
@@ -254,7 +255,7 @@ def run_contributions(
         )
     matching = _match(config, layout, sae, device)
     write_json(layout.fact_matching, matching.to_json() if matching is not None else {"concepts": []})
-    c2, featurizer = fact_c2(config, layout, backbone, sae, rows, top, progress)
+    c2 = fact_c2(config, layout, backbone, sae, featurizer, rows, top, progress)
     write_parquet(layout.fact_c2, c2.table)
     write_csv(layout.fact_plot("c2"), c2.histogram())
     metrics = {
