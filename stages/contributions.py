@@ -6,7 +6,6 @@ from lib.core.sharded_stage import run_sharded_stage
 
 def contributions(params: ParamsOption = DEFAULT_PARAMS_PATH) -> None:
     """Write data/<name>/fact/concept_stats.zarr, fact/matching.json and metrics/fact.json."""
-    from lib.methods.fact.backbone import check_fact
-    from lib.methods.fact.contributions_stage import run_contributions
+    from lib.methods.fact.contributions_stage import check_contributions, run_contributions
 
-    run_sharded_stage("contributions", params, run_contributions, check=check_fact)
+    run_sharded_stage("contributions", params, run_contributions, check=check_contributions)

@@ -34,7 +34,7 @@ MICRO = {
     "fact": {
         "sae": {"n_concepts": 16, "k": 2, "aux_k": 4, "dead_after": 1000, "steps": 10, "batch_size": 64, "warmup_steps": 2,
                 "checkpoint_every": 5},
-        "c2_concepts": 2,
+        "c2": {"max_concepts": 2},
     },
 }
 

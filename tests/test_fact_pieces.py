@@ -6,8 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lib.methods.fact.c2 import select_images, top_count
-from lib.methods.fact.consistency import TopImages, pooling_matrix
+from lib.methods.fact.c2 import TopImages, pooling_matrix, selection_depth
 from lib.methods.fact.matching import LatentCorrelation, Matching
 
 
@@ -43,18 +42,22 @@ def test_a_latent_that_is_the_mask_correlates_perfectly_and_is_matched():
     assert Matching.from_json(matching.to_json()) == matching
 
 
-def test_streamed_top_images_equal_select_images():
+def test_streamed_top_images_equal_the_whole_arrays_top_and_count_the_present_images():
     presence = torch.rand(50, 7, generator=gen(5))
     presence[presence < 0.3] = 0
-    m = top_count(50, 0.1, 6)
-    top = TopImages(m)
+    m = selection_depth(50, 0.1, 6)
+    assert m == 7  # max(ceil(0.1 * 50) + 2, 6 + 1)
+    top, other = TopImages(m), TopImages(m)
     rows = torch.arange(100, 150)
-    for start in range(0, 50, 8):
-        top.add(presence[start : start + 8], rows[start : start + 8])
-    streamed, whole = top.result(), select_images(presence, 0.1, 6)
+    for start in range(0, 50, 8):  # two streams (torchrun ranks) merged equal one
+        (top if start < 24 else other).add(presence[start : start + 8], rows[start : start + 8])
+    top.merge(other)
+    streamed = top.result()
+    values, index = presence.topk(m, dim=0)
     assert streamed.index.shape == (7, m)
-    torch.testing.assert_close(streamed.presence, whole.presence)
-    assert torch.equal(streamed.index, whole.index + 100)
+    torch.testing.assert_close(streamed.presence, values.T)
+    assert torch.equal(streamed.index, index.T + 100)
+    assert top.n_positive.tolist() == (presence > 0).sum(dim=0).tolist()
 
 
 def test_pooling_matrix_is_the_adjoint_of_bilinear_upsampling():

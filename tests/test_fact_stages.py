@@ -8,9 +8,11 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
+from bcos.common import gradient_to_image
 
 from lib.core.distributed import Ranks
 from lib.core.layout import Layout
@@ -24,7 +26,8 @@ from lib.evaluate.registry import EvalBatch, EvalContext
 from lib.evaluate.truth import GroundTruth
 from lib.methods.fact.artifacts import load_sae
 from lib.methods.fact.backbone import load_fact_backbone
-from lib.methods.fact.contributions import splice
+from lib.methods.fact.contributions import concept_contributions, splice
+from lib.methods.fact.explain import code_weights, colour_map
 from lib.methods.fact.sae_stage import run_sae
 from lib.methods.fact.streams import IMAGE, POSITION, VECTORS, VectorStream
 from lib.methods.fact.train import TrainState
@@ -43,8 +46,7 @@ SETTINGS = {
         "positions_budget": 1024,  # 1024 // 128 channels = 8 of layer3's 64 positions per image
         "sae": {"n_concepts": N_CONCEPTS, "k": K, "aux_k": 6, "dead_after": 500, "steps": STEPS, "batch_size": 32,
                 "warmup_steps": 2, "checkpoint_every": 5, "buffer_shards": 2},
-        "c2_min_images": 3,
-        "c2_concepts": 3,
+        "c2": {"featurizer": "gt", "min_images": 3, "mean_min_images": 2},
         "explain": {"n_images": 2, "top_k": 2, "gallery_concepts": 2, "gallery_images": 2},
     },
 }
@@ -132,10 +134,21 @@ def test_contributions_are_complete_on_bcos(project: Path):
 
     metrics = json.loads((project / "metrics/fact.json").read_text())
     assert metrics["dynamic_linear"] is True and metrics["completeness_max_rel_err"] <= 1e-4
+    assert metrics["completeness_concept_max_err"] <= 1e-5  # each C_j is its logit through the frozen tail
+    with torch.no_grad():  # the explained logit, spliced against unspliced (float32 here: 1 % agreement)
+        unspliced = tail(acts).gather(1, predicted[:, None])[:, 0].double() + np.log(7)
+    spliced_error = float(((explained.double() - unspliced).abs() / unspliced.abs()).max())
+    assert metrics["spliced_logit_max_rel_err"] == pytest.approx(spliced_error, rel=1e-2)
     assert metrics["acc_spliced"] == float((predicted.numpy() == stats[STATS_LABEL][:]).mean())
     assert metrics["fve"] <= 1 and 0 < metrics["l0"] <= K * h * w and 0 <= metrics["alive_pct"] <= 100
     assert 1 <= metrics["poscover80"] <= N_CONCEPTS
-    assert metrics["c2_concepts"] == 3 and -1 <= metrics["c2_random"] <= 1 and -1 <= metrics["c2"] <= 1
+    assert metrics["c2_featurizer"] == "gt" and -1 <= metrics["c2_random"] <= 1 and -1 <= metrics["c2"] <= 1
+    assert metrics["c2_delta"] == pytest.approx(metrics["c2"] - metrics["c2_random"], abs=2e-6)
+    table = pd.read_parquet(layout.fact_c2)  # every concept with 2 of the 8 test images is scored
+    assert len(table) == metrics["c2_scored"] >= metrics["c2_concepts"] == int(table["averaged"].sum()) > 0
+    assert (table["images"] >= 2).all() and table["extent_fraction"].between(0, 1).all()
+    histogram = pd.read_csv(project / "metrics/plots/fact_c2.csv")
+    assert histogram["kind"].tolist()[-2:] == ["c2", "c2_random"]
     assert metrics["gt_concepts"] == 17 and 0 <= metrics["gt_found"] <= 17
 
 
@@ -201,9 +214,65 @@ def test_fact_explain_writes_explanations_and_a_gallery(project: Path):
     out = _layout(project).fact_explain
     records = json.loads((out / "explanations.json").read_text())
     assert len(records) == 2 and all(len(r["concepts"]) == 2 for r in records)
-    assert sorted(p.name for p in out.glob("*.png")) == sorted(["gallery.png", *(f"row{r['row']}.png" for r in records)])
-    shares = [c["share"] for r in records for c in r["concepts"]]
-    assert all(s <= 1 + 1e-6 for s in shares)
+    local = [f"local_row{r['row']}_latent{r['concepts'][0]['latent']}.png" for r in records]  # each image's top concept
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(["gallery.png", *(f"row{r['row']}.png" for r in records), *local])
+    stats = open_store(_layout(project).concept_stats("fact"))
+    index = {int(row): i for i, row in enumerate(stats[STATS_IMAGE][:])}
+    for record in records:  # shares of the positive contributions; the rest is "other concepts", of y - b
+        c = stats[CONTRIBUTION][index[record["row"]]].astype(np.float64)
+        assert record["explained"] == record["predicted"]
+        assert record["positive_total"] == pytest.approx(c.clip(0).sum(), rel=1e-4)
+        assert record["explained_logit"] == pytest.approx(c.sum(), rel=1e-4, abs=1e-5)
+        for concept in record["concepts"]:
+            assert concept["share"] == pytest.approx(c[concept["latent"]] / c.clip(0).sum(), rel=1e-4)
+        shown = sum(concept["contribution"] for concept in record["concepts"])
+        assert shown + record["other_share"] * record["explained_logit"] == pytest.approx(record["explained_logit"], rel=1e-4, abs=1e-5)
+
+
+def test_fact_explain_explains_a_chosen_logit_and_named_latents(project: Path, tmp_path: Path):
+    root = tmp_path / "project"
+    shutil.copytree(project, root)
+    first = json.loads((_layout(project).fact_explain / "explanations.json").read_text())
+    named = sorted({c["latent"] for r in first for c in r["concepts"]} | {0})
+    merge_params(root, fact={"explain": {"logit": 3, "concepts": named, "top_k": N_CONCEPTS}})
+    run(root, "fact-explain")
+    out = _layout(root).fact_explain
+    records = json.loads((out / "explanations.json").read_text())
+    classes = read_dataset_info(_layout(root).dataset_info)["classes"]
+    assert all(r["explained"] == classes[3] for r in records)
+    # every latent is shown (top_k = all), so each named latent gets a local-and-global figure per image
+    local = sorted(p.name for p in out.glob("local_*.png"))
+    assert local == sorted(f"local_row{r['row']}_latent{j}.png" for r in records for j in named)
+    assert all(r["other_share"] == pytest.approx(0, abs=1e-6) for r in records)
+    merge_params(root, fact={"explain": {"concepts": [N_CONCEPTS]}})
+    result = invoke(root, "fact-explain")
+    assert result.exit_code != 0 and "fact.explain.concepts" in result.output
+
+
+def test_the_logit_and_other_concepts_maps_sum_to_their_contributions(project: Path, monkeypatch: pytest.MonkeyPatch):
+    """The input maps of fact_explain: sum_pixels W(x) . [x, 1 - x] of the logit's map is y_c - b, of
+    the "other concepts" map sum_(j not shown) C_j, of a shown latent's map its presence."""
+    monkeypatch.chdir(project)
+    layout = _layout(project)
+    backbone = load_fact_backbone(_config(project), layout, torch.device("cpu"))
+    sae, _ = load_sae(layout.fact_sae)
+    rows = split_indices(read_manifest(layout.manifest), "test")[:2]
+    images = torch.from_numpy(read_rows(open_store(layout.images)["images"], rows))
+    with torch.no_grad():  # the features the input maps see (the stored ones may tip a near-tie of the top-k)
+        acts = extract_layers(backbone.model, backbone.preprocess(images), ["layer3"])["layer3"]
+    for b in range(2):
+        out = concept_contributions(backbone.tail, sae, acts[b : b + 1])
+        shown = out.contributions[0].topk(2).indices.tolist()
+        weight = code_weights(out.grad[0], sae.atoms, shown)
+        inputs, grads = backbone.input_weights(images[b : b + 1].repeat(4, 1, 1, 1), sae,
+                                               lambda codes, weight=weight: (codes * weight).sum(dim=(1, 2)))
+        sums = (inputs * grads).sum(dim=(1, 2, 3)).double()
+        explained = out.explained[0].item()
+        expected = [*out.presence[0, shown].tolist(), explained, explained - out.contributions[0, shown].sum().item()]
+        torch.testing.assert_close(sums, torch.tensor(expected, dtype=torch.float64), rtol=1e-4, atol=1e-5)
+        image = colour_map(inputs[2], grads[2], 3, 99.5)
+        assert image.shape == (64, 64, 4) and 0 <= image.min() and image.max() <= 1
+        np.testing.assert_allclose(image, gradient_to_image(inputs[2].double(), grads[2].double(), smooth=3, alpha_percentile=99.5))
 
 
 def test_clip_images_stores_the_dense_feature_map(project: Path):
@@ -259,7 +328,8 @@ def test_toy_cnn_reports_its_completeness_error(project: Path, tmp_path: Path):
     run(root, "clip-images", "features", "sae-data", "sae", "contributions")
     metrics = json.loads((root / "metrics/fact.json").read_text())
     assert metrics["dynamic_linear"] is False and metrics["completeness_max_rel_err"] > 1e-3
-    assert metrics["c2"] is None and metrics["c2_random"] is None and metrics["c2_concepts"] == 0
+    assert metrics["completeness_concept_max_err"] <= 1e-5  # piecewise affine: frozen ReLU gates give the same C_j
+    assert metrics["c2_featurizer"] == "gt"  # the ground-truth masks need no dense CLIP features
 
 
 def test_with_a_new_head_fact_explains_the_backbones_top_output(project: Path, tmp_path: Path):

@@ -37,7 +37,7 @@ def project(circled_inputs: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     shutil.copy(REPO / "models/toy/cnn.pt", root / "models/toy/cnn.pt")
     raw = yaml.safe_load((root / "params.yaml").read_text())
     raw["data"]["rows_per_shard"] = 4
-    raw["fact"] = {"sae": SAE}
+    raw["fact"] = {"sae": SAE, "c2": {"featurizer": "gt"}}
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     return root
 

@@ -198,6 +198,11 @@ class Layout:
         return self.fact / "matching.json"
 
     @property
+    def fact_c2(self) -> Path:
+        """contributions: the C²-Score per concept (images, C², spatial extent; parquet)."""
+        return self.fact / "c2.parquet"
+
+    @property
     def fact_explain(self) -> Path:
         """fact_explain: explanation PNGs and concept galleries."""
         return self.fact / "explain"
@@ -207,7 +212,7 @@ class Layout:
         return self.metrics / "fact.json"
 
     def fact_plot(self, name: str) -> Path:
-        """Plot data of FaCT: "sae" (training loss per step)."""
+        """Plot data of FaCT: "sae" (training loss per step), "c2" (histogram of the concepts' C², with c2 and c2_random)."""
         return self.metrics / "plots" / f"fact_{name}.csv"
 
     @property

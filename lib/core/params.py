@@ -417,6 +417,23 @@ class FactSaeParams(Section):
         return self
 
 
+class FactC2Params(Section):
+    """FaCT's C²-Score (lib/methods/fact/c2.py, featurizers.py), the authors' definition; defaults are
+    theirs except the upsampler (bilinear here; they use LoftUp) and that DINOv2 needs a local file."""
+
+    featurizer: Literal["gt", "backbone", "clip", "timm"] = "timm"  # dense features the maps are encoded with
+    layer: str | None = None  # featurizer backbone: a features.layers layer; None = the first of them
+    timm_model: str = "vit_small_patch14_dinov2"  # featurizer timm: the model (the authors' DINOv2-S)
+    weights: str | None = None  # featurizer timm: its local weights file (required; nothing is downloaded)
+    image_size: PositiveInt = 224  # featurizer timm: images are resized to this side for it
+    top_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.05  # a concept's images: top max(5 % of present, min_images)
+    min_images: PositiveInt = 10
+    min_count: Annotated[int, Field(ge=2)] = 2  # concepts with fewer images are not scored
+    mean_min_images: Annotated[int, Field(ge=2)] = 5  # the mean (c2) is over the concepts with at least this many
+    extent_mass: Annotated[float, Field(gt=0, le=1)] = 0.8  # spatial extent: pixels holding this share of a map's mass
+    max_concepts: PositiveInt | None = None  # score a seeded sample of this many selected concepts; None = all (authors)
+
+
 class FactExplainParams(Section):
     """FaCT's explanation PNGs and concept galleries (lib/methods/fact/explain.py)."""
 
@@ -425,6 +442,10 @@ class FactExplainParams(Section):
     gallery_concepts: PositiveInt = 6  # concepts in the gallery (seeded sample of the alive ones)
     gallery_images: PositiveInt = 6  # top images per gallery concept, by presence
     seed: int = 0
+    logit: Annotated[int, Field(ge=0)] | None = None  # explain this dataset class's logit in every image; None = the prediction
+    concepts: tuple[Annotated[int, Field(ge=0)], ...] | None = None  # latents of the gallery and local-and-global figures; None = a sample
+    smooth: Annotated[int, Field(ge=0)] = 3  # B-cos colour maps: alpha smoothing kernel (the authors' figures: 3; 0 = none)
+    alpha_percentile: Annotated[float, Field(gt=0, le=100)] = 99.5  # B-cos colour maps: alpha = ||W|| / this percentile
 
 
 class FactParams(Section):
@@ -438,9 +459,7 @@ class FactParams(Section):
     positions_budget: PositiveInt = 36864  # per image min(budget // C, H * W) positions (FaCT: 72 x 512)
     sae: FactSaeParams = FactSaeParams()
     completeness_tol: PositiveFloat = 1e-4  # largest relative completeness error accepted on a dynamic-linear (B-cos) tail
-    c2_top_fraction: Annotated[float, Field(gt=0, le=1)] = 0.05  # C²: a concept's images are its top max(fraction, min_images)
-    c2_min_images: Annotated[int, Field(ge=2)] = 10
-    c2_concepts: PositiveInt | None = None  # C² of a seeded sample of this many alive concepts; None = all alive concepts
+    c2: FactC2Params = FactC2Params()
     match_threshold: Annotated[float, Field(ge=-1, le=1)] = 0.5  # a ground-truth concept "found" a latent above this val correlation
     explain: FactExplainParams = FactExplainParams()
 

@@ -4,8 +4,10 @@ to a logit are exact; the C²-Score measures how consistent a concept's input at
 
 Core (torch only): `sae` (the autoencoder), `train` (resumable training loop, fraction of variance
 explained), `sampling` (which feature-map positions to train on), `contributions` (presence and
-logit contributions per concept), `c2` (C²-Score pieces), `matching` (latent <-> ground-truth
-concept). Stages: `vectors` (sae_data), `sae_stage` (sae), `contributions_stage` (contributions,
-with `consistency`: the C²-Score run), `explain` (fact_explain); shared by them: `backbone` (the
-backbone cut at the SAE's layer, input-level maps), `streams` (vector streams), `artifacts` (sae.pt).
+logit contributions per concept), `completeness` (their reference without autograd), `c2` (the
+C²-Score, for any method's maps), `matching` (latent <-> ground-truth concept). Stages: `vectors`
+(sae_data), `sae_stage` (sae), `contributions_stage` (contributions, with `consistency`: the
+C²-Score of FaCT's maps, and `featurizers`: its dense features), `explain` (fact_explain); shared by
+them: `backbone` (the backbone cut at the SAE's layer, input-level maps), `streams` (vector
+streams), `artifacts` (sae.pt).
 """

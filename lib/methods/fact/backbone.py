@@ -18,7 +18,7 @@ backbones the same formula with the preprocessed input x is gradient x input.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -73,7 +73,8 @@ class FactBackbone:
         return classes, self.class_map.output_of(classes)
 
     @cached_property
-    def _tail64(self) -> nn.Module:
+    def tail64(self) -> nn.Module:
+        """A float64 copy of the tail (references that must keep more digits than float32 has)."""
         return copy.deepcopy(self.tail).double()
 
     @torch.no_grad()
@@ -83,20 +84,28 @@ class FactBackbone:
         its LogitLayer's). Float64, because in float32 the difference of two nearly equal logits (an
         untrained network's) keeps only a few digits, too few to check completeness against."""
         x = feats.double()
-        return self._tail64(x) - self._tail64(torch.zeros_like(x[:1]))
+        return self.tail64(x) - self.tail64(torch.zeros_like(x[:1]))
 
-    def input_maps(self, images: Tensor, sae: BiasFreeTopKSAE, concepts: Tensor) -> Tensor:
-        """Input-level map (B, H, W) of concept concepts[b]'s presence P in image b, for uint8 images
-        (B, H, W, 3) on the model's device (module doc: B-cos dynamic linear contributions, else
-        gradient x input). One backward for the whole batch; repeat an image to map several concepts."""
+    def input_weights(self, images: Tensor, sae: BiasFreeTopKSAE, explained: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+        """(inputs, W): the tensor the network's weights act on (B-cos: [x, 1 - x], (B, 6, H, W); else
+        the preprocessed x) and the gradient W of explained(codes) (B,) with respect to it, for uint8
+        images (B, H, W, 3) on the model's device; codes (B, h*w, J) are the SAE's at the layer. In
+        explanation mode, so on B-cos W is the dynamic linear map W(x) (module doc). One backward."""
         x = self.preprocess(images).requires_grad_(True)
         with torch.enable_grad(), detached_dynamic_weights(self.model), _network_input(self.model, x) as inputs:
             feats = extract_layers(self.model, x, [self.layer])[self.layer]
             b, c, h, w = feats.shape
             codes = sae.encode(feats.permute(0, 2, 3, 1).reshape(b * h * w, c)).reshape(b, h * w, -1)
-            presence = codes.sum(dim=1).gather(1, concepts.to(codes.device).long()[:, None])
-            (grad,) = torch.autograd.grad(presence.sum(), inputs[0])
-        return (grad * inputs[0]).sum(dim=1).detach()
+            (grad,) = torch.autograd.grad(explained(codes).sum(), inputs[0])
+        return inputs[0].detach(), grad.detach()
+
+    def input_maps(self, images: Tensor, sae: BiasFreeTopKSAE, concepts: Tensor) -> Tensor:
+        """Input-level map (B, H, W) of concept concepts[b]'s presence P in image b, for uint8 images
+        (B, H, W, 3) on the model's device (module doc: B-cos dynamic linear contributions, else
+        gradient x input). One backward for the whole batch; repeat an image to map several concepts."""
+        index = concepts.long()[:, None]
+        inputs, weights = self.input_weights(images, sae, lambda codes: codes.sum(dim=1).gather(1, index.to(codes.device))[:, 0])
+        return (weights * inputs).sum(dim=1)
 
 
 @contextmanager

@@ -19,9 +19,21 @@ metrics/fact.json:
   logit for an all-zero map (its logit bias), y_c - b in float64 (FactBackbone.unbiased_logits). On
   a dynamic-linear (B-cos) tail it must be at most fact.completeness_tol, else the stage fails (a
   bug, not a setting); on other backbones it is reported (a ReLU network's tail after its last
-  block, average pooling and a linear layer, is linear too, and then it is ~1e-7).
-- c2, c2_random: C²-Score of the concepts and of random maps (lib/methods/fact/consistency.py),
-  means over the scored concepts; null when clip_images holds no dense features.
+  block, average pooling and a linear layer, is linear too, and then it is ~1e-7). It holds with
+  explanation mode off too (Euler), so it cannot tell whether the C_j split y faithfully:
+- completeness_concept_max_err: max over images of max_j |C_j - C_j^ref| / max_j |C_j^ref|, C_j^ref
+  concept j's logit through the tail frozen at x̂, computed without autograd
+  (lib/methods/fact/completeness.py). Fails the stage above fact.completeness_tol on B-cos; with
+  explanation mode off it is of order 0.1-1. Null where the tail has no frozen form.
+- spliced_logit_max_rel_err, spliced_logit_mean_rel_err: |y_c(x̂) - y_c(A)| / |y_c(A) - b| over the
+  images, the explained logit with the SAE spliced in against the backbone's own (A: the layer's
+  features): how much the reconstruction moves what is explained.
+- c2_delta = c2 - c2_random, the C²-Score's headline (the paper's Δ_rand), by the authors' definition
+  (lib/methods/fact/c2.py): c2 the mean C² over the concepts with at least fact.c2.mean_min_images
+  images (c2_concepts of them; c2_scored concepts have the fact.c2.min_count images to be scored),
+  c2_random that of one pooled random concept over every test image; c2_featurizer names the
+  featurizer (each is another metric). Per concept to data/<name>/fact/c2.parquet (images, C²,
+  spatial extent), the histogram to metrics/plots/fact_c2.csv.
 - gt_found, gt_concepts, match_score: on data with concept masks, how many ground-truth concepts
   found a latent on val and the mean best correlation (lib/methods/fact/matching.py, written in
   full to data/<name>/fact/matching.json, which `evaluate` reads).
@@ -43,11 +55,10 @@ from torch import Tensor
 from lib.core.distributed import Ranks, gather_objects, sharded_outputs
 from lib.core.errors import UserError
 from lib.core.layout import Layout
-from lib.core.outputs import write_json
+from lib.core.outputs import write_csv, write_json, write_parquet
 from lib.core.params import Params, params_hash, source_hash
 from lib.core.schema import (
     CONTRIBUTION,
-    DENSE,
     FEATURES,
     LOGITS,
     PRED_BACKBONE,
@@ -61,31 +72,54 @@ from lib.core.stores import ShardedWriter, open_store
 from lib.core.streams import read_rows
 from lib.data.manifest import read_dataset_info, read_manifest, split_indices, train_val_indices
 from lib.methods.fact.artifacts import load_sae
-from lib.methods.fact.backbone import FactBackbone, load_fact_backbone
-from lib.methods.fact.c2 import top_count
-from lib.methods.fact.consistency import TopImages, c2_per_concept, dense_mean
+from lib.methods.fact.backbone import FactBackbone, check_fact, load_fact_backbone
+from lib.methods.fact.completeness import frozen_contributions
+from lib.methods.fact.consistency import fact_c2, top_images
 from lib.methods.fact.contributions import concept_contributions, splice
+from lib.methods.fact.featurizers import check_featurizer, load_featurizer
 from lib.methods.fact.matching import LatentCorrelation, Matching
 from lib.methods.fact.sae import BiasFreeTopKSAE
 from lib.methods.fact.streams import fact_layer, feature_vectors
 from lib.methods.fact.train import fraction_of_variance_explained
 from lib.metrics.concepts import poscover
 
-__all__ = ["ContributionsReport", "explain_batch", "run_contributions"]
+__all__ = ["ContributionsReport", "check_contributions", "explain_batch", "run_contributions"]
 
 _TINY = 1e-12
+_CHECKS = ("completeness", "concept_error", "spliced_error")
 
 
-def explain_batch(backbone: FactBackbone, sae: BiasFreeTopKSAE, acts: Tensor) -> dict[str, Tensor]:
-    """Presence, contributions, the spliced model's predicted class and the relative completeness
-    error |sum_j C_j - (y_c - b)| / |y_c - b|, for feature maps acts (B, C, H, W) of the SAE's layer."""
+def check_contributions(config: Params) -> None:
+    """The stage's checks before any work: FaCT's backbone section and layer, and fact.c2's featurizer."""
+    check_fact(config)
+    check_featurizer(config)
+
+
+def explain_batch(backbone: FactBackbone, sae: BiasFreeTopKSAE, acts: Tensor, explanation_mode: bool = True) -> dict[str, Tensor]:
+    """Presence, contributions, the spliced model's predicted class, and three checks per image (B,),
+    for feature maps acts (B, C, H, W) of the SAE's layer (b: the tail's logit bias, c: the explained
+    output; float64):
+    - "completeness": |sum_j C_j - (y_c(x̂) - b)| / |y_c(x̂) - b|;
+    - "concept_error": max_j |C_j - C_j^ref| / max_j |C_j^ref|, C_j^ref computed without autograd by
+      the tail frozen at x̂ (lib/methods/fact/completeness.py; NaN where the tail has no frozen form);
+    - "spliced_error": |(y_c(x̂) - b) - (y_c(acts) - b)| / |y_c(acts) - b|, the SAE's effect on the logit.
+    `explanation_mode` False is for tests: the C_j then differentiate the B-cos scales too."""
     with torch.no_grad():
-        _, x_hat = splice(sae, acts)
+        codes, x_hat = splice(sae, acts)
         predicted, target = backbone.explained_output(backbone.tail(x_hat))
         reference = backbone.unbiased_logits(x_hat).gather(1, target[:, None])[:, 0]
-    out = concept_contributions(backbone.tail, sae, acts, target)
+        unspliced = backbone.unbiased_logits(acts).gather(1, target[:, None])[:, 0]
+    out = concept_contributions(backbone.tail, sae, acts, target, explanation_mode=explanation_mode)
     error = (out.contributions.double().sum(dim=1) - reference).abs() / reference.abs().clamp_min(_TINY)
-    return {PRESENCE: out.presence, CONTRIBUTION: out.contributions, PRED_MODEL: predicted, "completeness": error}
+    try:
+        frozen = frozen_contributions(backbone.tail64, x_hat, codes, sae.atoms, target)
+        concept_error = (out.contributions.double() - frozen).abs().amax(dim=1) / frozen.abs().amax(dim=1).clamp_min(_TINY)
+    except NotImplementedError:
+        concept_error = torch.full_like(error, float("nan"))
+    return {
+        PRESENCE: out.presence, CONTRIBUTION: out.contributions, PRED_MODEL: predicted, "completeness": error,
+        "concept_error": concept_error, "spliced_error": (reference - unspliced).abs() / unspliced.abs().clamp_min(_TINY),
+    }
 
 
 @dataclass(frozen=True)
@@ -97,7 +131,9 @@ class ContributionsReport:
         if self.metrics is None:
             return f"this rank's shards written; rank 0 writes {self.path}"
         m = self.metrics
-        c2 = "C² n/a (clip_images.dense is off)" if m["c2"] is None else f"C² {m['c2']:.3f} (random {m['c2_random']:.3f})"
+        c2 = "C² n/a (no concept has enough images)" if m["c2_delta"] is None else (
+            f"C² Δ_rand {m['c2_delta']:.3f} (mean {m['c2']:.3f}, random {m['c2_random']:.3f}, featurizer {m['c2_featurizer']})"
+        )
         found = f"; {m['gt_found']}/{m['gt_concepts']} ground-truth concepts found a latent" if m["gt_concepts"] else ""
         accuracy = (
             "no dataset classes (backbone.new_head)" if m["acc_backbone"] is None
@@ -145,6 +181,7 @@ def run_contributions(
             f"{layout.fact_sae} was trained on {record['layer']} of {record['model_id']}, not {backbone.layer} of {backbone.model_id}",
             key="fact.layer", fix="rerun sae_data and sae (dvc repro)",
         )
+    featurizer = load_featurizer(config, layout, device)  # C²'s: its data are checked before any work
     manifest = read_manifest(layout.manifest)
     rows = split_indices(manifest, "test")
     labels = manifest.set_index("index").loc[rows, "label"].to_numpy(np.int64)
@@ -163,9 +200,10 @@ def run_contributions(
         return {path.name: ShardedWriter(path, concept_stats_specs(len(rows), n_concepts), config.data.rows_per_shard, attributes,
                                          fingerprint, create=create, scratch=layout.scratch(path))}
 
-    top = TopImages(top_count(len(rows), settings.c2_top_fraction, settings.c2_min_images))
+    top = top_images(config, len(rows))
     alive = torch.zeros(n_concepts, dtype=torch.bool, device=device)
-    l0, cover, errors, correct_model, correct_backbone = [], [], [], 0, 0
+    l0, cover, correct_model, correct_backbone = [], [], 0, 0
+    errors: list[dict[str, np.ndarray]] = []  # per shard: the three checks of explain_batch
     with sharded_outputs(make_writers, ranks) as writers:
         writer = writers[path.name]
         pending = set(writer.pending(ranks.rank, ranks.world_size))
@@ -188,7 +226,7 @@ def run_contributions(
             alive |= torch.from_numpy(block[CONTRIBUTION] != 0).any(dim=0).to(device)
             l0.append((block[PRESENCE] > 0).sum(axis=1))
             cover.append(poscover(block[CONTRIBUTION], 0.8))
-            errors.append(block.pop("completeness"))
+            errors.append({name: block.pop(name) for name in _CHECKS})
             correct_model += int((block[PRED_MODEL] == labels[span]).sum())
             correct_backbone += int((block[PRED_BACKBONE] == labels[span]).sum())
             if shard in pending:
@@ -202,15 +240,24 @@ def run_contributions(
         top.merge(other[6])
 
     fve = fraction_of_variance_explained(sae, (v.to(device) for v in feature_vectors(feats, rows, settings.batch_size)))
-    completeness = float(np.concatenate(errors).max())
+    checks = {name: np.concatenate([e[name] for e in errors]) for name in _CHECKS}
+    completeness = float(checks["completeness"].max())
+    concept_error = None if np.isnan(checks["concept_error"]).any() else float(checks["concept_error"].max())
     if backbone.dynamic_linear and completeness > settings.completeness_tol:
         raise RuntimeError(
             f"contributions are incomplete on a dynamic-linear backbone: max relative error {completeness:.3e} > "
             f"fact.completeness_tol {settings.completeness_tol:g} (sum_j C_j must equal the logit minus its bias)"
         )
+    if backbone.dynamic_linear and concept_error is not None and concept_error > settings.completeness_tol:
+        raise RuntimeError(
+            f"contributions are not the frozen tail's: max error {concept_error:.3e} of the largest |C_j| > "
+            f"fact.completeness_tol {settings.completeness_tol:g} (is explanation mode on in the tail?)"
+        )
     matching = _match(config, layout, sae, device)
     write_json(layout.fact_matching, matching.to_json() if matching is not None else {"concepts": []})
-    c2, c2_random, n_scored = _c2(config, layout, backbone, sae, rows, top, alive, progress)
+    c2 = fact_c2(config, layout, backbone, sae, featurizer, rows, top, progress)
+    write_parquet(layout.fact_c2, c2.table)
+    write_csv(layout.fact_plot("c2"), c2.histogram())
     metrics = {
         "fve": fve,
         "l0": float(np.concatenate(l0).mean()),
@@ -219,43 +266,29 @@ def run_contributions(
         "acc_backbone": None if backbone.class_map is None else correct_backbone / len(rows),  # None: backbone.new_head
         "acc_spliced": None if backbone.class_map is None else correct_model / len(rows),
         "completeness_max_rel_err": completeness,
+        "completeness_concept_max_err": concept_error,
+        "spliced_logit_max_rel_err": float(checks["spliced_error"].max()),
+        "spliced_logit_mean_rel_err": float(checks["spliced_error"].mean()),
         "dynamic_linear": backbone.dynamic_linear,
-        "c2": c2,
-        "c2_random": c2_random,
-        "c2_concepts": n_scored,
+        "c2_delta": _finite(c2.c2_delta),
+        "c2": _finite(c2.c2),
+        "c2_random": _finite(c2.c2_random),
+        "c2_concepts": c2.n_averaged,
+        "c2_scored": c2.n_scored,
+        "c2_featurizer": featurizer.name,
         "n_concepts": n_concepts,
         "k": sae.k,
         "gt_concepts": 0 if matching is None else len(matching.names),
         "gt_found": 0 if matching is None else matching.found,
         "match_score": None if matching is None else matching.mean_score,
     }
-    # 6 digits, except the completeness error, whose point is how small it is
-    write_json(layout.fact_metrics, {k: round(v, 6) if isinstance(v, float) and k != "completeness_max_rel_err" else v
+    # 6 digits, except the completeness errors, whose point is how small they are
+    write_json(layout.fact_metrics, {k: round(v, 6) if isinstance(v, float) and not k.startswith("completeness") else v
                                      for k, v in metrics.items()})
     return ContributionsReport(metrics, layout.fact_metrics)
 
 
-def _c2(
-    config: Params, layout: Layout, backbone: FactBackbone, sae: BiasFreeTopKSAE, rows: np.ndarray, top: TopImages, alive: Tensor,
-    progress: Progress | None,
-) -> tuple[float | None, float | None, int]:
-    """(C², random baseline, concepts scored): means over the alive concepts with two or more images
-    of positive presence (a seeded sample of fact.c2_concepts of them); (None, None, 0) without dense features."""
-    clip_images = open_store(layout.clip_images)
-    if DENSE not in clip_images:
-        return None, None, 0
-    settings = config.fact
-    selected = top.result()
-    eligible = torch.nonzero(alive.cpu() & ((selected.presence > 0).sum(dim=1) >= 2).cpu()).flatten()
-    if settings.c2_concepts is not None and len(eligible) > settings.c2_concepts:
-        pick = torch.randperm(len(eligible), generator=torch.Generator().manual_seed(settings.seed))[: settings.c2_concepts]
-        eligible = eligible[pick.sort().values]
-    if len(eligible) == 0:
-        return None, None, 0
-    dense = clip_images[DENSE]
-    mean = dense_mean(dense, rows, settings.batch_size)
-    scores, baseline = c2_per_concept(
-        backbone, sae, open_store(layout.images)["images"], dense, mean, selected, eligible,
-        batch_size=settings.batch_size, seed=settings.seed, progress=progress,
-    )
-    return float(scores.nanmean()), float(baseline.nanmean()), len(eligible)
+
+def _finite(value: float) -> float | None:
+    """JSON has no NaN: null (e.g. no concept with enough images for the mean)."""
+    return value if np.isfinite(value) else None
