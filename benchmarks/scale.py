@@ -256,11 +256,13 @@ def make_project(root: Path, args: argparse.Namespace) -> tuple[Params, Layout]:
 
 def class_ordered(n: int, n_classes: int) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(WordNet ids of the classes, labels, splits) of n rows in class order, as ImageNet's lists
-    come: rows sorted by class, every 10th of them test and the next val (each split non-empty
-    from n = 2). WordNet ids map the classes onto a 1000-output backbone by name."""
-    classes = list(imagenet_classes().ids[:n_classes])
+    come: rows sorted by class; within a class every 10th row test and the next val. At most n // 3
+    classes, so every class has train rows and every split some. WordNet ids map the classes onto
+    a 1000-output backbone by name."""
+    classes = list(imagenet_classes().ids[: max(1, min(n_classes, n // 3))])
     labels = np.arange(n) * len(classes) // n
-    split = np.select([np.arange(n) % 10 == 0, np.arange(n) % 10 == 1], ["test", "val"], "train")
+    within = np.arange(n) - np.searchsorted(labels, labels)  # position inside the class's block
+    split = np.select([within % 10 == 0, within % 10 == 1], ["test", "val"], "train")
     return classes, labels, split
 
 
@@ -499,20 +501,30 @@ def bench_regions(config: Params, layout: Layout, device: torch.device, args: ar
 
 
 def bench_prepare(config: Params, layout: Layout, device: torch.device, args: argparse.Namespace) -> Result:
-    """The prepare stage on N generated JPEGs of a class-ordered list: decode, resize to
-    data.image_size and store (runtime.num_workers decoding processes)."""
+    """The prepare stage on generated JPEGs of a class-ordered list: decode, resize to data.image_size
+    and store (runtime.num_workers decoding processes). Timed on --prepare-images of them in a scratch
+    project (N is too few to amortise the workers' start), then run on the N the other stages read."""
+    import shutil
+
     from rich.progress import Progress
 
     from lib.data.prepare import run_prepare
 
-    list_file, jpeg_kib = write_jpegs(layout.root.parent.parent / "jpegs", args.images, args)
-    data = {**config.data.model_dump(), "kind": "imagefolder", "imagefolder": {"list_file": str(list_file)}}
-    prepared = Params.model_validate({**config.model_dump(), "data": data})
-    with peak_memory(device) as memory:
-        began = time.perf_counter()
-        run_prepare(prepared, layout, device, Progress(disable=True))
-        seconds = time.perf_counter() - began
-    return Result(args.images, seconds, math.nan, math.nan, math.nan, memory["rss_mib"], memory["gpu_mib"],
+    def prepare(n: int, into: Layout) -> tuple[float, float, dict[str, float]]:
+        into.root.mkdir(parents=True, exist_ok=True)
+        list_file, jpeg_kib = write_jpegs(into.root.parent.parent / "jpegs", n, args)
+        data = {**config.data.model_dump(), "kind": "imagefolder", "imagefolder": {"list_file": str(list_file)}}
+        prepared = Params.model_validate({**config.model_dump(), "data": data})
+        with peak_memory(device) as memory:
+            began = time.perf_counter()
+            run_prepare(prepared, into, device, Progress(disable=True))
+            return time.perf_counter() - began, jpeg_kib, memory
+
+    scratch = layout.root.parent.parent / "prepare_timing"
+    seconds, jpeg_kib, memory = prepare(args.prepare_images, Layout(scratch / "data" / "scale", scratch / "metrics"))
+    shutil.rmtree(scratch)
+    prepare(args.images, layout)
+    return Result(args.prepare_images, seconds, math.nan, math.nan, math.nan, memory["rss_mib"], memory["gpu_mib"],
                   {"jpeg_kib": jpeg_kib})
 
 
@@ -666,6 +678,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jpeg-size", type=int, nargs=2, default=[500, 375], metavar=("W", "H"),
                         help="prepare: generated JPEGs' size (ImageNet's typical photo)")
+    parser.add_argument("--prepare-images", type=int, default=256, help="prepare: JPEGs of the timed run")
     parser.add_argument("--concept-texts", type=int, default=64, help="concepts: prompts encoded (projected to --concepts)")
     parser.add_argument("--sparse-rows", type=int, default=4096, help="sparse: rows of the synthetic c* store")
     parser.add_argument("--sparse-classes", type=int, default=1000, help="sparse: K")

@@ -35,7 +35,8 @@ def test_tiny_cpu_run_prints_every_stage_key(tmp_path: Path, capsys) -> None:
     weights = save_backbone(tmp_path / "resnet18.pt", resnet, "torchvision:resnet18", 1000,
                             Preprocess(SIZE, imagenet.mean, imagenet.std, resize_size=STORED))
     values = scale.main([
-        "--images", "20", "--size", str(STORED), "--rows-per-shard", "8", "--classes", "4", "--jpeg-size", "96", "72",
+        "--images", "20", "--prepare-images", "24", "--size", str(STORED), "--rows-per-shard", "8", "--classes", "4",
+        "--jpeg-size", "96", "72",
         "--concept-texts", "3", "--sparse-rows", "24", "--sparse-classes", "4", "--sparse-batch", "8", "--sparse-epochs", "2",
         "--backbone", "torchvision:resnet18", "--backbone-weights", str(weights), "--clip-model", "tiny",
         "--clip-pretrained", f"local-dir:{tmp_path / 'clip'}", "--grid", "3", "--radius", "12", "--width", "2",

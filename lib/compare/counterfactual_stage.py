@@ -134,13 +134,15 @@ def effects_block(
 
 
 def run_counterfactuals(config: Params, layout: Layout, device: torch.device, progress: Progress | None = None) -> CounterfactualsReport:
-    """Write data/<name>/counterfactuals.zarr for evaluate.split."""
+    """Write data/<name>/counterfactuals.zarr for the first compare.max_images images of evaluate.split."""
     rows, scenes = _split_scenes(config, layout)
+    rows = rows[: config.compare.max_images]
     models = load_explained_models(config, layout, device)
     edits = counterfactual.concept_edits(scenes)
+    edits = edits[edits["image"] < len(rows)]
     model_files = [p for p in (layout.salf_bottleneck, layout.salf_classifier, layout.fact_sae) if p.exists()]
     fingerprint = params_hash(
-        config.data, config.backbone, config.evaluate.split, models.backbone.model_id, list(models.names),
+        config.data, config.backbone, config.evaluate.split, len(rows), models.backbone.model_id, list(models.names),
         *(hashlib.sha256(p.read_bytes()).hexdigest() for p in model_files),
         open_store(layout.images).attrs["fingerprint"],
         source_hash(sys.modules[__name__]), source_hash(counterfactual), source_hash(sys.modules[ExplainedModels.__module__]),

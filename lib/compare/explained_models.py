@@ -48,7 +48,8 @@ class ExplainedModels:
     def scores(self, images: Tensor) -> Tensor:
         """Class scores (B, len(names), classes) of uint8 images (B, H, W, 3) on the model's device."""
         layers = sorted(({self.salf.layer} if self.salf else set()) | ({self.fact[0]} if self.fact else set()))
-        logits, feats = forward_with_layers(self.backbone.model, self.backbone.preprocess(images), layers)
+        x = self.backbone.preprocess(images)
+        logits, feats = forward_with_layers(self.backbone.model, x, layers) if layers else (self.backbone.model(x), {})
         outputs = torch.tensor(self.class_map.outputs, device=logits.device)
         scores = [logits[:, outputs]]
         if self.salf:

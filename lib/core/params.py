@@ -480,7 +480,8 @@ class EvaluateParams(Section):
 class CompareParams(Section):
     """Every method side by side against the true concept effects (lib/compare; toy world)."""
 
-    n_figures: Annotated[int, Field(ge=0)] = 6  # side-by-side figures of a seeded sample of evaluate.split (evaluate.seed)
+    max_images: PositiveInt | None = None  # first N images of evaluate.split get counterfactuals (~20 forwards each); None = all
+    n_figures: Annotated[int, Field(ge=0)] = 6  # side-by-side figures of a seeded sample of those images (evaluate.seed)
 
 
 class StatsParams(Section):
