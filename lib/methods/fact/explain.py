@@ -16,7 +16,8 @@ fact.explain.alpha_percentile percentile); on backbones without B-cos input enco
 the positive part of gradient x input is drawn as a heat map instead.
 
 gallery.png: per concept (fact.explain.concepts, or a seeded sample of fact.explain.gallery_concepts
-alive ones), its top fact.explain.gallery_images test images by presence with their maps.
+alive ones), its top fact.explain.gallery_images test images by presence (those where it is present)
+with their maps.
 local_row<index>_latent<j>.png (the local-and-global figure): an explained image's map of concept j
 beside that concept's top images; for the image's shown concepts that are in fact.explain.concepts,
 else for its top concept. A latent whose best ground-truth concept (matching.json) reaches
@@ -212,8 +213,11 @@ def run_fact_explain(config: Params, layout: Layout, device: torch.device, progr
     positions = feats_store.shape[2] * feats_store.shape[3]
     strips = {}
     for line, latent in enumerate(latents):
-        pictures = np.stack([images[r] for r in top.index[line].tolist()])
-        strips[latent] = (pictures, renderer.presence(pictures, [latent] * len(pictures), positions), top.presence[line].tolist())
+        present = top.presence[line] > 0  # a rare latent's top images run out: no empty maps
+        chosen = top.index[line][present].tolist()
+        pictures = np.stack([images[r] for r in chosen]) if chosen else np.zeros((0, *images.shape[1:]), np.uint8)
+        overlays = renderer.presence(pictures, [latent] * len(chosen), positions) if chosen else []
+        strips[latent] = (pictures, overlays, top.presence[line][present].tolist())
     _gallery(out_dir / "gallery.png", gallery, strips, labels, renderer.alone)
     for row, latent, overlay, record in local:
         _local_and_global(out_dir / f"local_row{row}_latent{latent}.png", images[row], overlay, record, latent, strips[latent], labels,
@@ -272,7 +276,7 @@ Strip = tuple[np.ndarray, list[np.ndarray], list[float]]  # a latent's top image
 
 
 def _gallery(path: Path, latents: list[int], strips: dict[int, Strip], labels: dict[int, str], alone: bool) -> None:
-    width = max(len(strips[j][0]) for j in latents)
+    width = max(1, *(len(strips[j][0]) for j in latents))
     figure = Figure(figsize=(1.6 * width, 1.8 * len(latents)), layout="constrained")
     axes = np.asarray(figure.subplots(len(latents), width, squeeze=False))
     for line, latent in enumerate(latents):
@@ -292,7 +296,7 @@ def _local_and_global(
     """The local-and-global figure: concept `latent`'s map in this image beside its top images' maps."""
     pictures, overlays, presences = strip
     figure = Figure(figsize=(1.8 * (len(pictures) + 1), 2.3), layout="constrained")
-    axes = figure.subplots(1, len(pictures) + 1)
+    axes = np.atleast_1d(figure.subplots(1, len(pictures) + 1))
     share = next((c["share"] for c in record["concepts"] if c["latent"] == latent), float("nan"))
     title = f"row {record['row']}: {_name(latent, labels)}\n{share:.0%} of positive ({record['explained']})"
     _show(axes[0], picture, overlay, title, alone)
