@@ -13,6 +13,7 @@ from stages import (
     clip_images,
     concepts,
     contributions,
+    doctor,
     evaluate,
     explain,
     fact_explain,
@@ -32,6 +33,7 @@ from stages import (
 )
 
 COMMANDS: dict[str, Callable[..., None]] = {
+    "doctor": doctor.doctor,  # not a pipeline stage: every stage's checks at once, before `dvc repro`
     "prepare": prepare.prepare,
     "toy-backbone": toy_backbone.toy_backbone,
     "toy-clip": toy_clip.toy_clip,
