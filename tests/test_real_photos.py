@@ -8,6 +8,11 @@ torchvision ResNet-50 with its 1000-output head (saved as a local checkpoint wit
 preprocessing) and a ViT CLIP of ViT-B-32's shape, narrower and shallower. The backbone's head is
 kept: the 3 classes map by name onto 3 of its 1000 outputs, acc_backbone is the accuracy of its
 argmax among those 3, and explanations report its prediction among them.
+
+`dvc repro` end to end on such a folder (no masks) with a ResNet-18 from a local file, in a copy of
+the repository: every stage runs, the work that needs ground-truth masks (evaluate's scores, FaCT's
+ground-truth matching) leaves stubs saying why, DVC sees every output, and the shipped toy models
+are left alone.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import open_clip
+import pandas as pd
 import pytest
 import torch
 import torchvision
@@ -32,6 +38,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 
 from lib.core.layout import Layout
+from lib.core.skipped import no_masks
 from lib.core.stores import open_store
 from lib.data.manifest import read_manifest
 from lib.kernels.preprocess import Preprocess
@@ -197,7 +204,7 @@ def test_new_head_explains_the_features_without_the_backbone_classes(project: Pa
 # copy of the repository: every stage that applies runs, the ones that need masks leave a stub
 # saying why, and the shipped toy models are left alone.
 REPO = Path(__file__).resolve().parents[1]
-REPRO_CROPS = 6  # per class: 3 train, 1 val... at the folder's 25 % / 25 % val / test shares
+REPRO_CROPS = 6  # per class: 2 train, 2 val, 2 test at the folder's 25 % / 25 % val / test shares
 REPRO_PARAMS = {  # merged into the repository's params.yaml (its toy CLIP, concept list and templates kept)
     "runtime": {"device": "cpu", "num_workers": 0},
     "data": {
@@ -232,7 +239,7 @@ def _run(repo: Path, *args: str) -> subprocess.CompletedProcess:
         "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com", "GIT_COMMITTER_NAME": "test",
         "GIT_COMMITTER_EMAIL": "test@example.com", "OMP_NUM_THREADS": "1",
     }
-    return subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
 
 
 def _digest(path: Path) -> str:
@@ -275,8 +282,26 @@ def test_dvc_repro_on_an_image_folder_skips_what_needs_masks_and_leaves_the_toy_
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-6000:]
     ran = set(re.findall(r"Running stage '(\w+)'", log))
-    assert not ran & {"toy_backbone", "toy_clip"}, ran
+    assert not ran & {"toy_backbone", "toy_clip"} and {"prepare", "evaluate", "contributions", "stats"} <= ran, ran
     assert {name: _digest(repo / name) for name in TOY_MODELS} == before
-    print(log)
+    # the mask-dependent work says so in one line each, and its outputs say why
+    reason = no_masks("imagefolder")
+    lines = log.splitlines()
+    kept = "accuracy paths of salf -> metrics/plots/accuracy_nonzeros.csv"
+    assert f"evaluate: concept maps and segmentation skipped: {reason}; {kept}" in lines, log
+    assert any(line.startswith("contributions: ") and line.endswith(f"; ground-truth matching skipped: {reason} -> metrics/fact.json")
+               for line in lines), log
+    assert json.loads((repo / "metrics" / "evaluate.json").read_text()) == {"skipped": reason}
+    assert json.loads((repo / "data" / "photos" / "fact" / "matching.json").read_text()) == {"concepts": [], "skipped": reason}
+    assert (repo / "metrics" / "plots" / "iou_curves.csv").read_text() == "method,top_percent,iou\n"
+    accuracy = pd.read_csv(repo / "metrics" / "plots" / "accuracy_nonzeros.csv")  # what needs no masks is kept
+    assert set(accuracy["method"]) == {"salf"} and len(accuracy) >= 1
+    fact = json.loads((repo / "metrics" / "fact.json").read_text())
+    assert (fact["gt_concepts"], fact["gt_found"], fact["match_score"]) == (0, 0, None) and fact["acc_backbone"] is not None
+    # nothing written outside the outputs, and DVC reads every metric and plot
     status = _run(repo, "dvc", "status")
     assert status.returncode == 0 and "Data and pipelines are up to date." in status.stdout, status.stdout + status.stderr
+    metrics = _run(repo, "dvc", "metrics", "show", "--json")
+    assert metrics.returncode == 0, metrics.stderr
+    plots = _run(repo, "dvc", "plots", "show", "--json")
+    assert plots.returncode == 0, plots.stderr

@@ -54,8 +54,8 @@ def progress() -> Progress:
 
 
 def summary(stage: str, text: str) -> None:
-    """The one-line summary a stage prints when it finishes."""
-    console.print(f"[bold green]{stage}[/bold green]: {text}", highlight=False)
+    """The one-line summary a stage prints when it finishes (one line in logs too: not wrapped)."""
+    console.print(f"[bold green]{stage}[/bold green]: {text}", highlight=False, soft_wrap=True)
 
 
 Check = Callable[["Params"], None]
