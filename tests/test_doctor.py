@@ -95,7 +95,10 @@ def test_image_folder_params_say_what_is_skipped(project: Path) -> None:
     reason = "data.kind imagefolder has no ground-truth masks (toy and segfolder data have them)"
     assert plans["evaluate"] == f"concept maps and segmentation skipped: {reason}; accuracy paths of the sparse layers kept"
     assert plans["contributions"].endswith(f"ground-truth matching skipped: {reason} (cpu)")
-    assert plans["features"].startswith("the images of photos through torchvision:resnet18 (models/resnet18.pt): layer2, layer3")
+    assert plans["features"] == "the images of photos (2 class folders) through torchvision:resnet18 (models/resnet18.pt): " \
+        "layer2, layer3 and logits (cpu, fp32)"
+    assert plans["prepare"] == "the images of photos (2 class folders), val 25% / test 25% of each class, bad images: error, at 64 px, " \
+        "no ground-truth masks -> data/photos"
 
 
 def test_every_problem_is_one_line_and_a_shared_one_is_said_once(project: Path) -> None:

@@ -46,8 +46,11 @@ def _images(config: Params) -> str:
     if data.kind == "toy":
         toy = data.toy
         return f"{toy.n_train + toy.n_val + toy.n_test} images"
-    source = data.imagefolder.root or data.imagefolder.list_file if data.kind == "imagefolder" else data.segfolder.root
-    return f"the images of {source}"
+    if data.kind == "imagefolder" and data.imagefolder.list_file is not None:
+        return f"the images of {data.imagefolder.list_file}"
+    root = Path(data.imagefolder.root) if data.kind == "imagefolder" else Path(data.segfolder.root) / "images"
+    classes = sum(1 for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else 0
+    return f"the images of {root} ({classes} class folders)"  # the folders only: listing every file may take minutes
 
 
 def _precision(device: torch.device, autocast: bool | str) -> str:
@@ -74,8 +77,8 @@ def _prepare(c: Params, device: torch.device) -> str:
         what = f"toy world: {data.toy.n_train} train / {data.toy.n_val} val / {data.toy.n_test} test images"
     elif data.kind == "imagefolder":
         folder = data.imagefolder
-        what = (f"{_images(c)} (val {folder.val_fraction:.0%}, test {folder.test_fraction:.0%} of each class; "
-                f"bad images: {folder.on_bad_image})")
+        what = (f"{_images(c)}, val {folder.val_fraction:.0%} / test {folder.test_fraction:.0%} of each class, "
+                f"bad images: {folder.on_bad_image},")
     else:
         what = f"image + mask pairs of {data.segfolder.root} (test {data.segfolder.test_fraction:.0%} of each class)"
     return f"{what} at {data.image_size} px, {masks} -> data/{data.name}"
