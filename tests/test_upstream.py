@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 
 from lib.core.params import load_params
-from lib.core.upstream import Upstream, missing_message, read_stages, upstream_of
+from lib.core.upstream import WHEN_PRESENT, Upstream, missing_message, missing_upstream, read_stages, upstream_of
 from stages.__main__ import COMMANDS
 from tests.stage_cli import invoke
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = read_stages(REPO / "dvc.yaml")
 CONFIG = load_params(REPO / "params.yaml")
-UPSTREAM = {name: upstream_of(name, CONFIG, STAGES) for name in STAGES}
+UPSTREAM = {name: [up for up in upstream_of(name, CONFIG, STAGES) if not up.optional] for name in STAGES}
 
 
 def command(stage: str) -> list[str]:
@@ -36,6 +36,9 @@ def test_every_stage_runs_a_stage_command_and_most_read_another_stage_outputs() 
     assert starts == {"prepare", "toy_backbone", "toy_clip"}  # the pipeline's roots make their inputs themselves
     # a dep inside another stage's output folder is found (features/logits.zarr is made by features)
     assert Upstream("data/toy/features/logits.zarr", "features") in UPSTREAM["salf_stats"]
+    # the stages read only when present are real producers of the reader's deps (the table cannot rot)
+    for reader, makers in WHEN_PRESENT.items():
+        assert makers <= {up.stage for up in upstream_of(reader, CONFIG, STAGES) if up.optional}, reader
 
 
 @pytest.mark.parametrize("stage", [stage for stage, upstream in UPSTREAM.items() if upstream])
@@ -64,3 +67,15 @@ def test_only_the_outputs_that_do_not_exist_are_named(tmp_path: Path) -> None:
     result = invoke(tmp_path, "contributions")
     assert result.exit_code == 2, result.output
     assert " ".join(result.output.split()) == f"error: {missing_message('contributions', [sae])}"
+
+
+def test_evaluate_and_stats_run_by_hand_without_the_methods_not_run_yet(tmp_path: Path) -> None:
+    """Their method inputs are optional (WHEN_PRESENT): with the required ones present, none is named."""
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(REPO / name, tmp_path / name)
+    for stage in WHEN_PRESENT:
+        for up in UPSTREAM[stage]:
+            (tmp_path / up.path).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / up.path).touch()
+        assert missing_upstream(stage, CONFIG, tmp_path / "dvc.yaml") == []
+        assert any(up.optional and not (tmp_path / up.path).exists() for up in upstream_of(stage, CONFIG, STAGES))
