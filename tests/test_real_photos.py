@@ -239,7 +239,7 @@ def _run(repo: Path, *args: str) -> subprocess.CompletedProcess:
         "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com", "GIT_COMMITTER_NAME": "test",
         "GIT_COMMITTER_EMAIL": "test@example.com", "OMP_NUM_THREADS": "1",
     }
-    return subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=1800)  # a hang, not a slow machine
 
 
 def _digest(path: Path) -> str:
