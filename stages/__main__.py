@@ -15,6 +15,7 @@ from stages import (
     concepts,
     contributions,
     counterfactuals,
+    doctor,
     evaluate,
     explain,
     fact_explain,
@@ -34,6 +35,7 @@ from stages import (
 )
 
 COMMANDS: dict[str, Callable[..., None]] = {
+    "doctor": doctor.doctor,  # not a pipeline stage: every stage's checks at once, before `dvc repro`
     "prepare": prepare.prepare,
     "toy-backbone": toy_backbone.toy_backbone,
     "toy-clip": toy_clip.toy_clip,

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -345,3 +346,26 @@ def test_cli_writes_metrics_and_reports_missing_inputs(toy_layout: Layout, monke
     (base / "params.yaml").write_text(yaml.safe_dump(config))
     result = CliRunner().invoke(app, ["evaluate", "--params", "params.yaml"])
     assert result.exit_code == 2 and "dataset info not found" in result.output
+
+
+def test_data_without_masks_writes_every_output_as_a_stub_saying_why(tmp_path: Path) -> None:
+    """evaluate on an image folder: {"skipped": reason} metrics, the IoU plot's header alone, the
+    reason as the table; the accuracy paths (no masks needed) in full. `metrics/evaluate.json` stays
+    valid JSON for `dvc metrics show`."""
+    from lib.core.skipped import no_masks
+    from lib.evaluate.run import IOU_COLUMNS, Evaluation
+    from lib.evaluate.stage import EvaluateReport
+
+    reason = no_masks("imagefolder")
+    assert reason is not None and no_masks("toy") is None and no_masks("segfolder") is None
+    paths = pd.DataFrame([("salf", 0.0, 0.5), ("salf", 3.0, 0.9)], columns=["method", "nonzeros_per_class", "accuracy"])
+    evaluation = Evaluation(0, {}, {}, pd.DataFrame(columns=IOU_COLUMNS), paths, unscored=reason)
+    layout = Layout(tmp_path / "data" / "photos", tmp_path / "metrics")
+    write_evaluation(evaluation, layout)
+    assert json.loads(layout.evaluate_metrics.read_text()) == {"skipped": reason}
+    assert layout.iou_curves.read_text() == "method,top_percent,iou\n"
+    assert pd.read_csv(layout.accuracy_path).values.tolist() == paths.values.tolist()
+    assert layout.evaluate_summary.read_text() == f"Concept maps and segmentation skipped: {reason}.\n"
+    report = EvaluateReport(evaluation, layout)
+    assert report.details() == ""
+    assert report.summary() == f"concept maps and segmentation skipped: {reason}; accuracy paths of salf -> {layout.accuracy_path}"

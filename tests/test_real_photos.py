@@ -8,17 +8,28 @@ torchvision ResNet-50 with its 1000-output head (saved as a local checkpoint wit
 preprocessing) and a ViT CLIP of ViT-B-32's shape, narrower and shallower. The backbone's head is
 kept: the 3 classes map by name onto 3 of its 1000 outputs, acc_backbone is the accuracy of its
 argmax among those 3, and explanations report its prediction among them.
+
+`dvc repro` end to end on such a folder (no masks) with a ResNet-18 from a local file, in a copy of
+the repository: every stage runs, the work that needs ground-truth masks (evaluate's scores, FaCT's
+ground-truth matching) leaves stubs saying why, DVC sees every output, and the shipped toy models
+are left alone.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import open_clip
+import pandas as pd
 import pytest
 import torch
 import torchvision
@@ -27,6 +38,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 
 from lib.core.layout import Layout
+from lib.core.skipped import no_masks
 from lib.core.stores import open_store
 from lib.data.manifest import read_manifest
 from lib.kernels.preprocess import Preprocess
@@ -65,15 +77,15 @@ PARAMS = {
 STAGES = ("prepare", "features", "clip-images", "circles", "concepts", "similarity", "cbl", "sparse", "explain")
 
 
-def write_photo_folder(root: Path) -> None:
-    """CROPS seeded crops (40-90 % of the short side, some mirrored) of each photo, as JPEG and PNG files."""
+def write_photo_folder(root: Path, crops: int = CROPS) -> None:
+    """`crops` seeded crops (40-90 % of the short side, some mirrored) of each photo, as JPEG and PNG files."""
     data = importlib.resources.files("skimage") / "data"
     rng = np.random.default_rng(0)
     for name, (photo, _) in PHOTOS.items():
         (root / name).mkdir(parents=True)
         with Image.open(data / photo) as opened:
             image = opened.convert("RGB")
-        for i in range(CROPS):
+        for i in range(crops):
             side = int(min(image.size) * rng.uniform(0.4, 0.9))
             x, y = (int(rng.integers(0, limit - side + 1)) for limit in image.size)
             crop = image.crop((x, y, x + side, y + side)).resize((96, 96), Image.Resampling.BILINEAR)
@@ -185,3 +197,111 @@ def test_new_head_explains_the_features_without_the_backbone_classes(project: Pa
     assert metrics["acc_backbone"] is None and metrics["acc_backbone_unrestricted"] is None and metrics["acc_sparse"] is not None
     records = [json.loads(p.read_text()) for p in layout.explain.glob("row*.json")]
     assert records and all(r["backbone_predicted"] is None and r["backbone_predicted_name"] is None for r in records)
+
+
+# ---------------------------------------------------------------------------------------------
+# `dvc repro` on the photo folder (no masks) with a torchvision ResNet-18 from a local file, in a
+# copy of the repository: every stage that applies runs, the ones that need masks leave a stub
+# saying why, and the shipped toy models are left alone.
+REPO = Path(__file__).resolve().parents[1]
+REPRO_CROPS = 6  # per class: 2 train, 2 val, 2 test at the folder's 25 % / 25 % val / test shares
+REPRO_PARAMS = {  # merged into the repository's params.yaml (its toy CLIP, concept list and templates kept)
+    "runtime": {"device": "cpu", "num_workers": 0},
+    "data": {
+        "kind": "imagefolder", "name": "photos", "image_size": SIZE, "rows_per_shard": 8,
+        "imagefolder": {"root": "photos", "val_fraction": 0.25, "test_fraction": 0.25},
+    },
+    "backbone": {"arch": "torchvision:resnet18", "weights": "models/resnet18.pt"},
+    "features": {"layers": ["layer2", "layer3"], "batch_size": 8, "autocast": False},
+    "clip_images": {"batch_size": 8, "autocast": False},
+    "circles": {"grid": 3, "batch_size": 8, "autocast": False},
+    "concepts": {"min_top5_similarity": -1.0},  # the toy CLIP on photos: keep every concept
+    "cbl": {"max_steps": 10, "eval_every": 5, "cos3_threshold": -1.0},
+    "sparse": {"n_lambdas": 4, "max_epochs": 5},
+    "explain": {"n_images": 2, "gallery_concepts": 2, "gallery_images": 2},
+    "cefam": {"layers": ["layer2", "layer3"], "translator": {"max_epochs": 3, "batch_size": 8},
+              "regions": {"batch_size": 8, "n_figures": 1, "contribution_concepts": 2, "top_k": 4}},
+    "fact": {"sae": {"n_concepts": 16, "k": 2, "aux_k": 4, "dead_after": 1000, "steps": 10, "batch_size": 64,
+                     "warmup_steps": 2, "checkpoint_every": 5},
+             "c2_concepts": 2, "explain": {"n_images": 2, "gallery_concepts": 2, "gallery_images": 2}},
+    "evaluate": {"batch_size": 8, "steps": 21, "cam_methods": ["gradcam"]},
+}
+TOY_MODELS = ("models/toy/cnn.pt", "models/toy/bcos.pt", "models/toy/clip/open_clip_pytorch_model.bin")
+
+
+def _merge(base: dict, update: dict) -> dict:
+    return {**base, **{k: _merge(base.get(k, {}), v) if isinstance(v, dict) else v for k, v in update.items()}}
+
+
+def _run(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com", "GIT_COMMITTER_NAME": "test",
+        "GIT_COMMITTER_EMAIL": "test@example.com", "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=1800)  # a hang, not a slow machine
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def photo_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A git repository with the working tree's files (toy models and dvc.lock included), the
+    toy models' lock entries current (as after the lead's rerun), and the photo folder, a random
+    ResNet-18 and REPRO_PARAMS in place; not reproduced yet."""
+    repo = tmp_path_factory.mktemp("photo_repo") / "repo"
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.splitlines()
+    for name in listed:
+        if (REPO / name).is_file():  # deleted-but-tracked files are listed too
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, repo / name)
+    for args in (("git", "init", "-q"), ("git", "add", "-A"), ("git", "commit", "-qm", "clone"),
+                 # code the toy models do not run may have changed since dvc.lock was written: mark them current
+                 ("dvc", "commit", "-f", "toy_backbone", "toy_clip")):
+        done = _run(repo, *args)
+        assert done.returncode == 0, f"{args}: {done.stdout}{done.stderr}"
+    (repo / "photos").mkdir()
+    write_photo_folder(repo / "photos", REPRO_CROPS)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        resnet = torchvision.models.resnet18()  # random init, the 1000-output ImageNet head
+    imagenet = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.transforms()
+    save_backbone(repo / "models" / "resnet18.pt", resnet, "torchvision:resnet18", 1000, Preprocess(SIZE, imagenet.mean, imagenet.std))
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    (repo / "params.yaml").write_text(yaml.safe_dump(_merge(params, REPRO_PARAMS), sort_keys=False))
+    return repo
+
+
+def test_dvc_repro_on_an_image_folder_skips_what_needs_masks_and_leaves_the_toy_models(photo_repo: Path) -> None:
+    repo = photo_repo
+    before = {name: _digest(repo / name) for name in TOY_MODELS}
+    done = _run(repo, "dvc", "repro")
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-6000:]
+    ran = set(re.findall(r"Running stage '(\w+)'", log))
+    assert not ran & {"toy_backbone", "toy_clip"} and {"prepare", "evaluate", "contributions", "stats"} <= ran, ran
+    assert {name: _digest(repo / name) for name in TOY_MODELS} == before
+    # the mask-dependent work says so in one line each, and its outputs say why
+    reason = no_masks("imagefolder")
+    lines = log.splitlines()
+    kept = "accuracy paths of salf -> metrics/plots/accuracy_nonzeros.csv"
+    assert f"evaluate: concept maps and segmentation skipped: {reason}; {kept}" in lines, log
+    assert any(line.startswith("contributions: ") and line.endswith(f"; ground-truth matching skipped: {reason} -> metrics/fact.json")
+               for line in lines), log
+    assert json.loads((repo / "metrics" / "evaluate.json").read_text()) == {"skipped": reason}
+    assert json.loads((repo / "data" / "photos" / "fact" / "matching.json").read_text()) == {"concepts": [], "skipped": reason}
+    assert (repo / "metrics" / "plots" / "iou_curves.csv").read_text() == "method,top_percent,iou\n"
+    accuracy = pd.read_csv(repo / "metrics" / "plots" / "accuracy_nonzeros.csv")  # what needs no masks is kept
+    assert set(accuracy["method"]) == {"salf"} and len(accuracy) >= 1
+    fact = json.loads((repo / "metrics" / "fact.json").read_text())
+    assert (fact["gt_concepts"], fact["gt_found"], fact["match_score"]) == (0, 0, None) and fact["acc_backbone"] is not None
+    # nothing written outside the outputs, and DVC reads every metric and plot
+    status = _run(repo, "dvc", "status")
+    assert status.returncode == 0 and "Data and pipelines are up to date." in status.stdout, status.stdout + status.stderr
+    metrics = _run(repo, "dvc", "metrics", "show", "--json")
+    assert metrics.returncode == 0, metrics.stderr
+    plots = _run(repo, "dvc", "plots", "show", "--json")
+    assert plots.returncode == 0, plots.stderr

@@ -54,25 +54,28 @@ def progress() -> Progress:
 
 
 def summary(stage: str, text: str) -> None:
-    """The one-line summary a stage prints when it finishes."""
-    console.print(f"[bold green]{stage}[/bold green]: {text}", highlight=False)
+    """The one-line summary a stage prints when it finishes (one line in logs too: not wrapped)."""
+    console.print(f"[bold green]{stage}[/bold green]: {text}", highlight=False, soft_wrap=True)
 
 
 Check = Callable[["Params"], None]
 
 
-def stage_setup(params: Path, check: Check | None = None) -> tuple[Params, Layout, torch.device]:
-    """What a stage starts with: validated params, its layout and its device (runtime.device).
+def stage_setup(name: str, params: Path, check: Check | None = None) -> tuple[Params, Layout, torch.device]:
+    """What stage `name` (its command's name) starts with: validated params, its layout and its device (runtime.device).
 
-    `check(config)` runs right after the schema, before anything is loaded: the stage's checks
-    that need no data or weights (a UserError naming the key when one fails). The store readers
-    of this process get runtime.num_workers threads (`lib.core.streams.read_ahead`).
+    Right after the schema, before anything is loaded: the outputs of other stages it reads must
+    exist (`lib.core.upstream`, from dvc.yaml's deps), then `check(config)`, the stage's checks that
+    need no data or weights (a UserError naming the key when one fails). The store readers of this
+    process get runtime.num_workers threads (`lib.core.streams.read_ahead`).
     """
     from lib.core.device import resolve_device, set_reader_threads
     from lib.core.layout import Layout
     from lib.core.params import load_params
+    from lib.core.upstream import check_upstream, dvc_stage_name
 
     config = load_params(params)
+    check_upstream(dvc_stage_name(name), config)
     if check is not None:
         check(config)
     set_reader_threads(config.runtime.num_workers)
@@ -94,7 +97,7 @@ def run_stage(
     runs right after the params load, before any model or data, and checks what the stage reads
     (see `stage_setup`). A UserError is one line and exit status 2.
     """
-    return run_with_setup(name, lambda: stage_setup(params, check), entry, **options)
+    return run_with_setup(name, lambda: stage_setup(name, params, check), entry, **options)
 
 
 def run_with_setup(name: str, setup: Callable[[], tuple], entry: Callable[..., StageReport], **options: Any) -> StageReport:

@@ -17,7 +17,7 @@ def run_sharded_stage(
     with this torchrun rank's ranks and device (one process without torchrun)."""
 
     def setup() -> tuple:
-        config, layout, device = stage_setup(params, check)
+        config, layout, device = stage_setup(name, params, check)
         ranks, device = init_ranks(device)
         return config, layout, device, ranks
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from lib.core.layout import Layout
 from lib.core.outputs import json_safe, write_csv, write_json, write_text
+from lib.core.skipped import skipped
 from lib.evaluate.run import Evaluation
 from lib.evaluate.scoring import CONCEPT_KEYS, SEGMENTATION_KEYS
 from lib.metrics.spatial import AVERAGE_KEY
@@ -26,7 +27,10 @@ NOTE = (
 
 
 def metrics_dict(evaluation: Evaluation) -> dict[str, Any]:
-    """{"concept_maps": {METHOD: {"avg": {...}, TYPE: {...}}}, "segmentation": {METHOD: {...}}}."""
+    """{"concept_maps": {METHOD: {"avg": {...}, TYPE: {...}}}, "segmentation": {METHOD: {...}}};
+    {"skipped": reason} when no map was scored (data without masks)."""
+    if evaluation.unscored is not None:
+        return skipped(evaluation.unscored)
     return json_safe({"concept_maps": evaluation.concept_maps, "segmentation": evaluation.segmentation}, digits=6)
 
 
@@ -49,7 +53,9 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]], text_co
 
 def summary_table(evaluation: Evaluation) -> str:
     """Markdown: one row per method (concept-map averages, segmentation), then the concept-map
-    metrics of every concept method per concept type."""
+    metrics of every concept method per concept type; the reason alone when no map was scored."""
+    if evaluation.unscored is not None:
+        return f"Concept maps and segmentation skipped: {evaluation.unscored}.\n"
     methods = list(dict.fromkeys([*evaluation.concept_maps, *evaluation.segmentation]))
     columns = [*CONCEPT_KEYS, *SEGMENTATION_KEYS]
 

@@ -14,6 +14,7 @@ from rich.progress import Progress
 from lib.core.errors import UserError
 from lib.core.layout import Layout
 from lib.core.params import EvaluateParams, Params
+from lib.core.skipped import no_masks
 from lib.core.stores import open_store
 from lib.core.streams import batch_source
 from lib.data.manifest import read_dataset_info, read_manifest, split_indices
@@ -25,6 +26,7 @@ from lib.metrics.spatial import cefam_fractions
 
 # reference curves of the IoU plot, beside the methods' own curves (scoring.reference_curves)
 CHANCE, IDEAL, CEFAM_LOWER = "chance", "ideal", "cefam_lower"
+IOU_COLUMNS = ["method", "top_percent", "iou"]  # the IoU plot's data (metrics/plots/iou_curves.csv)
 
 
 @dataclass
@@ -37,6 +39,7 @@ class Evaluation:
     iou_curves: pd.DataFrame  # columns method, top_percent, iou
     accuracy_path: pd.DataFrame  # columns method, nonzeros_per_class, accuracy
     skipped: list[str] = field(default_factory=list)  # registered methods whose outputs do not exist yet
+    unscored: str | None = None  # why no map was scored (data without ground-truth masks); None: they were
 
 
 def evaluate_methods(
@@ -90,34 +93,41 @@ def evaluate_methods(
     percent = (fractions * 100).tolist()
     iou = pd.DataFrame(
         [(name, p, v) for name, curve in curves if curve is not None for p, v in zip(percent, curve.tolist(), strict=True)],
-        columns=["method", "top_percent", "iou"],
-    )
-    accuracy = pd.DataFrame(
-        [(m.name, float(nnz), float(acc)) for m in methods for nnz, acc in (m.accuracy_path() or [])],
-        columns=["method", "nonzeros_per_class", "accuracy"],
+        columns=IOU_COLUMNS,
     )
     return Evaluation(
         n_images=len(indices),
         concept_maps={name: s.summary() for name, s in concept_scores.items() if s.n_pairs},
         segmentation={name: s.summary() for name, s in segmentation.items() if s.n_images},
         iou_curves=iou,
-        accuracy_path=accuracy,
+        accuracy_path=accuracy_paths(methods),
+    )
+
+
+def accuracy_paths(methods: Sequence[ConceptMapMethod]) -> pd.DataFrame:
+    """The sparse methods' (nonzero weights per class, accuracy) paths: columns method, nonzeros_per_class, accuracy."""
+    return pd.DataFrame(
+        [(m.name, float(nnz), float(acc)) for m in methods for nnz, acc in (m.accuracy_path() or [])],
+        columns=["method", "nonzeros_per_class", "accuracy"],
     )
 
 
 def evaluate_all(params: Params, layout: Layout, device: torch.device, progress: Progress | None = None) -> Evaluation:
-    """Build every method of the adapters' table whose inputs exist and evaluate it on `evaluate.split`."""
-    truth = GroundTruth.from_info(read_dataset_info(layout.dataset_info))
+    """Build every method of the adapters' table whose inputs exist and evaluate it on `evaluate.split`.
+
+    On data without ground-truth masks no map is scored (`Evaluation.unscored` says why); the
+    methods' accuracy paths, which need no masks, are kept."""
+    info = read_dataset_info(layout.dataset_info)
+    unscored = no_masks(info["kind"])
+    if unscored:
+        truth = GroundTruth.without_concepts(info["classes"])
+        methods, skipped = build_methods(EvalContext(params, layout, device, truth), METHODS)
+        return Evaluation(0, {}, {}, pd.DataFrame(columns=IOU_COLUMNS), accuracy_paths(methods), skipped, unscored)
+    store = open_store(layout.images)
+    truth = GroundTruth.from_info(info)
     indices = split_indices(read_manifest(layout.manifest), params.evaluate.split)
     if params.evaluate.max_images is not None:
         indices = indices[: params.evaluate.max_images]
-    store = open_store(layout.images)
-    if "masks" not in store:
-        raise UserError(
-            f"{layout.images} has no ground-truth masks: evaluate needs a 'toy' or 'segfolder' dataset",
-            key="data.kind", value=read_dataset_info(layout.dataset_info)["kind"],
-            fix="set data.kind: segfolder with masks, or run the stages before evaluate only",
-        )
     methods, skipped = build_methods(EvalContext(params, layout, device, truth), METHODS)
     evaluation = evaluate_methods(methods, store, store["masks"], indices, truth, params.evaluate, device, progress)
     evaluation.skipped = skipped

@@ -21,11 +21,15 @@ class EvaluateReport:
     layout: Layout
 
     def details(self) -> str:
-        """The methods x metrics table (Markdown), printed above the summary line."""
-        return summary_table(self.evaluation)
+        """The methods x metrics table (Markdown), printed above the summary line ("" when nothing was scored)."""
+        return "" if self.evaluation.unscored else summary_table(self.evaluation)
 
     def summary(self) -> str:
         evaluation = self.evaluation
+        if evaluation.unscored:
+            paths = sorted(set(evaluation.accuracy_path["method"]))
+            kept = f"; accuracy paths of {', '.join(paths)} -> {self.layout.accuracy_path}" if paths else ""
+            return f"concept maps and segmentation skipped: {evaluation.unscored}{kept}"
         skipped = f"; skipped (disabled, or their stages have not run): {', '.join(evaluation.skipped)}" if evaluation.skipped else ""
         methods = sorted({*evaluation.concept_maps, *evaluation.segmentation})
         return f"{len(methods)} methods on {evaluation.n_images} images -> {self.layout.evaluate_metrics}{skipped}"

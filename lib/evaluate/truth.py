@@ -48,6 +48,11 @@ class GroundTruth:
                 rules[row["class_id"], row["concept_id"]] = True
         return cls(tuple(c["name"] for c in concepts), tuple(c["type"] for c in concepts), classes, rules)
 
+    @classmethod
+    def without_concepts(cls, classes: list[str] | tuple[str, ...]) -> GroundTruth:
+        """The ground truth of data without masks: its classes, no concept (methods build, nothing is scored)."""
+        return cls((), (), tuple(classes), torch.zeros(len(classes), 0, dtype=torch.bool))
+
     @property
     def n_concepts(self) -> int:
         return len(self.concept_names)

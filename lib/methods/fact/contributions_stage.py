@@ -36,7 +36,8 @@ metrics/fact.json:
   spatial extent), the histogram to metrics/plots/fact_c2.csv.
 - gt_found, gt_concepts, match_score: on data with concept masks, how many ground-truth concepts
   found a latent on val and the mean best correlation (lib/methods/fact/matching.py, written in
-  full to data/<name>/fact/matching.json, which `evaluate` reads).
+  full to data/<name>/fact/matching.json, which `evaluate` reads). On data without masks the
+  matching is skipped (lib/core/skipped.py): 0, 0, null, and matching.json says why.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ from lib.core.schema import (
     STATS_LABEL,
     concept_stats_specs,
 )
+from lib.core.skipped import no_masks, skipped
 from lib.core.stores import ShardedWriter, open_store
 from lib.core.streams import read_rows
 from lib.data.manifest import read_dataset_info, read_manifest, split_indices, train_val_indices
@@ -126,6 +128,7 @@ def explain_batch(backbone: FactBackbone, sae: BiasFreeTopKSAE, acts: Tensor, ex
 class ContributionsReport:
     metrics: dict[str, Any] | None  # None on torchrun ranks other than 0
     path: Path
+    matching_skipped: str | None = None  # why the ground-truth matching was skipped (data without masks)
 
     def summary(self) -> str:
         if self.metrics is None:
@@ -135,6 +138,8 @@ class ContributionsReport:
             f"C² Δ_rand {m['c2_delta']:.3f} (mean {m['c2']:.3f}, random {m['c2_random']:.3f}, featurizer {m['c2_featurizer']})"
         )
         found = f"; {m['gt_found']}/{m['gt_concepts']} ground-truth concepts found a latent" if m["gt_concepts"] else ""
+        if self.matching_skipped:
+            found = f"; ground-truth matching skipped: {self.matching_skipped}"
         accuracy = (
             "no dataset classes (backbone.new_head)" if m["acc_backbone"] is None
             else f"accuracy backbone {m['acc_backbone']:.3f}, spliced {m['acc_spliced']:.3f}"
@@ -145,11 +150,9 @@ class ContributionsReport:
         )
 
 
-def _match(config: Params, layout: Layout, sae: BiasFreeTopKSAE, device: torch.device) -> Matching | None:
-    """Latent of each ground-truth concept on val (None on data without concept masks)."""
+def _match(config: Params, layout: Layout, sae: BiasFreeTopKSAE, device: torch.device) -> Matching:
+    """Latent of each ground-truth concept on val (data with concept masks)."""
     images = open_store(layout.images)
-    if "masks" not in images:
-        return None
     info = read_dataset_info(layout.dataset_info)
     _, val, _ = train_val_indices(read_manifest(layout.manifest), config.fact.val_fraction, config.fact.seed)
     feats = open_store(layout.features(fact_layer(config)))[FEATURES]
@@ -253,8 +256,9 @@ def run_contributions(
             f"contributions are not the frozen tail's: max error {concept_error:.3e} of the largest |C_j| > "
             f"fact.completeness_tol {settings.completeness_tol:g} (is explanation mode on in the tail?)"
         )
-    matching = _match(config, layout, sae, device)
-    write_json(layout.fact_matching, matching.to_json() if matching is not None else {"concepts": []})
+    unmatched = no_masks(read_dataset_info(layout.dataset_info)["kind"])
+    matching = None if unmatched else _match(config, layout, sae, device)
+    write_json(layout.fact_matching, matching.to_json() if matching is not None else {"concepts": [], **skipped(unmatched)})
     c2 = fact_c2(config, layout, backbone, sae, featurizer, rows, top, progress)
     write_parquet(layout.fact_c2, c2.table)
     write_csv(layout.fact_plot("c2"), c2.histogram())
@@ -285,7 +289,7 @@ def run_contributions(
     # 6 digits, except the completeness errors, whose point is how small they are
     write_json(layout.fact_metrics, {k: round(v, 6) if isinstance(v, float) and not k.startswith("completeness") else v
                                      for k, v in metrics.items()})
-    return ContributionsReport(metrics, layout.fact_metrics)
+    return ContributionsReport(metrics, layout.fact_metrics, unmatched)
 
 
 
