@@ -92,6 +92,12 @@ class C2Result:
     c2: float
     c2_random: float
 
+    @classmethod
+    def skipped(cls) -> C2Result:
+        """No concept scored (the featurizer's data are missing): an empty table, NaN scores."""
+        columns = ["concept", "images", "c2", "extent_pixels", "extent_fraction", "averaged"]
+        return cls(pd.DataFrame({name: pd.Series(dtype=bool if name == "averaged" else float) for name in columns}), np.nan, np.nan)
+
     @property
     def c2_delta(self) -> float:
         return self.c2 - self.c2_random

@@ -75,6 +75,7 @@ from lib.core.streams import read_rows
 from lib.data.manifest import read_dataset_info, read_manifest, split_indices, train_val_indices
 from lib.methods.fact.artifacts import load_sae
 from lib.methods.fact.backbone import FactBackbone, check_fact, load_fact_backbone
+from lib.methods.fact.c2 import C2Result
 from lib.methods.fact.completeness import frozen_contributions
 from lib.methods.fact.consistency import fact_c2, top_images
 from lib.methods.fact.contributions import concept_contributions, splice
@@ -184,7 +185,10 @@ def run_contributions(
             f"{layout.fact_sae} was trained on {record['layer']} of {record['model_id']}, not {backbone.layer} of {backbone.model_id}",
             key="fact.layer", fix="rerun sae_data and sae (dvc repro)",
         )
-    featurizer = load_featurizer(config, layout, device)  # C²'s: its data are checked before any work
+    # C²'s featurizer, its data checked before any work; the gt featurizer on data without masks: C² skipped
+    unmatched = no_masks(read_dataset_info(layout.dataset_info)["kind"])  # ground-truth matching needs masks too
+    c2_skipped = unmatched if settings.c2.featurizer == "gt" else None
+    featurizer = None if c2_skipped else load_featurizer(config, layout, device)
     manifest = read_manifest(layout.manifest)
     rows = split_indices(manifest, "test")
     labels = manifest.set_index("index").loc[rows, "label"].to_numpy(np.int64)
@@ -256,10 +260,9 @@ def run_contributions(
             f"contributions are not the frozen tail's: max error {concept_error:.3e} of the largest |C_j| > "
             f"fact.completeness_tol {settings.completeness_tol:g} (is explanation mode on in the tail?)"
         )
-    unmatched = no_masks(read_dataset_info(layout.dataset_info)["kind"])
     matching = None if unmatched else _match(config, layout, sae, device)
     write_json(layout.fact_matching, matching.to_json() if matching is not None else {"concepts": [], **skipped(unmatched)})
-    c2 = fact_c2(config, layout, backbone, sae, featurizer, rows, top, progress)
+    c2 = C2Result.skipped() if featurizer is None else fact_c2(config, layout, backbone, sae, featurizer, rows, top, progress)
     write_parquet(layout.fact_c2, c2.table)
     write_csv(layout.fact_plot("c2"), c2.histogram())
     metrics = {
@@ -279,7 +282,7 @@ def run_contributions(
         "c2_random": _finite(c2.c2_random),
         "c2_concepts": c2.n_averaged,
         "c2_scored": c2.n_scored,
-        "c2_featurizer": featurizer.name,
+        "c2_featurizer": f"gt (skipped: {c2_skipped})" if featurizer is None else featurizer.name,
         "n_concepts": n_concepts,
         "k": sae.k,
         "gt_concepts": 0 if matching is None else len(matching.names),
