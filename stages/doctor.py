@@ -11,6 +11,7 @@ def checks() -> dict:
     from lib.methods.cefam.regions_stage import check_regions
     from lib.methods.cefam.translator_stage import check_translator
     from lib.methods.fact.backbone import check_fact
+    from lib.methods.fact.contributions_stage import check_contributions
     from lib.pipeline.circles import check_circles
     from lib.pipeline.clip_images import check_clip_images
     from lib.pipeline.concepts import check_concepts
@@ -20,8 +21,9 @@ def checks() -> dict:
         "prepare": check_prepare, "toy_backbone": None, "toy_clip": None, "toy_report": None, "features": check_features,
         "clip_images": check_clip_images, "circles": check_circles, "concepts": check_concepts, "similarity": None,
         "cbl": None, "sparse": None, "salf_stats": None, "explain": None, "translator": check_translator,
-        "regions": check_regions, "sae_data": check_fact, "sae": None, "contributions": check_fact,
+        "regions": check_regions, "sae_data": check_fact, "sae": None, "contributions": check_contributions,
         "fact_explain": check_fact, "evaluate": check_evaluate, "stats": None,
+        "counterfactuals": None, "compare": None,
     }  # fmt: skip
 
 

@@ -205,11 +205,22 @@ def test_side_by_side_figure_and_an_index_whose_links_resolve(tmp_path):
     assert {"salf", "0.500", "N/A"} <= set(parser.cells)
 
 
-def test_counterfactual_stages_refuse_data_without_a_renderer(tmp_path):
-    from lib.compare.checks import check_toy_world
-    from lib.core.errors import UserError
+def test_counterfactual_stages_write_stubs_on_data_without_a_renderer(tmp_path):
+    import json
+
+    import torch
+
+    from lib.compare.counterfactual_stage import run_counterfactuals
+    from lib.compare.stage import run_compare
+    from lib.core.layout import Layout
     from lib.core.params import Params
 
     config = Params.model_validate({"data": {"kind": "imagefolder", "imagefolder": {"root": str(tmp_path)}}})
-    with pytest.raises(UserError, match="only the toy world"):
-        check_toy_world(config)
+    layout = Layout(tmp_path / "data" / "photos", tmp_path / "metrics")
+    report = run_counterfactuals(config, layout, torch.device("cpu"))
+    assert report.summary().startswith("skipped: data.kind imagefolder has no scene renderer")
+    assert [p.name for p in layout.counterfactuals.iterdir()] == ["SKIPPED"]
+    report = run_compare(config, layout, torch.device("cpu"))
+    assert "no scene renderer" in json.loads(layout.compare_metrics.read_text())["skipped"]
+    assert layout.compare_scatter.read_text().strip() == "method,contribution,true_effect"
+    assert layout.compare_table.read_text().startswith("skipped:") and report.details() == ""

@@ -27,6 +27,7 @@ from lib.compare.explained_models import ExplainedModels, load_explained_models
 from lib.core.errors import UserError
 from lib.core.layout import Layout
 from lib.core.params import Params, params_hash, source_hash
+from lib.core.skipped import SKIPPED_FILE, no_renderer, write_skipped_folder
 from lib.core.stores import ArraySpec, ShardedWriter, open_store
 from lib.core.streams import read_rows
 from lib.data.manifest import read_manifest
@@ -47,8 +48,11 @@ class CounterfactualsReport:
     models: tuple[str, ...]
     mean_abs_effect: dict[str, float]
     path: Path
+    skipped: str | None = None
 
     def summary(self) -> str:
+        if self.skipped:
+            return f"skipped: {self.skipped} ({self.path / SKIPPED_FILE})"
         effects = ", ".join(f"{m} {v:.3f}" for m, v in self.mean_abs_effect.items())
         return (
             f"{self.n_images} images, {self.n_edits} counterfactuals ({self.n_edits / self.n_images:.1f} per image) "
@@ -134,7 +138,12 @@ def effects_block(
 
 
 def run_counterfactuals(config: Params, layout: Layout, device: torch.device, progress: Progress | None = None) -> CounterfactualsReport:
-    """Write data/<name>/counterfactuals.zarr for the first compare.max_images images of evaluate.split."""
+    """Write data/<name>/counterfactuals.zarr for the first compare.max_images images of evaluate.split
+    (on data without a renderer, a folder holding only SKIPPED with the reason)."""
+    reason = no_renderer(config.data.kind)
+    if reason:
+        write_skipped_folder(layout.counterfactuals, reason)
+        return CounterfactualsReport(0, 0, (), {}, layout.counterfactuals, reason)
     rows, scenes = _split_scenes(config, layout)
     rows = rows[: config.compare.max_images]
     models = load_explained_models(config, layout, device)

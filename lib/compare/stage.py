@@ -35,6 +35,7 @@ from lib.core.errors import UserError
 from lib.core.layout import Layout
 from lib.core.outputs import write_csv, write_figure, write_json, write_text
 from lib.core.params import Params
+from lib.core.skipped import no_renderer, skipped, write_skipped_folder
 from lib.core.stores import open_store
 from lib.core.streams import batch_source
 from lib.data.manifest import read_dataset_info
@@ -59,11 +60,14 @@ TAGS = ("neutral", "rule_breaking", "rule_creating")
 class CompareReport:
     rows: dict[str, dict]
     path: Path
+    skipped: str | None = None
 
     def details(self) -> str:
-        return compare_table(self.rows)
+        return "" if self.skipped else compare_table(self.rows)
 
     def summary(self) -> str:
+        if self.skipped:
+            return f"skipped: {self.skipped} ({self.path})"
         best = max((r for r in self.rows.items() if r[0] not in BASELINES and r[1]["causal"]["own"]["spearman"] is not None),
                    key=lambda r: r[1]["causal"]["own"]["spearman"], default=None)
         lead = f"; best causal ρ: {best[0]} {best[1]['causal']['own']['spearman']:.3f}" if best else ""
@@ -143,7 +147,15 @@ def _other_metrics(layout: Layout, name: str) -> dict[str, float | None]:
 
 
 def run_compare(config: Params, layout: Layout, device: torch.device, progress: Progress | None = None) -> CompareReport:
-    """Write metrics/compare.json, metrics/compare.md and the scatter plot data."""
+    """Write metrics/compare.json, metrics/compare.md, the scatter plot data and the figures (stubs saying
+    why on data without a renderer)."""
+    reason = no_renderer(config.data.kind)
+    if reason:
+        write_json(layout.compare_metrics, skipped(reason))
+        write_text(layout.compare_table, f"skipped: {reason}\n")
+        write_csv(layout.compare_scatter, pd.DataFrame(columns=["method", "contribution", "true_effect"]))
+        write_skipped_folder(layout.compare_figures, reason)
+        return CompareReport({}, layout.compare_metrics, reason)
     truth = GroundTruth.from_info(read_dataset_info(layout.dataset_info))
     counterfactuals = open_store(layout.counterfactuals)
     if counterfactuals.attrs["split"] != config.evaluate.split:

@@ -9,7 +9,11 @@ reports the same reasons before any work.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 SKIPPED = "skipped"
+SKIPPED_FILE = "SKIPPED"  # a skipped folder output holds only this file, with the reason
 KINDS_WITH_MASKS = ("toy", "segfolder")  # data.kind values whose prepare stores ground-truth concept masks
 
 
@@ -20,6 +24,22 @@ def no_masks(kind: str) -> str | None:
     return f"data.kind {kind} has no ground-truth masks (toy and segfolder data have them)"
 
 
+def no_renderer(kind: str) -> str | None:
+    """Why counterfactual images (true concept effects) cannot be made for data of `kind`, or None: they
+    need a scene renderer, which only the toy world has."""
+    if kind == "toy":
+        return None
+    return f"data.kind {kind} has no scene renderer: counterfactual images exist only for the toy world"
+
+
 def skipped(reason: str) -> dict[str, str]:
     """The metrics JSON of skipped work: {"skipped": reason}."""
     return {SKIPPED: reason}
+
+
+def write_skipped_folder(path: Path, reason: str) -> None:
+    """`path` as a folder holding only SKIPPED (the reason): a declared folder output of skipped work."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    (path / SKIPPED_FILE).write_text(f"{SKIPPED}: {reason}\n")

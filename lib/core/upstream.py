@@ -29,6 +29,8 @@ _OUTPUT_KINDS = ("outs", "metrics", "plots")
 WHEN_PRESENT = {
     "evaluate": frozenset({"cbl", "sparse", "regions", "sae", "contributions"}),  # lib/evaluate/registry.py: factories
     "stats": frozenset({"salf_stats", "regions", "contributions"}),  # lib/stats/stage.py: one store per method
+    "counterfactuals": frozenset({"cbl", "sparse", "sae"}),  # lib/compare/explained_models.py: the models that exist
+    "compare": frozenset({"cbl", "sparse", "regions", "sae", "contributions", "evaluate", "stats"}),  # lib/compare/stage.py
 }
 
 

@@ -19,7 +19,7 @@ import torch
 from lib.core.device import autocast_dtype, precision_name, resolve_device
 from lib.core.errors import UserError
 from lib.core.params import Params, load_params
-from lib.core.skipped import no_masks
+from lib.core.skipped import no_masks, no_renderer
 from lib.pipeline.concept_list import read_concept_list
 
 Check = Callable[[Params], None]
@@ -100,8 +100,20 @@ def _evaluate(c: Params, device: torch.device) -> str:
 def _contributions(c: Params, device: torch.device) -> str:
     reason = no_masks(c.data.kind)
     matching = f"ground-truth matching skipped: {reason}" if reason else f"latent per ground-truth concept (r >= {c.fact.match_threshold})"
-    c2 = "all alive concepts" if c.fact.c2_concepts is None else f"{c.fact.c2_concepts} concepts"
-    return f"FaCT presence and contributions on the test split, C² of {c2}; {matching} ({device.type})"
+    c2 = "every concept with enough images" if c.fact.c2.max_concepts is None else f"{c.fact.c2.max_concepts} concepts"
+    if c.fact.c2.featurizer == "gt" and reason:
+        c2 = f"no concept (skipped: {reason})"
+    return f"FaCT presence and contributions on the test split, C² ({c.fact.c2.featurizer}) of {c2}; {matching} ({device.type})"
+
+
+def _counterfactuals(c: Params, device: torch.device) -> str:
+    reason = no_renderer(c.data.kind)
+    if reason:
+        return f"skipped: {reason}"
+    n = c.data.toy.n_test if c.evaluate.split == "test" else c.data.toy.n_val if c.evaluate.split == "val" else c.data.toy.n_train
+    n = min(n, c.compare.max_images or n)
+    return (f"~19 counterfactual images for each of {n} {c.evaluate.split} images through the backbone and the concept models "
+            f"({device.type})")
 
 
 def _fact_layer(c: Params) -> str:
@@ -144,6 +156,10 @@ PLANS: dict[str, Plan] = {
     "fact_explain": lambda c, d: f"{c.fact.explain.n_images} FaCT explanations and a gallery of {c.fact.explain.gallery_concepts} latents",
     "evaluate": _evaluate,
     "stats": lambda c, d: f"every method's concept statistics with dask ({c.stats.scheduler})",
+    "counterfactuals": _counterfactuals,
+    "compare": lambda c, d: (f"skipped: {no_renderer(c.data.kind)}" if no_renderer(c.data.kind) else
+                             "every method's contributions against the true effects, side by side, "
+                             f"{c.compare.n_figures} figures ({d.type})"),
 }
 
 
