@@ -22,8 +22,8 @@ def checks() -> dict:
         "clip_images": check_clip_images, "circles": check_circles, "concepts": check_concepts, "similarity": None,
         "cbl": None, "sparse": None, "salf_stats": None, "explain": None, "translator": check_translator,
         "regions": check_regions, "sae_data": check_fact, "sae": None, "contributions": check_contributions,
-        "fact_explain": check_fact, "evaluate": check_evaluate, "stats": None,
-        "counterfactuals": None, "compare": None,
+        "fact_explain": check_fact, "counterfactuals": None, "evaluate": check_evaluate, "stats": None,
+        "compare": None,
     }  # fmt: skip
 
 
