@@ -206,6 +206,11 @@ class Layout:
     def fact_metrics(self) -> Path:
         return self.metrics / "fact.json"
 
+    @property
+    def fact_sae_metrics(self) -> Path:
+        """sae: the kept SAE's figures on val (spliced accuracy, loss, fve, reconstruction L2 error)."""
+        return self.metrics / "fact_sae.json"
+
     def fact_plot(self, name: str) -> Path:
         """Plot data of FaCT: "sae" (training loss per step)."""
         return self.metrics / "plots" / f"fact_{name}.csv"
