@@ -158,9 +158,10 @@ def run_sae(config: Params, layout: Layout, device: torch.device, ranks: Ranks, 
                      settings.dead_epochs)
     with user_error_for("fact.sae.batch_size", settings.batch_size, fix="lower it or raise fact.sae.buffer_shards"):
         stream = VectorStream(vectors, max(1, settings.batch_size // ranks.world_size), seed, settings.buffer_shards, ranks)
-    fingerprint = params_hash(settings, {"seed": seed, "val_fraction": config.fact.val_fraction}, store.attrs["fingerprint"], feats_store.attrs["fingerprint"],
-                              source_hash(sae_module), source_hash(train_module), source_hash(sae_val_module),
-                              source_hash(sys.modules[__name__]))
+    fingerprint = params_hash(
+        settings, {"seed": seed, "val_fraction": config.fact.val_fraction}, store.attrs["fingerprint"], feats_store.attrs["fingerprint"],
+        source_hash(sae_module), source_hash(train_module), source_hash(sae_val_module), source_hash(sys.modules[__name__]),
+    )
     checkpoint = layout.fact_checkpoint(fingerprint)
     log_path = checkpoint.with_suffix(".csv")
     if ranks.is_main:

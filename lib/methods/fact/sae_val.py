@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import zarr
-from torch import Tensor
 
 from lib.core.streams import read_rows
 from lib.methods.fact.backbone import FactBackbone
