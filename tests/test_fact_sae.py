@@ -104,7 +104,8 @@ def test_remove_parallel_grad_and_renormalise():
     model.remove_parallel_grad()
     after = model.decoder.weight.grad
     atoms = model.atoms.detach()
-    torch.testing.assert_close((after * atoms).sum(dim=0), torch.zeros(J), atol=1e-6 * float(before.abs().max()), rtol=0)  # float32 round-off of a 12-term sum
+    tol = 1e-6 * float(before.abs().max())  # float32 round-off of a 12-term sum
+    torch.testing.assert_close((after * atoms).sum(dim=0), torch.zeros(J), atol=tol, rtol=0)
     # Only the parallel part was removed.
     torch.testing.assert_close(after + (before * atoms).sum(dim=0) * atoms, before)
     with torch.no_grad():
