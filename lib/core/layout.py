@@ -225,6 +225,10 @@ class Layout:
     def stats_metrics(self) -> Path:
         return self.metrics / "stats.json"
 
+    def stats_plot(self, name: str) -> Path:
+        """Plot data of stats: "coverage" (FaCT's coverage curve per method)."""
+        return self.metrics / "plots" / f"stats_{name}.csv"
+
     # toy world models (not per dataset)
     @property
     def toy_metrics(self) -> Path:

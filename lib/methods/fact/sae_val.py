@@ -54,7 +54,7 @@ def score_on_val(backbone: FactBackbone, sae: BiasFreeTopKSAE, feats: zarr.Array
         if backbone.class_map is None:  # no dataset classes: agreement with the unspliced model's top output
             predicted, truth = output, backbone.explained_output(backbone.tail(acts))[1]
         else:
-            predicted, truth = spliced, torch.from_numpy(labels[start : start + batch_images]).to(device)
+            predicted, truth = spliced, torch.tensor(labels[start : start + batch_images], device=device)
         correct += int((predicted == truth).sum())
         x = acts.permute(0, 2, 3, 1).reshape(-1, acts.shape[1]).double()
         err = (x - x_hat.permute(0, 2, 3, 1).reshape(-1, acts.shape[1]).double()).norm(dim=1)
