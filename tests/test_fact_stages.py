@@ -258,7 +258,8 @@ def test_sae_keeps_the_best_spliced_val_accuracy_then_the_lowest_val_loss(projec
         loss = (err / sae.scale).square().mean()
         std, mean = torch.std_mean(err)
     assert metrics["val_loss"] == pytest.approx(loss.item(), rel=1e-4)
-    assert (metrics["l2_error_mean"], metrics["l2_error_std"]) == (pytest.approx(mean.item(), rel=1e-4), pytest.approx(std.item(), rel=1e-4))
+    assert metrics["l2_error_mean"] == pytest.approx(mean.item(), rel=1e-4)
+    assert metrics["l2_error_std"] == pytest.approx(std.item(), rel=1e-4)
 
 
 def _fact_state_dict(sae) -> dict[str, torch.Tensor]:
