@@ -194,8 +194,10 @@ class BiasFreeTopKSAE(nn.Module):
         ranks = ranks or Ranks()
         xs = x / self.scale
         pre = self.pre_activations(xs)
-        values, indices = pre.topk(self.k, dim=-1, sorted=False)  # no dense (N, J) code needed
-        x_hat = self.decode_sparse(values, indices)
+        values, indices = pre.topk(self.k, dim=-1, sorted=False)
+        # Dense codes and one matmul, as dictionary_learning: pre is (N, J) already, and a BLAS product
+        # with its backward is ~4x faster on the CPU than embedding_bag's sparse sum (benchmarks/sae.py).
+        x_hat = self.decoder(torch.zeros_like(pre).scatter(-1, indices, values))
         residual = xs - x_hat
         count = reduce_(torch.tensor(float(x.shape[0]), device=x.device), ranks)
         mse = reduce_sum(residual.square().sum(), ranks) / count.clamp_min(1.0)
@@ -235,17 +237,14 @@ class BiasFreeTopKSAE(nn.Module):
         self.tokens_since_fired.add_(tokens).masked_fill_(reduce_(fired, ranks, "max").bool(), 0)
 
     def _aux_loss(self, pre: Tensor, dead: Tensor, residual: Tensor, count: Tensor, ranks: Ranks) -> Tensor:
-        """The min(aux_k, #dead) largest pre-activations among dead latents reconstruct the residual.
-        Without a host sync: take a fixed aux_k over pre-activations with live latents at -inf, then
-        zero those -inf picks, which is the same as capping k by the number of dead latents."""
-        k_aux = min(self.aux_k, self.n_concepts)
-        if k_aux == 0 or self.aux_coef == 0:
+        """The min(aux_k, #dead) largest pre-activations among dead latents reconstruct the residual;
+        0 while nothing is dead. Counting the dead costs one host sync per step (dictionary_learning's
+        too), which saves the aux pass, a top-k over all J latents, whenever no latent is dead; the
+        count is the same on every rank (the fired flags are reduced), so all take the same branch."""
+        n_dead = int(dead.sum())
+        if n_dead == 0 or self.aux_k == 0 or self.aux_coef == 0:
             return residual.new_zeros(())
-        masked = pre.masked_fill(~dead, -math.inf)
-        values, indices = masked.topk(k_aux, dim=-1, sorted=False)
-        values = torch.where(torch.isfinite(values), values, torch.zeros_like(values))
-        recon = self.decode_sparse(values, indices)
+        values, indices = pre.masked_fill(~dead, -math.inf).topk(min(self.aux_k, n_dead), dim=-1, sorted=False)
+        recon = self.decoder(torch.zeros_like(pre).scatter(-1, indices, values))
         centred = residual - reduce_(residual.sum(dim=0, keepdim=True), ranks) / count
-        aux = reduce_sum((residual - recon).square().sum(), ranks) / reduce_(centred.square().sum(), ranks).clamp_min(_EPS)
-        # With nothing dead the aux term is 0 (not ||residual||^2 / var, which the zero recon gives).
-        return torch.where(dead.any(), aux, torch.zeros_like(aux))
+        return reduce_sum((residual - recon).square().sum(), ranks) / reduce_(centred.square().sum(), ranks).clamp_min(_EPS)
