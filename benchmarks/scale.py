@@ -224,8 +224,8 @@ def make_project(root: Path, args: argparse.Namespace) -> tuple[Params, Layout]:
         "similarity": {"materialize": False},
         "cbl": {"batch_size": args.cbl_batch, "max_steps": args.cbl_steps, "eval_every": args.cbl_steps, "in_memory_mb": 0},
         "sparse": {"batch_size": args.sparse_batch},
-        "fact": {"batch_size": args.fact_batch, "sae": {"n_concepts": args.sae_concepts, "k": 32, "aux_k": 64, "steps": 2,
-                                                         "warmup_steps": 1, "batch_size": args.sae_batch, "checkpoint_every": 2}},
+        "fact": {"batch_size": args.fact_batch, "sae": {"expansion": args.sae_expansion, "k": 32, "aux_k": 64, "epochs": args.sae_epochs,
+                                                         "warmup_epochs": 0, "decay_epochs": 0, "batch_size": args.sae_batch}},
         "cefam": {"translator": {"max_epochs": 1, "batch_size": 64},
                   "regions": {"batch_size": args.regions_batch, "contribution_concepts": 1, "n_figures": 0}},
         "evaluate": {"max_images": args.regions_images},
@@ -662,8 +662,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cbl-batch", type=int, default=256)
     parser.add_argument("--cbl-steps", type=int, default=20)
     parser.add_argument("--fact-batch", type=int, default=64)
-    parser.add_argument("--sae-concepts", type=int, default=8192)
-    parser.add_argument("--sae-batch", type=int, default=4096, help="fact.sae.batch_size (the SAE trains 2 untimed steps)")
+    parser.add_argument("--sae-expansion", type=float, default=8.0, help="fact.sae.expansion: latents per channel")
+    parser.add_argument("--sae-batch", type=int, default=4096, help="fact.sae.batch_size")
+    parser.add_argument("--sae-epochs", type=float, default=0.01, help="fact.sae.epochs (the SAE's training is not timed)")
     parser.add_argument("--regions-batch", type=int, default=8)
     parser.add_argument("--regions-images", type=int, default=16, help="images of the test split regions explains")
     parser.add_argument("--reference-images", type=int, default=1, help="images through circles' reference loop")

@@ -391,30 +391,40 @@ class CefamParams(Section):
 class FactSaeParams(Section):
     """FaCT's bias-free TopK SAE and its training (lib/methods/fact/sae.py, train.py, sae_stage.py).
 
-    Defaults are FaCT's released settings (8192 concepts, k 32, aux-k 256 / 32, lr 1e-3, warm-up then
-    cosine); params.yaml sets the toy world's (a 128-channel layer)."""
+    Defaults are FaCT's (m-parchami/FaCT train.sh and fact/utils/utils.py: 8 latents per channel, k 16,
+    aux-k 256, batch 32768, lr 1e-3, 16 epochs of the training vectors with warm-up 1 and cosine
+    from 2, dead after half an epoch, the checkpoint with the best spliced val accuracy); params.yaml
+    sets the toy world's, profiles/fact-paper.yaml FaCT's on the toy world."""
 
-    n_concepts: PositiveInt = 8192
-    k: PositiveInt = 32
-    aux_k: Annotated[int, Field(ge=0)] = 256  # dead latents that reconstruct the residual (aux-k loss)
+    expansion: PositiveFloat = 8.0  # latents per channel of fact.layer: J = round(expansion * C)
+    k: PositiveInt = 16
+    aux_k: Annotated[int, Field(ge=0)] | None = None  # dead latents in the aux-k loss; None = min(256, J // 2)
     aux_coef: Annotated[float, Field(ge=0)] = 1 / 32
-    dead_after: PositiveInt = 10_000_000  # training vectors without firing before a latent counts as dead
-    steps: PositiveInt = 20_000
-    batch_size: PositiveInt = 4096  # training vectors per step
+    dead_epochs: PositiveFloat = 0.5  # epochs of training vectors without being chosen by the top-k: dead
+    epochs: PositiveFloat = 16.0  # of the training vectors (an epoch is n_vectors / batch_size steps)
+    warmup_epochs: Annotated[float, Field(ge=0)] = 1.0  # linear warm-up, constant until decay_epochs,
+    decay_epochs: Annotated[float, Field(ge=0)] = 2.0  # then cosine down to min_lr_factor * lr at `epochs`
+    batch_size: PositiveInt = 32768  # training vectors per step
     lr: PositiveFloat = 1e-3
-    warmup_steps: Annotated[int, Field(ge=0)] = 1000  # linear warm-up, then cosine down to min_lr_factor * lr
     min_lr_factor: Fraction = 0.0
     grad_clip: PositiveFloat = 1.0
     checkpoint_every: PositiveInt = 500  # steps between resumable checkpoints
     buffer_shards: PositiveInt = 4  # shards of training vectors shuffled together: the stream's memory
+    checkpoint: str | None = None  # a FaCT-format SAE state dict (.pt) to use instead of training
 
     @model_validator(mode="after")
     def _consistent(self) -> FactSaeParams:
-        if self.k > self.n_concepts:
-            raise ValueError(f"k ({self.k}) must be <= n_concepts ({self.n_concepts})")
-        if self.warmup_steps > self.steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be <= steps ({self.steps})")
+        if self.warmup_epochs > self.decay_epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be <= decay_epochs ({self.decay_epochs})")
         return self
+
+    def n_latents(self, channels: int) -> int:
+        """J for a layer of `channels` channels."""
+        return max(1, round(self.expansion * channels))
+
+    def aux_k_for(self, latents: int) -> int:
+        """aux_k, or FaCT's 256 capped at half the latents when unset."""
+        return min(256, latents // 2) if self.aux_k is None else self.aux_k
 
 
 class FactC2Params(Section):
