@@ -538,8 +538,11 @@ def bench_concepts(config: Params, layout: Layout, device: torch.device, args: a
 
     concept_file = layout.root.parent.parent / "concepts.txt"
     concept_file.write_text("".join(f"concept number {j}\n" for j in range(args.concept_texts)))
+    from lib.data.manifest import read_manifest, split_indices
+
+    enough = len(split_indices(read_manifest(layout.manifest), "train")) >= 5  # the top-5 filter's minimum
     settings = {"file": str(concept_file), "duplicate_threshold": 1.0, "class_similarity_threshold": 1.0,
-                "min_top5_similarity": -0.999}  # > -1: the top-5 pass over the train images still runs
+                "min_top5_similarity": -0.999 if enough else -1.0}  # > -1: the top-5 pass over the train images runs
     configured = Params.model_validate({**config.model_dump(), "concepts": {**config.concepts.model_dump(), **settings}})
     with peak_memory(device) as memory:
         began = time.perf_counter()
