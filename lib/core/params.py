@@ -347,9 +347,16 @@ class RegionsParams(Section):
     top_k: PositiveInt = 20  # K: channels masked one by one (association and contribution)
     candidates: PositiveInt = 4  # layers kept per concept by association score (cefam_best4 in evaluate)
     score: Literal["softmax", "sigmoid", "cosine"] = "softmax"  # what the association masking watches (softmax: CLIP)
-    rule: Literal["trapezoid", "right"] = "trapezoid"  # area of the masking curves (right: the authors' sum)
-    contribution_concepts: PositiveInt = 5  # concepts per image (highest S^t) whose contribution is computed
-    contribution_fill: Literal["mean", "spatial"] = "mean"  # mean: the paper's m^l; spatial: the authors' code before the last layer
+    # area of the masking curves: right = the authors' sum of d_j / K (utils/cefam.py); trapezoid = ours (the
+    # paper says "AUC" only)
+    rule: Literal["trapezoid", "right"] = "right"
+    contribution_concepts: PositiveInt = 8  # concepts per image (highest S^t) whose contribution is computed (authors: 8)
+    # masked channels before the last layer: spatial = each map becomes its own spatial mean (the authors' mask_predict);
+    # mean = the paper's m^l (the image's channel mean of z^l). The last layer always takes m^l (both agree there).
+    contribution_fill: Literal["mean", "spatial"] = "spatial"
+    # negative contributions: drop = left out of the explanation, stored as 0 (the authors' positive_only);
+    # keep = stored (the paper's text: "a negative contribution", Fig. 7)
+    negatives: Literal["drop", "keep"] = "drop"
     batch_size: PositiveInt = 32
     chunk: PositiveInt = 64  # outputs per batched backward ("total") and (image, concept) pairs per tail call
     n_figures: Annotated[int, Field(ge=0)] = 8  # explanation PNGs (seeded images of the split)

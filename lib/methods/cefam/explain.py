@@ -14,6 +14,9 @@ of the translator's layers. The Grad-CAM weights come from regions.py:
 Association scores mask z^l (association.association_scores); the Top-1 layer of each concept is
 the one with the highest. Contributions (association.class_contribution) mask A^l at each top
 concept's Top-1 layer and re-run the backbone's tail from there (lib.models.layers.split_at).
+Defaults are the authors' code (association.py's docstring says where the paper's text differs):
+right-hand sums, 8 concepts per image, each masked map replaced by its own spatial mean before the
+last layer, negative contributions dropped (stored as 0, like a concept never computed).
 """
 
 from __future__ import annotations
@@ -40,9 +43,10 @@ class ExplainSettings:
     beta: Literal["total", "jacobian"] = "total"
     top_k: int = 20
     score: Literal["softmax", "sigmoid", "cosine"] = "softmax"
-    rule: Literal["trapezoid", "right"] = "trapezoid"
-    contribution_concepts: int = 5
-    contribution_fill: Literal["mean", "spatial"] = "mean"
+    rule: Literal["trapezoid", "right"] = "right"
+    contribution_concepts: int = 8
+    contribution_fill: Literal["mean", "spatial"] = "spatial"
+    negatives: Literal["drop", "keep"] = "drop"
     chunk: int = 16
 
 
@@ -55,7 +59,7 @@ class BatchExplanation:
     presence: Tensor  # (B, M): S^t
     association: Tensor  # (B, M, L)
     maps: list[Tensor]  # L x (B, M, h_l, w_l): R^l_t
-    contribution: Tensor  # (B, M): 0 except for each image's top concepts
+    contribution: Tensor  # (B, M): 0 except for each image's top concepts (and, negatives "drop", 0 where negative)
 
 
 def top_contributions(
@@ -68,7 +72,7 @@ def top_contributions(
     *,
     k: int = 20,
     fills: Sequence[str | None] | None = None,
-    rule: Literal["trapezoid", "right"] = "trapezoid",
+    rule: Literal["trapezoid", "right"] = "right",
     chunk: int = 64,
 ) -> Tensor:
     """Contribution (B, M) of concepts `top` (B, T) of each image to class `target` (B,), masked at
@@ -140,4 +144,6 @@ def explain_batch(
             tails, [maps[i] for i in explained], importance, association.argmax(dim=-1), top, explained_output,
             k=settings.top_k, fills=fills, rule=settings.rule, chunk=settings.chunk,
         )
+        if settings.negatives == "drop":  # the authors' positive_only: a negative contribution leaves the explanation
+            contribution = contribution.clamp(min=0)
     return BatchExplanation(logits, explained_output, presence.float(), association.float(), [r.float() for r in regions], contribution)

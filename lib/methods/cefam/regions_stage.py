@@ -200,7 +200,8 @@ def run_regions(config: Params, layout: Layout, device: torch.device, ranks: Ran
     text = concepts.text_emb.to(device)
     explain = ExplainSettings(
         beta=settings.beta, top_k=settings.top_k, score=settings.score, rule=settings.rule,
-        contribution_concepts=settings.contribution_concepts, contribution_fill=settings.contribution_fill, chunk=settings.chunk,
+        contribution_concepts=settings.contribution_concepts, contribution_fill=settings.contribution_fill,
+        negatives=settings.negatives, chunk=settings.chunk,
     )
     rows = split_indices(read_manifest(layout.manifest), config.evaluate.split)[: config.evaluate.max_images]
     if not len(rows):
