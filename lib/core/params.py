@@ -358,7 +358,9 @@ class RegionsParams(Section):
     # keep = stored (the paper's text: "a negative contribution", Fig. 7)
     negatives: Literal["drop", "keep"] = "drop"
     batch_size: PositiveInt = 32
-    chunk: PositiveInt = 64  # outputs per batched backward ("total") and (image, concept) pairs per tail call
+    chunk: PositiveInt = 64  # (image, concept) pairs per tail call (contributions) and concepts per association forward
+    # rows per batched backward of beta "total"; None = sized for the device (CPU 1: plain backwards; CUDA by free memory)
+    beta_chunk: PositiveInt | None = None
     n_figures: Annotated[int, Field(ge=0)] = 8  # explanation PNGs (seeded images of the split)
     figure_concepts: PositiveInt = 4  # concepts per PNG, by |contribution|
     seed: int = 0

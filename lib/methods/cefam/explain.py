@@ -4,8 +4,8 @@ the contributions of each image's top concepts to its predicted class.
 One forward of the backbone (taps.tapped_forward) gives the logits and the activation maps A^l
 of the translator's layers. The Grad-CAM weights come from regions.py:
 
-* beta "total" — dS^t/dA^l through the backbone as well (`concept_betas_total`: min(M, D)
-  batched backward passes per batch, not one per concept). This is the paper's Grad-CAM (eq. 12)
+* beta "total" — dS^t/dA^l through the backbone as well (`concept_betas_total`: min(M, D, C)
+  backward rows per batch, not one per concept). This is the paper's Grad-CAM (eq. 12)
   and what the authors' hooks compute; for the last layer it equals the Jacobian method.
 * beta "jacobian" — through the translator only (`concept_betas`: one Jacobian of h per image,
   no backbone backward). Exact for the last layer; for earlier layers it leaves out the paths
@@ -48,6 +48,7 @@ class ExplainSettings:
     contribution_fill: Literal["mean", "spatial"] = "spatial"
     negatives: Literal["drop", "keep"] = "drop"
     chunk: int = 16
+    beta_chunk: int | None = None  # rows per batched backward of beta "total"; None = regions.default_total_chunk
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ def explain_batch(
         logits, maps = tapped_forward(model, x.detach().requires_grad_(total), layers)
         z_list, hw = pool_features(maps)
         if total:
-            betas = concept_betas_total(translator, maps, text_emb, chunk_size=settings.chunk)
+            betas = concept_betas_total(translator, maps, text_emb, chunk_size=settings.beta_chunk)
         else:
             betas = concept_betas(translator, z_list, text_emb, hw)
     maps = [a.detach() for a in maps]

@@ -201,7 +201,7 @@ def run_regions(config: Params, layout: Layout, device: torch.device, ranks: Ran
     explain = ExplainSettings(
         beta=settings.beta, top_k=settings.top_k, score=settings.score, rule=settings.rule,
         contribution_concepts=settings.contribution_concepts, contribution_fill=settings.contribution_fill,
-        negatives=settings.negatives, chunk=settings.chunk,
+        negatives=settings.negatives, chunk=settings.chunk, beta_chunk=settings.beta_chunk,
     )
     rows = split_indices(read_manifest(layout.manifest), config.evaluate.split)[: config.evaluate.max_images]
     if not len(rows):
