@@ -479,8 +479,10 @@ def test_authors_areas_and_paper_areas():
     assert ((auc - low) / (high - low)).item() == pytest.approx(nra(WRONG_FIRST, mask).item(), abs=1e-12)
     empty = torch.zeros_like(mask)
     assert all(part.isnan().all() for part in (*nra_authors_parts(WRONG_FIRST, empty), *auc_from_curves(curves, empty, fractions)))
-    with pytest.raises(ValueError, match="at least 100 pixels"):
-        nra_authors(torch.zeros(1, 9, 9), torch.zeros(1, 9, 9, dtype=torch.bool))
+    # under 100 pixels every pixel is a point of weight 1/N: a 2x2 map ranking the 1-pixel mask second
+    small, small_mask = torch.tensor([[[3.0, 4.0], [2.0, 1.0]]]), torch.tensor([[[True, False], [False, False]]])
+    auc, high = (0 + 1 / 2 + 1 / 3 + 1 / 4) / 4, (0 + 1 + 1 / 2 + 1 / 3) / 4  # IoU after 1..4 pixels; ideal at idx 0..3
+    assert nra_authors(small, small_mask).item() == pytest.approx((auc - 1 / 8) / (high - 1 / 8), abs=1e-12)
 
 
 def test_authors_choice_sets_epg_to_zero_without_a_positive_nra():

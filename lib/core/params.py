@@ -443,7 +443,17 @@ class EvaluateParams(Section):
     batch_size: PositiveInt = 64
     steps: Annotated[int, Field(ge=2)] = 101  # top-n grid 0..100 % of the IoU curves and NRA; its first step is refined to single pixels
     hit_threshold: Fraction = 0.5  # a concept map "hits" when its NRA exceeds this (CE-FAM)
+    # concept-map scoring (lib/metrics/spatial.py): "paper" = eq. 13 as written (keys nra, epg, hit, auc*);
+    # "authors" = the authors' evaluate.py bookkeeping (nra_authors, epg_authors, hit_authors, auc*_authors)
+    protocol: Annotated[tuple[Literal["paper", "authors"], ...], Field(min_length=1)] = ("paper", "authors")
     seed: int = 0
+
+    @field_validator("protocol")
+    @classmethod
+    def _protocol(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"lists a protocol twice: {list(value)}")
+        return value
 
 
 class StatsParams(Section):
