@@ -10,7 +10,7 @@ translator) for every concept, layer and image, from one forward of the backbone
   rows of the M scores, the D embedding coordinates or the C pooled channels (`total_basis`) and
   gives every concept's beta by one matmul; rows per backward sized for the device.
 
-The betas are checked equal (to 1e-5 relative) before timing. `--plain-sample N` times the plain
+The betas of the timed runs are checked equal (to 1e-5 relative). `--plain-sample N` times the plain
 loop on the first N concepts only and scales its backward part to M (the loop is one forward plus
 M identical backwards: estimate = forward + (time - forward) * M / N), for machines too loaded to
 run 4000 backwards; the line then says "estimated". Models: the toy CNN (random init,
@@ -22,10 +22,10 @@ dimensions, M random concept embeddings. Prints the path each M took; the last l
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 
-from benchmarks.circles import best_seconds
 from lib.core.device import resolve_device
 from lib.methods.cefam.regions import concept_betas_total, default_total_chunk, total_basis
 from lib.methods.cefam.taps import tapped_forward
@@ -63,6 +63,22 @@ def forward_only(model, x) -> list[torch.Tensor]:
         return _maps(model, x)
 
 
+def timed(runs: dict, device: torch.device, rounds: int) -> tuple[dict[str, float], dict]:
+    """Fastest of `rounds` interleaved timings of each run, and each run's last result. Warm-up:
+    the caller runs both code paths on 2 concepts first, since a full extra run costs hundreds of backwards."""
+    best, results = dict.fromkeys(runs, float("inf")), {}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            results[name] = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best, results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=8)
@@ -88,16 +104,17 @@ def main() -> None:
     for m in args.concepts:
         text = torch.randn(m, args.embed_dim, generator=g).to(device)
         sample = m if args.plain_sample is None else min(args.plain_sample, m)
-        for a, b in zip(ours(model, translator, x, text), plain(model, translator, x, text[:sample]), strict=True):
-            torch.testing.assert_close(a[:, :sample], b, rtol=1e-5, atol=1e-5 * b.abs().max().item())  # the same betas
-        basis = total_basis(m, args.embed_dim, channels)
-        rows = {"scores": m, "embedding": args.embed_dim, "pools": channels}[basis]
         runs = {
             "ours": lambda text=text: ours(model, translator, x, text),
             "plain": lambda sampled=text[:sample]: plain(model, translator, x, sampled),
             "forward": lambda: forward_only(model, x),
         }
-        seconds = best_seconds(runs, device, args.rounds)
+        ours(model, translator, x, text[:2]), plain(model, translator, x, text[:2])  # warm-up
+        seconds, results = timed(runs, device, args.rounds)
+        for a, b in zip(results["ours"], results["plain"], strict=True):
+            torch.testing.assert_close(a[:, :sample], b, rtol=1e-5, atol=1e-5 * b.abs().max().item())  # the same betas
+        basis = total_basis(m, args.embed_dim, channels)
+        rows = {"scores": m, "embedding": args.embed_dim, "pools": channels}[basis]
         plain_seconds = seconds["forward"] + (seconds["plain"] - seconds["forward"]) * m / sample
         how = f"{m} backwards" if sample == m else f"estimated from {sample} of {m} backwards"
         print(
