@@ -125,3 +125,19 @@ def test_explain_batch_is_the_sum_of_its_parts(beta):
     top = out.presence.topk(2, dim=1).indices
     computed = torch.zeros_like(out.contribution, dtype=torch.bool).scatter_(1, top, True)
     assert (out.contribution[~computed] == 0).all() and (out.contribution[computed] != 0).any()
+
+
+def test_negative_contributions_are_dropped_by_default_and_kept_on_request():
+    model, translator, x, text = _setup("cnn", n_concepts=6, seed=2)
+    tails = [split_at(model, layer)[1] for layer in LAYERS]
+
+    def least_likely(logits):  # masking the evidence of the prediction raises this class: negative contributions
+        return logits.argmin(dim=1)
+
+    runs = {}
+    for negatives in ("keep", "drop"):
+        settings = ExplainSettings(beta="jacobian", top_k=8, contribution_concepts=4, negatives=negatives, chunk=4)
+        runs[negatives] = explain_batch(model, x, translator, text, LAYERS, [0, 1, 2], tails, settings, least_likely).contribution
+    assert (runs["keep"] < 0).any(), "the case must have negative contributions to test dropping them"
+    torch.testing.assert_close(runs["drop"], runs["keep"].clamp(min=0))
+    assert ExplainSettings().negatives == "drop" and ExplainSettings().contribution_concepts == 8

@@ -368,11 +368,20 @@ class RegionsParams(Section):
     top_k: PositiveInt = 20  # K: channels masked one by one (association and contribution)
     candidates: PositiveInt = 4  # layers kept per concept by association score (cefam_best4 in evaluate)
     score: Literal["softmax", "sigmoid", "cosine"] = "softmax"  # what the association masking watches (softmax: CLIP)
-    rule: Literal["trapezoid", "right"] = "trapezoid"  # area of the masking curves (right: the authors' sum)
-    contribution_concepts: PositiveInt = 5  # concepts per image (highest S^t) whose contribution is computed
-    contribution_fill: Literal["mean", "spatial"] = "mean"  # mean: the paper's m^l; spatial: the authors' code before the last layer
+    # area of the masking curves: right = the authors' sum of d_j / K (utils/cefam.py); trapezoid = ours (the
+    # paper says "AUC" only)
+    rule: Literal["trapezoid", "right"] = "right"
+    contribution_concepts: PositiveInt = 8  # concepts per image (highest S^t) whose contribution is computed (authors: 8)
+    # masked channels before the last layer: spatial = each map becomes its own spatial mean (the authors' mask_predict);
+    # mean = the paper's m^l (the image's channel mean of z^l). The last layer always takes m^l (both agree there).
+    contribution_fill: Literal["mean", "spatial"] = "spatial"
+    # negative contributions: drop = left out of the explanation, stored as 0 (the authors' positive_only);
+    # keep = stored (the paper's text: "a negative contribution", Fig. 7)
+    negatives: Literal["drop", "keep"] = "drop"
     batch_size: PositiveInt = 32
-    chunk: PositiveInt = 64  # outputs per batched backward ("total") and (image, concept) pairs per tail call
+    chunk: PositiveInt = 64  # (image, concept) pairs per tail call (contributions) and concepts per association forward
+    # rows per batched backward of beta "total"; None = sized for the device (CPU 1: plain backwards; CUDA by free memory)
+    beta_chunk: PositiveInt | None = None
     n_figures: Annotated[int, Field(ge=0)] = 8  # explanation PNGs (seeded images of the split)
     figure_concepts: PositiveInt = 4  # concepts per PNG, by |contribution|
     seed: int = 0
@@ -484,7 +493,17 @@ class EvaluateParams(Section):
     batch_size: PositiveInt = 64
     steps: Annotated[int, Field(ge=2)] = 101  # top-n grid 0..100 % of the IoU curves and NRA; its first step is refined to single pixels
     hit_threshold: Fraction = 0.5  # a concept map "hits" when its NRA exceeds this (CE-FAM)
+    # concept-map scoring (lib/metrics/spatial.py): "paper" = eq. 13 as written (keys nra, epg, hit, auc*);
+    # "authors" = the authors' evaluate.py bookkeeping (nra_authors, epg_authors, hit_authors, auc*_authors)
+    protocol: Annotated[tuple[Literal["paper", "authors"], ...], Field(min_length=1)] = ("paper", "authors")
     seed: int = 0
+
+    @field_validator("protocol")
+    @classmethod
+    def _protocol(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"lists a protocol twice: {list(value)}")
+        return value
 
 
 class CompareParams(Section):

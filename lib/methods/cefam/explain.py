@@ -4,8 +4,8 @@ the contributions of each image's top concepts to its predicted class.
 One forward of the backbone (taps.tapped_forward) gives the logits and the activation maps A^l
 of the translator's layers. The Grad-CAM weights come from regions.py:
 
-* beta "total" — dS^t/dA^l through the backbone as well (`concept_betas_total`: min(M, D)
-  batched backward passes per batch, not one per concept). This is the paper's Grad-CAM (eq. 12)
+* beta "total" — dS^t/dA^l through the backbone as well (`concept_betas_total`: min(M, D, C)
+  backward rows per batch, not one per concept). This is the paper's Grad-CAM (eq. 12)
   and what the authors' hooks compute; for the last layer it equals the Jacobian method.
 * beta "jacobian" — through the translator only (`concept_betas`: one Jacobian of h per image,
   no backbone backward). Exact for the last layer; for earlier layers it leaves out the paths
@@ -14,6 +14,9 @@ of the translator's layers. The Grad-CAM weights come from regions.py:
 Association scores mask z^l (association.association_scores); the Top-1 layer of each concept is
 the one with the highest. Contributions (association.class_contribution) mask A^l at each top
 concept's Top-1 layer and re-run the backbone's tail from there (lib.models.layers.split_at).
+Defaults are the authors' code (association.py's docstring says where the paper's text differs):
+right-hand sums, 8 concepts per image, each masked map replaced by its own spatial mean before the
+last layer, negative contributions dropped (stored as 0, like a concept never computed).
 """
 
 from __future__ import annotations
@@ -40,10 +43,12 @@ class ExplainSettings:
     beta: Literal["total", "jacobian"] = "total"
     top_k: int = 20
     score: Literal["softmax", "sigmoid", "cosine"] = "softmax"
-    rule: Literal["trapezoid", "right"] = "trapezoid"
-    contribution_concepts: int = 5
-    contribution_fill: Literal["mean", "spatial"] = "mean"
+    rule: Literal["trapezoid", "right"] = "right"
+    contribution_concepts: int = 8
+    contribution_fill: Literal["mean", "spatial"] = "spatial"
+    negatives: Literal["drop", "keep"] = "drop"
     chunk: int = 16
+    beta_chunk: int | None = None  # rows per batched backward of beta "total"; None = regions.default_total_chunk
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,7 @@ class BatchExplanation:
     presence: Tensor  # (B, M): S^t
     association: Tensor  # (B, M, L)
     maps: list[Tensor]  # L x (B, M, h_l, w_l): R^l_t
-    contribution: Tensor  # (B, M): 0 except for each image's top concepts
+    contribution: Tensor  # (B, M): 0 except for each image's top concepts (and, negatives "drop", 0 where negative)
 
 
 def top_contributions(
@@ -68,7 +73,7 @@ def top_contributions(
     *,
     k: int = 20,
     fills: Sequence[str | None] | None = None,
-    rule: Literal["trapezoid", "right"] = "trapezoid",
+    rule: Literal["trapezoid", "right"] = "right",
     chunk: int = 64,
 ) -> Tensor:
     """Contribution (B, M) of concepts `top` (B, T) of each image to class `target` (B,), masked at
@@ -119,7 +124,7 @@ def explain_batch(
         logits, maps = tapped_forward(model, x.detach().requires_grad_(total), layers)
         z_list, hw = pool_features(maps)
         if total:
-            betas = concept_betas_total(translator, maps, text_emb, chunk_size=settings.chunk)
+            betas = concept_betas_total(translator, maps, text_emb, chunk_size=settings.beta_chunk)
         else:
             betas = concept_betas(translator, z_list, text_emb, hw)
     maps = [a.detach() for a in maps]
@@ -140,4 +145,6 @@ def explain_batch(
             tails, [maps[i] for i in explained], importance, association.argmax(dim=-1), top, explained_output,
             k=settings.top_k, fills=fills, rule=settings.rule, chunk=settings.chunk,
         )
+        if settings.negatives == "drop":  # the authors' positive_only: a negative contribution leaves the explanation
+            contribution = contribution.clamp(min=0)
     return BatchExplanation(logits, explained_output, presence.float(), association.float(), [r.float() for r in regions], contribution)

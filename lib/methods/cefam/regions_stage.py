@@ -200,7 +200,8 @@ def run_regions(config: Params, layout: Layout, device: torch.device, ranks: Ran
     text = concepts.text_emb.to(device)
     explain = ExplainSettings(
         beta=settings.beta, top_k=settings.top_k, score=settings.score, rule=settings.rule,
-        contribution_concepts=settings.contribution_concepts, contribution_fill=settings.contribution_fill, chunk=settings.chunk,
+        contribution_concepts=settings.contribution_concepts, contribution_fill=settings.contribution_fill,
+        negatives=settings.negatives, chunk=settings.chunk, beta_chunk=settings.beta_chunk,
     )
     rows = split_indices(read_manifest(layout.manifest), config.evaluate.split)[: config.evaluate.max_images]
     if not len(rows):
@@ -262,8 +263,12 @@ def run_regions(config: Params, layout: Layout, device: torch.device, ranks: Ran
         "n_images": n,
         "acc_backbone": float((stats[PRED_BACKBONE][:] == stats[STATS_LABEL][:]).mean()),
         "top1_layer_share": share,  # share of (image, concept) pairs whose Top-1 layer is each layer
-        "contribution_mean": float(computed.mean()) if computed.size else None,
+        "contribution_mean": float(computed.mean()) if computed.size else None,  # over the nonzero contributions
+        # negatives "keep": share of the nonzero contributions below 0; "drop": 0 (they are stored as 0)
         "contribution_negative_share": float((computed < 0).mean()) if computed.size else None,
+        # nonzero contributions / the contributions computed (contribution_concepts per image): under "drop", the
+        # share of the explained concepts the authors' positive_only keeps
+        "contribution_kept_share": computed.size / (n * min(settings.contribution_concepts, m)),
     }, digits=6)
     figures = _figures(layout, config, rows, concepts.names, layers)
     return RegionsReport(n, m, layers, settings.beta, len(pending), share, figures)
