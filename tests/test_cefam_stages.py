@@ -11,7 +11,7 @@ import torch
 
 from lib.core.layout import Layout
 from lib.core.params import load_params
-from lib.core.schema import CONTRIBUTION, PRED_BACKBONE, PRED_MODEL, PRESENCE, STATS_IMAGE, STATS_LABEL
+from lib.core.schema import CONTRIBUTION, IMAGE_NORM, PRED_BACKBONE, PRED_MODEL, PRESENCE, STATS_IMAGE, STATS_LABEL
 from lib.core.stores import open_store
 from lib.core.streams import read_rows
 from lib.data.manifest import read_dataset_info, read_manifest, split_indices
@@ -72,6 +72,30 @@ def test_translator_records_what_it_was_trained_on(project: Path):
     curve = (project / "metrics/plots/cefam_translator.csv").read_text().splitlines()
     assert curve[0] == "epoch,train_loss,val_loss,lr" and len(curve) == 1 + metrics["epochs"]
     assert not list((layout.root / ".partial").rglob("*.pt"))  # the training checkpoint is gone once published
+
+
+def test_translator_trains_on_fresh_crops_with_raw_targets(project: Path, tmp_path: Path):
+    root = _copy(project, tmp_path)
+    translator = {**SETTINGS["cefam"]["translator"], "augment": True, "crop_scale": [0.3, 1.0], "max_epochs": 2}
+    merge_params(root, cefam={**SETTINGS["cefam"], "translator": translator})
+    result = invoke(root, "translator")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((root / "metrics/cefam.json").read_text())
+    assert metrics["epochs"] == 2 and -1 <= metrics["translator_cos"] <= 1
+    # the other backbone than the features' is refused before training on its crops
+    torch.manual_seed(1)
+    save_backbone(root / "models/toy/other.pt", build_toy("cnn", 8), "toy:cnn", 8, toy_preprocess("cnn", 64))
+    merge_params(root, backbone={"weights": "models/toy/other.pt"})
+    _one_line_error(invoke(root, "translator"), "backbone:", "the stored features were made by")
+
+
+def test_raw_targets_need_a_store_with_the_norms(project: Path, tmp_path: Path):
+    root = _copy(project, tmp_path)
+    shutil.rmtree(_layout(root).clip_images / IMAGE_NORM)
+    _one_line_error(invoke(root, "translator"), "cefam.translator.targets: 'raw'", "no raw embedding norms")
+    merge_params(root, cefam={**SETTINGS["cefam"], "translator": {**SETTINGS["cefam"]["translator"], "targets": "normalized"}})
+    result = invoke(root, "translator")
+    assert result.exit_code == 0, result.output
 
 
 def test_regions_stores_hold_every_test_image(project: Path):
