@@ -1,8 +1,8 @@
 """CE-FAM for a batch of images: concept scores, regions at every layer, association scores and
 the contributions of each image's top concepts to its predicted class.
 
-One forward of the backbone (taps.tapped_forward) gives the logits and the activation maps A^l
-of the translator's layers. The Grad-CAM weights come from regions.py:
+One forward of the backbone (taps.tapped_forward_with_prefixes) gives the logits and the
+activation maps A^l of the translator's layers (a ViT layer's patch grid; taps.py). The Grad-CAM weights come from regions.py:
 
 * beta "total" — dS^t/dA^l through the backbone as well (`concept_betas_total`: min(M, D)
   batched backward passes per batch, not one per concept). This is the paper's Grad-CAM (eq. 12)
@@ -27,7 +27,7 @@ from torch import Tensor
 
 from lib.methods.cefam.association import association_scores, class_contribution
 from lib.methods.cefam.regions import concept_betas, concept_betas_total, concept_regions, pool_features
-from lib.methods.cefam.taps import tapped_forward
+from lib.methods.cefam.taps import grid_tail, tapped_forward_with_prefixes
 from lib.methods.cefam.translator import Translator
 
 __all__ = ["BatchExplanation", "ExplainSettings", "explain_batch", "top_contributions"]
@@ -70,6 +70,7 @@ def top_contributions(
     fills: Sequence[str | None] | None = None,
     rule: Literal["trapezoid", "right"] = "trapezoid",
     chunk: int = 64,
+    prefixes: Sequence[Tensor | None] | None = None,
 ) -> Tensor:
     """Contribution (B, M) of concepts `top` (B, T) of each image to class `target` (B,), masked at
     each concept's best layer `best` (B, M) (an index into the L layers); 0 elsewhere.
@@ -77,7 +78,8 @@ def top_contributions(
     tails[l]: the backbone from layer l on; maps[l]: its activation maps (B, C_l, H_l, W_l);
     importance[l]: beta * z (B, M, C_l); fills[l]: None (the paper's m^l) or "spatial". The
     (image, concept) pairs of each layer go through the tail `chunk` pairs at a time, each pair
-    bringing K+1 masked copies of its maps.
+    bringing K+1 masked copies of its maps. prefixes[l]: a ViT layer's class/register tokens
+    (B, P, C) (taps.tapped_forward_with_prefixes), which its tail needs back beside the masked maps.
     """
     b, m = best.shape
     out = torch.zeros(b, m, dtype=torch.float32, device=best.device)
@@ -89,9 +91,11 @@ def top_contributions(
             continue
         b_idx, t_idx = images[pick], top[pick]
         fill = None if fills is None else fills[layer]
+        prefix = None if prefixes is None else prefixes[layer]
         for start in range(0, len(b_idx), chunk):
             bi, ti = b_idx[start : start + chunk], t_idx[start : start + chunk]
-            values = class_contribution(tail, a[bi].detach(), imp[bi, ti][:, None, :], target[bi], k=k, fill=fill, rule=rule)
+            tail_i = grid_tail(tail, None if prefix is None else prefix[bi].detach())
+            values = class_contribution(tail_i, a[bi].detach(), imp[bi, ti][:, None, :], target[bi], k=k, fill=fill, rule=rule)
             out[bi, ti] = values[:, 0].float()
     return out
 
@@ -116,7 +120,7 @@ def explain_batch(
     """
     total = settings.beta == "total"
     with torch.enable_grad() if total else torch.no_grad():
-        logits, maps = tapped_forward(model, x.detach().requires_grad_(total), layers)
+        logits, maps, prefixes = tapped_forward_with_prefixes(model, x.detach().requires_grad_(total), layers)
         z_list, hw = pool_features(maps)
         if total:
             betas = concept_betas_total(translator, maps, text_emb, chunk_size=settings.chunk)
@@ -138,6 +142,6 @@ def explain_batch(
         explained_output = logits.argmax(dim=1) if target is None else target(logits)
         contribution = top_contributions(
             tails, [maps[i] for i in explained], importance, association.argmax(dim=-1), top, explained_output,
-            k=settings.top_k, fills=fills, rule=settings.rule, chunk=settings.chunk,
+            k=settings.top_k, fills=fills, rule=settings.rule, chunk=settings.chunk, prefixes=[prefixes[i] for i in explained],
         )
     return BatchExplanation(logits, explained_output, presence.float(), association.float(), [r.float() for r in regions], contribution)
