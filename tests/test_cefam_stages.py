@@ -126,7 +126,12 @@ def test_regions_stores_hold_every_test_image(project: Path):
     top = np.argsort(-stats[PRESENCE][:], axis=1)[:, :2]
     assert all(set(np.flatnonzero(c)) <= set(t) for c, t in zip(contribution, top))  # only the top-2 concepts by S^t
 
-    assert len(list(layout.cefam_explain.glob("row*.png"))) == 2
+    explained = sorted(p.name for p in layout.cefam_explain.glob("row*.png"))
+    stems = sorted({name.split("_")[0].removesuffix(".png") for name in explained})
+    assert len(stems) == 2  # n_figures images, each with its explanation, layer maps and masking curves
+    for stem in stems:
+        assert {f"{stem}.png", f"{stem}_layers.png", f"{stem}_masking.png"} <= set(explained)
+    assert set(explained) <= {f"{stem}{suffix}.png" for stem in stems for suffix in ("", "_layers", "_masking", "_iou")}
     share = json.loads((project / "metrics/cefam_regions.json").read_text())["top1_layer_share"]
     assert set(share) == set(LAYERS) and sum(share.values()) == pytest.approx(1.0)
 

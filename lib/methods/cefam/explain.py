@@ -25,12 +25,12 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lib.methods.cefam.association import association_scores, class_contribution
+from lib.methods.cefam.association import association_scores, class_contribution, class_masking_curves
 from lib.methods.cefam.regions import concept_betas, concept_betas_total, concept_regions, pool_features
 from lib.methods.cefam.taps import grid_tail, tapped_forward_with_prefixes
 from lib.methods.cefam.translator import Translator
 
-__all__ = ["BatchExplanation", "ExplainSettings", "explain_batch", "top_contributions"]
+__all__ = ["BatchExplanation", "ExplainSettings", "FigureDetails", "explain_batch", "explain_details", "top_contributions"]
 
 
 @dataclass(frozen=True)
@@ -145,3 +145,54 @@ def explain_batch(
             k=settings.top_k, fills=fills, rule=settings.rule, chunk=settings.chunk, prefixes=[prefixes[i] for i in explained],
         )
     return BatchExplanation(logits, explained_output, presence.float(), association.float(), [r.float() for r in regions], contribution)
+
+
+@dataclass(frozen=True)
+class FigureDetails:
+    """What the figures of one explained image show beyond the stores (float32, detached)."""
+
+    class_cam: Tensor  # (h, w): Grad-CAM of the explained output at the translator's last layer
+    class_curves: list[Tensor]  # T x (K_l+1,): Fig. 5b, the class score's relative drop as a concept's top channels are masked
+    layers: Tensor  # (T,): index into `explained` of the layer each curve masks (the concept's Top-1 layer)
+
+
+def explain_details(
+    model: torch.nn.Module,
+    x: Tensor,
+    translator: Translator,
+    text_emb: Tensor,
+    layers: Sequence[str],
+    explained: Sequence[int],
+    tails: Sequence[Callable[[Tensor], Tensor]],
+    settings: ExplainSettings,
+    concepts: Tensor,
+    best: Tensor,
+    target: Callable[[Tensor], Tensor] | None = None,
+) -> FigureDetails:
+    """The class Grad-CAM and the masking curves behind the contributions of one image x (1, 3, H, W)
+    for `concepts` (T,), each masked at its Top-1 layer best (T,) (indices into `explained`), as
+    explain_batch computes them (same betas, fill and tails). Cheap: T concepts of one image."""
+    total = settings.beta == "total"
+    text = text_emb[concepts]  # a concept's beta depends on its own text embedding only
+    with torch.enable_grad():
+        logits, maps, prefixes = tapped_forward_with_prefixes(model, x.detach().requires_grad_(True), layers)
+        output = logits.argmax(dim=1) if target is None else target(logits.detach())
+        last = maps[-1]
+        # Grad-CAM of the explained output at the last layer: beta_k = spatial mean of d logit / d A_k
+        grad = torch.autograd.grad(logits.gather(1, output[:, None]).sum(), last, retain_graph=True)[0]
+        cam = (grad.mean(dim=(2, 3), keepdim=True) * last).sum(dim=1).relu()[0]
+        if total:
+            betas = concept_betas_total(translator, maps, text, chunk_size=settings.chunk)
+    maps = [a.detach() for a in maps]
+    z_list, hw = pool_features(maps)
+    if not total:
+        betas = concept_betas(translator, z_list, text, hw)
+    curves = []
+    with torch.no_grad():
+        for t, j in enumerate(best.tolist()):
+            i = explained[j]
+            fill = None if settings.contribution_fill == "mean" or i == len(layers) - 1 else "spatial"
+            prefix = None if prefixes[i] is None else prefixes[i].detach()
+            importance = betas[i][:, t : t + 1] * z_list[i][:, None, :]
+            curves.append(class_masking_curves(grid_tail(tails[j], prefix), maps[i], importance, output, k=settings.top_k, fill=fill)[0, 0])
+    return FigureDetails(cam.detach().float(), [c.float() for c in curves], best)
