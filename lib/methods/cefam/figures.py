@@ -109,10 +109,14 @@ def iou_curves_figure(
     """IoU_n of the top-n% pixels of each layer's map with the concept's mask against n, one panel
     per (image, concept) pair, with the random (lower) and ideal curves NRA normalises between.
     curves (T, L, F); low, ideal (T, F)."""
-    t = len(names)
-    figure = Figure(figsize=(3.0 * max(t, 1), 2.8))
-    axes = np.asarray(figure.subplots(1, max(t, 1), squeeze=False))[0]
-    for ax, name, per_layer, lo, hi in zip(axes, names, curves, low, ideal, strict=True):
+    t = max(len(names), 1)
+    cols = min(t, 4)
+    rows = -(-t // cols)
+    figure = Figure(figsize=(3.0 * cols, 2.6 * rows + 0.3))
+    axes = np.asarray(figure.subplots(rows, cols, squeeze=False)).ravel()
+    for ax in axes[len(names) :]:
+        ax.set_axis_off()
+    for ax, name, per_layer, lo, hi in zip(axes, names, curves, low, ideal, strict=False):
         for layer, curve in zip(layers, per_layer, strict=True):
             ax.plot(fractions, curve, label=layer)
         ax.plot(fractions, lo, color="grey", linestyle=":", label="random")
