@@ -367,6 +367,8 @@ class RegionsParams(Section):
     chunk: PositiveInt = 64  # outputs per batched backward ("total") and (image, concept) pairs per tail call
     n_figures: Annotated[int, Field(ge=0)] = 8  # explanation PNGs (seeded images of the split)
     figure_concepts: PositiveInt = 4  # concepts per PNG, by |contribution|
+    # of those images, how many also get every layer's maps, the masking curves and the IoU curves (3 PNGs each)
+    figure_details: Annotated[int, Field(ge=0)] = 2
     seed: int = 0
 
 

@@ -61,7 +61,7 @@ from lib.pipeline.stored_concepts import read_concepts
 __all__ = ["RegionsReport", "check_regions", "run_regions"]
 
 METHOD = "cefam"
-FIGURE_ONLY = {"n_figures", "figure_concepts", "seed"}  # regions params that change no store
+FIGURE_ONLY = {"n_figures", "figure_concepts", "figure_details", "seed"}  # regions params that change no store
 
 
 @dataclass(frozen=True)

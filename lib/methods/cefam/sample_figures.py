@@ -4,6 +4,9 @@ evaluate.split, each explained by up to `figure_concepts` concepts (those with a
 
 * ``row<i>.png`` — the image, the class Grad-CAM, the concepts' regions at their Top-1 layer and
   their contributions (paper Fig. 1);
+
+and for the first `figure_details` of those images (matplotlib's drawing is most of the cost):
+
 * ``row<i>_layers.png`` — every explained layer's candidate map of those concepts with its
   association score (the Top-1 layer in red);
 * ``row<i>_masking.png`` — the masking curves whose areas are the contributions (Fig. 5b);
@@ -71,7 +74,7 @@ def write_sample_figures(
     classes = info["classes"]
     truth = {c["name"]: k for k, c in enumerate(info.get("concepts") or [])}  # ground-truth concept ids by name
     chosen = np.sort(np.random.default_rng(settings.seed).choice(len(rows), size=min(settings.n_figures, len(rows)), replace=False))
-    for position in chosen.tolist():
+    for number, position in enumerate(chosen.tolist()):
         row = int(rows[position])
         image = images[row]
         size = image.shape[:2]
@@ -90,6 +93,8 @@ def write_sample_figures(
         ]
         cam = _at_image_size(extra.class_cam.cpu().numpy(), size)
         write_figure(out / f"row{row}.png", explanation_figure(image, title, panels, class_cam=cam))
+        if number >= settings.figure_details:
+            continue
         concept_names = [names[t] for t in order.tolist()]
         write_figure(out / f"row{row}_layers.png", layer_maps_figure(image, f"row {row}", concept_names, layers, maps, association[order]))
         write_figure(out / f"row{row}_masking.png", masking_curves_figure(
