@@ -38,7 +38,7 @@ from lib.core.schema import CLIP_MODEL_KEY, FEATURES, IMAGE_EMB, IMAGE_NORM, che
 from lib.core.stores import ArraySpec, ShardedWriter, open_store, remove_empty_scratch_dirs
 from lib.data.manifest import read_manifest, split_indices, train_val_indices
 from lib.methods.cefam.artifacts import cefam_layers, save_translator
-from lib.methods.cefam.training import TrainSettings, evaluate_translator, split_source, train_translator
+from lib.methods.cefam.training import EpochSource, TrainSettings, evaluate_translator, split_source, train_translator
 from lib.methods.cefam.translator import Translator
 from lib.methods.cefam.translator_augment import augmented_source, crop_encoder
 from lib.models.backbones import check_backbone, load_backbone_checked
@@ -157,7 +157,7 @@ def _target_norms(config: Params, clip_store: zarr.Group) -> zarr.Array | None:
 
 def _augmented_train(
     config: Params, layout: Layout, clip: LoadedClip, backbone_id: str, rows: np.ndarray, batch: int, device: torch.device, seed: int
-):
+) -> EpochSource:
     """The training source of `augment`: fresh crops every epoch through the frozen backbone (the
     one that made the stored features) and the frozen CLIP."""
     settings = config.cefam.translator
