@@ -355,6 +355,19 @@ class TranslatorParams(Section):
     seed: int = 0
     val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1  # only when the manifest has no val split
     in_memory_mb: Annotated[float, Field(ge=0)] = 1024.0  # a split's pooled features up to this size stay on the device
+    # the regression target: "raw" is CLIP's unnormalised image embedding (the authors' get_image_features);
+    # "normalized" the unit embedding (the concept-score term then weighs about |E_image|^2 times more)
+    targets: Literal["raw", "normalized"] = "raw"
+    # every epoch: RandomResizedCrop + horizontal flip of the training images, z_cat from the frozen backbone and
+    # the target from the frozen CLIP on the same crop (the authors' train.py); false: the stored features
+    augment: bool = True
+    crop_scale: tuple[Annotated[float, Field(gt=0, le=1)], Annotated[float, Field(gt=0, le=1)]] = (0.08, 1.0)  # crop area share
+
+    @model_validator(mode="after")
+    def _crop_scale_ordered(self) -> TranslatorParams:
+        if self.crop_scale[0] > self.crop_scale[1]:
+            raise ValueError(f"crop_scale must be (low, high) with low <= high; got {list(self.crop_scale)}")
+        return self
 
 
 class RegionsParams(Section):
@@ -384,6 +397,8 @@ class RegionsParams(Section):
     beta_chunk: PositiveInt | None = None
     n_figures: Annotated[int, Field(ge=0)] = 8  # explanation PNGs (seeded images of the split)
     figure_concepts: PositiveInt = 4  # concepts per PNG, by |contribution|
+    # of those images, how many also get every layer's maps, the masking curves and the IoU curves (3 PNGs each)
+    figure_details: Annotated[int, Field(ge=0)] = 2
     seed: int = 0
 
 
