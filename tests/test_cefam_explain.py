@@ -146,7 +146,7 @@ def test_negative_contributions_are_dropped_by_default_and_kept_on_request():
 @pytest.mark.parametrize("fill", ["mean", "spatial"])
 def test_figure_details_are_the_curves_behind_the_contributions_and_the_class_grad_cam(fill):
     model, translator, x, text = _setup("cnn", n_concepts=6, seed=2)
-    settings = ExplainSettings(top_k=8, contribution_concepts=3, contribution_fill=fill, rule="right", chunk=4)
+    settings = ExplainSettings(top_k=8, contribution_concepts=3, contribution_fill=fill, rule="right", chunk=4, negatives="keep")
     explained = [0, 1, 2]
     tails = [split_at(model, layer)[1] for layer in LAYERS]
     out = explain_batch(model, x, translator, text, LAYERS, explained, tails, settings)

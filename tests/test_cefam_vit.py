@@ -117,7 +117,8 @@ def test_vit_tails_run_on_maps_with_their_prefix_tokens(layer):
 def test_explain_batch_on_a_vit():
     model, translator, x, text = _setup(n_concepts=5)
     tails = [split_at(model, layer)[1] for layer in LAYERS]
-    settings = ExplainSettings(top_k=6, contribution_concepts=2, chunk=2)
+    # the settings class_contribution computes by hand with its defaults: right-hand areas, the layer-mean fill, signed
+    settings = ExplainSettings(top_k=6, contribution_concepts=2, chunk=2, rule="right", contribution_fill="mean", negatives="keep")
     out = explain_batch(model, x, translator, text, LAYERS, [0, 1], tails, settings)
     assert [m.shape for m in out.maps] == [(3, 5, 4, 4)] * 2 and out.association.shape == (3, 5, 2)
     # a contribution by hand: image 0's top concept masked at its best layer, through the token tail
