@@ -68,7 +68,8 @@ class CompareReport:
     def summary(self) -> str:
         if self.skipped:
             return f"skipped: {self.skipped} ({self.path})"
-        best = max((r for r in self.rows.items() if r[0] not in BASELINES and r[1]["causal"]["own"]["spearman"] is not None),
+        methods = (r for r in self.rows.items() if r[0].split("_")[0] not in BASELINES and r[1]["causal"]["own"]["spearman"] is not None)
+        best = max(methods,
                    key=lambda r: r[1]["causal"]["own"]["spearman"], default=None)
         lead = f"; best causal ρ: {best[0]} {best[1]['causal']['own']['spearman']:.3f}" if best else ""
         return f"{len(self.rows)} rows -> {self.path}{lead}"
