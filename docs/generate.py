@@ -191,6 +191,15 @@ FACT_SAE_FIELDS = [
     Field("dead_pct", "dead latents (%)", ".1f"),
     Field("kept_epoch", "epoch of the kept state", ".2f"),
 ]
+COMPARE_SUMMARY_FIELDS = [  # the README's narrower cut of the same table
+    Field("causal.own.spearman", "ρ ★"),
+    Field("causal.own.top1", "top-1 ★"),
+    Field("causal.own.coverage", "coverage ★"),
+    Field("causal.backbone.spearman", "ρ (backbone) ★"),
+    Field("nra", "NRA"),
+    Field("hit", "Hit"),
+    Field("accuracy_cost", "acc. cost"),
+]
 STATS_FIELDS = [
     Field("acc_backbone", "backbone acc"),
     Field("acc_model", "concept model acc"),
@@ -263,6 +272,11 @@ def compare(m: Metrics) -> str:
     return _methods_table(m["compare"].get("methods", {}), COMPARE_FIELDS, METHOD_LABELS)
 
 
+def compare_summary(m: Metrics) -> str:
+    """The README's cut of the compare table: causal fidelity, localisation and accuracy cost per method."""
+    return _methods_table(m["compare"].get("methods", {}), COMPARE_SUMMARY_FIELDS, METHOD_LABELS)
+
+
 def stats(m: Metrics) -> str:
     """Every concept method's statistics over its concept_stats store (metrics/stats.json)."""
     return _methods_table(m["stats"], STATS_FIELDS, {"salf": "SALF-CBM", "fact": "FaCT", "cefam": "CE-FAM"})
@@ -279,6 +293,7 @@ BLOCKS: dict[str, Callable[[Metrics], str]] = {
     "fact_sae": _keys("fact_sae", FACT_SAE_FIELDS),
     "stats": stats,
     "compare": compare,
+    "compare_summary": compare_summary,
     "toy_models": _keys("toy_models", TOY_MODEL_FIELDS),
 }
 
