@@ -1,33 +1,33 @@
-"""Benchmark CE-FAM's concept regions: our batched Grad-CAM weights against the reference style.
+"""Benchmark CE-FAM's Grad-CAM weights with the paper's total derivative: ours against a plain loop.
 
-    .venv/bin/python -m benchmarks.regions [--images 8] [--concepts 100] [--device auto]
+    .venv/bin/python -m benchmarks.regions [--images 8] [--concepts 100 4000] [--embed-dim 512] [--threads 2]
 
-Every concept's region at every layer of a batch of images, two ways each, outputs checked equal:
+Both compute beta^t_k = mean_ij dS^t/dA^l_k(i, j) through the whole network (backbone and
+translator) for every concept, layer and image, from one forward of the backbone:
 
-* jacobian — ours: one backbone forward, then one Jacobian of the translator per image
-  (torch.func, regions.concept_betas) gives beta for all concepts and layers; the reference
-  style (the authors' utils/cefam.py) deep-copies the models for every (image, concept), runs the
-  backbone and backpropagates S^t, here to the layers' maps as leaves (the translator branch,
-  so both compute the same betas).
-* total — the paper's Grad-CAM through the backbone: ours backpropagates min(M, D) cotangents in
-  batched passes (regions.concept_betas_total); the reference backpropagates S^t through the
-  deep-copied backbone once per (image, concept).
+* plain — one backward of S^t per concept (retain_graph), no copies of the models;
+* ours — `regions.concept_betas_total`, the regions stage's default: backpropagates the fewest
+  rows of the M scores, the D embedding coordinates or the C pooled channels (`total_basis`) and
+  gives every concept's beta by one matmul; rows per backward sized for the device.
 
-Default models: the toy CNN (random init; 64 px; layer1-3: 32 + 64 + 128 channels) and a
-translator of default widths into a 128-d space, M random concept embeddings. The last line is
-`total_speedup=<reference/ours> speedup=<reference/ours for the Jacobian method>`.
+The betas of the timed runs are checked equal (to 1e-5 relative). `--plain-sample N` times the plain
+loop on the first N concepts only and scales its backward part to M (the loop is one forward plus
+M identical backwards: estimate = forward + (time - forward) * M / N), for machines too loaded to
+run 4000 backwards; the line then says "estimated". Models: the toy CNN (random init,
+64 px; layer1-3: 32 + 64 + 128 = 224 channels) and a translator of default widths into D
+dimensions, M random concept embeddings. Prints the path each M took; the last line is
+`speedup_m<M>=<plain/ours> ...`.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import time
 
 import torch
 
-from benchmarks.circles import best_seconds
 from lib.core.device import resolve_device
-from lib.methods.cefam.regions import concept_betas, concept_betas_total, concept_regions, pool_features
+from lib.methods.cefam.regions import concept_betas_total, default_total_chunk, total_basis
 from lib.methods.cefam.taps import tapped_forward
 from lib.methods.cefam.translator import Translator
 from lib.toy.models.cnn import build_toy
@@ -35,79 +35,95 @@ from lib.toy.models.cnn import build_toy
 LAYERS = ("layer1", "layer2", "layer3")
 
 
-def ours(model, translator, x, text, total: bool) -> list[torch.Tensor]:
-    """Regions (B, M, h, w) per layer, the way the regions stage computes them."""
-    with torch.enable_grad() if total else torch.no_grad():
-        _, maps = tapped_forward(model, x.detach().requires_grad_(total), LAYERS)
-        if total:
-            betas = concept_betas_total(translator, maps, text, chunk_size=64)
-        else:
-            z, hw = pool_features(maps)
-            betas = concept_betas(translator, z, text, hw)
-    return concept_regions(betas, [a.detach() for a in maps])
+def _maps(model, x) -> list[torch.Tensor]:
+    return tapped_forward(model, x.detach().clone().requires_grad_(True), LAYERS)[1]
 
 
-def reference(model, translator, x, text, total: bool) -> list[torch.Tensor]:
-    """The reference style: per (image, concept), deep copies of both models, a forward with
-    hooks on the layers, one backward of S^t, gradients averaged over space, a weighted sum."""
-    regions = [torch.zeros(x.shape[0], text.shape[0], *shape) for shape in _shapes(model, x)]
-    for b in range(x.shape[0]):
+def ours(model, translator, x, text) -> list[torch.Tensor]:
+    """beta (B, M, C_l) per layer, the way the regions stage computes them."""
+    with torch.enable_grad():
+        return concept_betas_total(translator, _maps(model, x), text)
+
+
+def plain(model, translator, x, text) -> list[torch.Tensor]:
+    """One forward, then one backward of S^t per concept to the layers' maps, averaged over space."""
+    with torch.enable_grad():
+        maps = _maps(model, x)
+        scores = translator.scores(torch.cat([a.mean(dim=(2, 3)) for a in maps], dim=1), text)
+        betas: list[list[torch.Tensor]] = [[] for _ in maps]
         for t in range(text.shape[0]):
-            net, head = copy.deepcopy(model), copy.deepcopy(translator)
-            kept = {}
-            modules = dict(net.named_modules())
-            handles = [modules[n].register_forward_hook(lambda m, a, o, n=n, kept=kept: kept.__setitem__(n, o)) for n in LAYERS]
-            with torch.enable_grad():
-                net(x[b : b + 1].clone().requires_grad_(total))
-                for handle in handles:
-                    handle.remove()
-                maps = [kept[n] if total else kept[n].detach().requires_grad_(True) for n in LAYERS]
-                score = head.scores(torch.cat([a.mean(dim=(2, 3)) for a in maps], dim=1), text)[0, t]
-                grads = torch.autograd.grad(score, maps)
-            for layer, (a, g) in enumerate(zip(maps, grads, strict=True)):
-                weights = g.mean(dim=(2, 3))  # (1, C)
-                regions[layer][b, t] = torch.relu((weights[:, :, None, None] * a.detach()).sum(dim=1))[0]
-    return regions
+            for per_layer, g in zip(betas, torch.autograd.grad(scores[:, t].sum(), maps, retain_graph=True), strict=True):
+                per_layer.append(g.mean(dim=(2, 3)))
+    return [torch.stack(b, dim=1) for b in betas]
 
 
-def _shapes(model, x) -> list[tuple[int, int]]:
-    with torch.no_grad():
-        return [tuple(a.shape[2:]) for a in tapped_forward(model, x[:1], LAYERS)[1]]
+def forward_only(model, x) -> list[torch.Tensor]:
+    """The plain loop's forward: the part that does not grow with M."""
+    with torch.enable_grad():
+        return _maps(model, x)
+
+
+def timed(runs: dict, device: torch.device, rounds: int) -> tuple[dict[str, float], dict]:
+    """Fastest of `rounds` interleaved timings of each run, and each run's last result. Warm-up:
+    the caller runs both code paths on 2 concepts first, since a full extra run costs hundreds of backwards."""
+    best, results = dict.fromkeys(runs, float("inf")), {}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            results[name] = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best, results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=8)
-    parser.add_argument("--concepts", type=int, default=100)
-    parser.add_argument("--embed-dim", type=int, default=128)
+    parser.add_argument("--concepts", type=int, nargs="+", default=[100, 4000])
+    parser.add_argument("--embed-dim", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--rounds", type=int, default=1, help="timed rounds after a warm-up (the fastest counts)")
+    parser.add_argument("--plain-sample", type=int, default=None, help="time the plain loop on this many concepts, scaled to M")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     torch.manual_seed(0)
     model = build_toy("cnn", 8).to(device).eval().requires_grad_(False)
-    translator = Translator(32 + 64 + 128, args.embed_dim).to(device).eval()
+    channels = 32 + 64 + 128
+    translator = Translator(channels, args.embed_dim).to(device).eval()
     g = torch.Generator().manual_seed(0)
     x = torch.rand(args.images, 3, 64, 64, generator=g).to(device)
-    text = torch.randn(args.concepts, args.embed_dim, generator=g).to(device)
+    with torch.enable_grad():
+        chunk = default_total_chunk(_maps(model, x))
 
     ratios = {}
-    for name, total in (("total", True), ("jacobian", False)):
-        for a, b in zip(ours(model, translator, x, text, total), reference(model, translator, x, text, total), strict=True):
-            torch.testing.assert_close(a, b.to(a.device), rtol=1e-4, atol=1e-6)  # the same regions
+    for m in args.concepts:
+        text = torch.randn(m, args.embed_dim, generator=g).to(device)
+        sample = m if args.plain_sample is None else min(args.plain_sample, m)
         runs = {
-            "ours": lambda total=total: ours(model, translator, x, text, total),
-            "reference": lambda total=total: reference(model, translator, x, text, total),
+            "ours": lambda text=text: ours(model, translator, x, text),
+            "plain": lambda sampled=text[:sample]: plain(model, translator, x, sampled),
+            "forward": lambda: forward_only(model, x),
         }
-        seconds = best_seconds(runs, device, args.rounds)
-        pairs = args.images * args.concepts
+        ours(model, translator, x, text[:2]), plain(model, translator, x, text[:2])  # warm-up
+        seconds, results = timed(runs, device, args.rounds)
+        for a, b in zip(results["ours"], results["plain"], strict=True):
+            torch.testing.assert_close(a[:, :sample], b, rtol=1e-5, atol=1e-5 * b.abs().max().item())  # the same betas
+        basis = total_basis(m, args.embed_dim, channels)
+        rows = {"scores": m, "embedding": args.embed_dim, "pools": channels}[basis]
+        plain_seconds = seconds["forward"] + (seconds["plain"] - seconds["forward"]) * m / sample
+        how = f"{m} backwards" if sample == m else f"estimated from {sample} of {m} backwards"
         print(
-            f"{name}: {args.images} images x {args.concepts} concepts x {len(LAYERS)} layers on {device}: "
-            f"ours {seconds['ours'] * 1e3:.1f} ms, reference {seconds['reference']:.2f} s "
-            f"({seconds['reference'] / pairs * 1e3:.1f} ms per (image, concept)); same regions"
+            f"M={m}: {args.images} images x {len(LAYERS)} layers, D={args.embed_dim}, on {device} "
+            f"({torch.get_num_threads()} threads): ours ({basis}: {rows} rows, {chunk} per backward) {seconds['ours']:.2f} s, "
+            f"plain ({how}) {plain_seconds:.2f} s; same betas"
         )
-        ratios[name] = seconds["reference"] / seconds["ours"]
-    print(f"total_speedup={ratios['total']:.0f} speedup={ratios['jacobian']:.0f}")
+        ratios[m] = plain_seconds / seconds["ours"]
+    print(" ".join(f"speedup_m{m}={ratio:.2f}" for m, ratio in ratios.items()))
 
 
 if __name__ == "__main__":

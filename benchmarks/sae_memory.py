@@ -82,12 +82,12 @@ def main() -> None:
     args = parser.parse_args()
 
     steps = args.steps or args.vectors // args.batch_size
-    sae = {"n_concepts": args.concepts, "k": 16, "aux_k": 64, "steps": steps, "batch_size": args.batch_size, "warmup_steps": 1,
-           "checkpoint_every": max(1, steps // 4), "dead_after": 100_000}
+    sae = {"expansion": args.concepts / args.channels, "k": 16, "aux_k": 64, "batch_size": args.batch_size,
+           "warmup_epochs": 0, "decay_epochs": 0, "checkpoint_every": max(1, steps // 4)}
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads)}
     peaks = []
     for n in (args.vectors, args.factor * args.vectors):
-        peak, seconds = measure(n, args.channels, sae, env)
+        peak, seconds = measure(n, args.channels, {**sae, "epochs": steps * args.batch_size / n}, env)  # the same steps at every N
         peaks.append(peak)
         print(f"N={n:8d}  C={args.channels}  store_f32={n * args.channels * 4 / 2**20:7.1f} MiB  peak_rss={peak:8.1f} MiB  "
               f"sae_seconds={seconds:6.1f}  steps={steps}  threads={args.threads}", flush=True)

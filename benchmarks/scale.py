@@ -224,8 +224,8 @@ def make_project(root: Path, args: argparse.Namespace) -> tuple[Params, Layout]:
         "similarity": {"materialize": False},
         "cbl": {"batch_size": args.cbl_batch, "max_steps": args.cbl_steps, "eval_every": args.cbl_steps, "in_memory_mb": 0},
         "sparse": {"batch_size": args.sparse_batch},
-        "fact": {"batch_size": args.fact_batch, "sae": {"n_concepts": args.sae_concepts, "k": 32, "aux_k": 64, "steps": 2,
-                                                         "warmup_steps": 1, "batch_size": args.sae_batch, "checkpoint_every": 2}},
+        "fact": {"batch_size": args.fact_batch, "sae": {"expansion": args.sae_expansion, "k": 32, "aux_k": 64, "epochs": args.sae_epochs,
+                                                         "warmup_epochs": 0, "decay_epochs": 0, "batch_size": args.sae_batch}},
         "cefam": {"translator": {"max_epochs": 1, "batch_size": 64},
                   "regions": {"batch_size": args.regions_batch, "contribution_concepts": 1, "n_figures": 0}},
         "evaluate": {"max_images": args.regions_images},
@@ -538,8 +538,11 @@ def bench_concepts(config: Params, layout: Layout, device: torch.device, args: a
 
     concept_file = layout.root.parent.parent / "concepts.txt"
     concept_file.write_text("".join(f"concept number {j}\n" for j in range(args.concept_texts)))
+    from lib.data.manifest import read_manifest, split_indices
+
+    enough = len(split_indices(read_manifest(layout.manifest), "train")) >= 5  # the top-5 filter's minimum
     settings = {"file": str(concept_file), "duplicate_threshold": 1.0, "class_similarity_threshold": 1.0,
-                "min_top5_similarity": -0.999}  # > -1: the top-5 pass over the train images still runs
+                "min_top5_similarity": -0.999 if enough else -1.0}  # > -1: the top-5 pass over the train images runs
     configured = Params.model_validate({**config.model_dump(), "concepts": {**config.concepts.model_dump(), **settings}})
     with peak_memory(device) as memory:
         began = time.perf_counter()
@@ -608,7 +611,8 @@ NEEDS = {"cbl": ("features", "circles"), "sae_data": ("features",), "regions": (
 
 
 def store_sizes(root: Path) -> dict[str, tuple[int, int]]:
-    """(bytes on disk, rows) of every Zarr store under `root` (the concepts store, per concept, has no suffix)."""
+    """(bytes on disk, rows its chunks hold) of every Zarr store under `root` (the concepts store, per
+    concept, has no suffix)."""
     sizes = {}
     for path in sorted(root.rglob("*.zarr")):
         if any(parent.suffix == ".zarr" for parent in path.parents):
@@ -618,7 +622,10 @@ def store_sizes(root: Path) -> dict[str, tuple[int, int]]:
         if first is None:
             continue
         name = str(path.relative_to(root).with_suffix("")).replace("/", "_")
-        sizes[name] = (sum(f.stat().st_size for f in path.rglob("*") if f.is_file()), group[first].shape[0])
+        # rows the written chunks cover: a partial last chunk is stored whole, which at small N would
+        # inflate the bytes per image (10 rows in a 100-row chunk: 10x); at ImageNet's N it vanishes
+        rows, chunk = group[first].shape[0], group[first].chunks[0]
+        sizes[name] = (sum(f.stat().st_size for f in path.rglob("*") if f.is_file()), math.ceil(rows / chunk) * chunk)
     return sizes
 
 
@@ -662,8 +669,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cbl-batch", type=int, default=256)
     parser.add_argument("--cbl-steps", type=int, default=20)
     parser.add_argument("--fact-batch", type=int, default=64)
-    parser.add_argument("--sae-concepts", type=int, default=8192)
-    parser.add_argument("--sae-batch", type=int, default=4096, help="fact.sae.batch_size (the SAE trains 2 untimed steps)")
+    parser.add_argument("--sae-expansion", type=float, default=8.0, help="fact.sae.expansion: latents per channel")
+    parser.add_argument("--sae-batch", type=int, default=4096, help="fact.sae.batch_size")
+    parser.add_argument("--sae-epochs", type=float, default=0.01, help="fact.sae.epochs (the SAE's training is not timed)")
     parser.add_argument("--regions-batch", type=int, default=8)
     parser.add_argument("--regions-images", type=int, default=16, help="images of the test split regions explains")
     parser.add_argument("--reference-images", type=int, default=1, help="images through circles' reference loop")

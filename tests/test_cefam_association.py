@@ -33,8 +33,9 @@ def _identity_translator(dim: int, device: str = "cpu") -> Translator:
 
 def test_curve_area_rules():
     drops = torch.tensor([[0.0, 1.0, 2.0], [0.0, -1.0, 0.0]])
-    torch.testing.assert_close(curve_area(drops), torch.tensor([0.5 * (1 + 2 / 2), 0.5 * -1]))
+    torch.testing.assert_close(curve_area(drops, "trapezoid"), torch.tensor([0.5 * (1 + 2 / 2), 0.5 * -1]))
     torch.testing.assert_close(curve_area(drops, "right"), torch.tensor([(1 + 2) / 2, -1 / 2]))  # the authors' sum
+    torch.testing.assert_close(curve_area(drops), curve_area(drops, "right"))  # the authors' is the default
     with pytest.raises(ValueError, match="rule"):
         curve_area(drops, "left")
     with pytest.raises(ValueError, match="at least 2 points"):
@@ -60,9 +61,11 @@ def test_linear_translator_hand_computed(device):
     curves = masking_curves(translator, z_list, text, betas, k=2, score="cosine", relative=False)
     torch.testing.assert_close(curves[0][0, 0], torch.tensor(layer1, device=device))
     torch.testing.assert_close(curves[1][0, 0], torch.tensor(layer2, device=device))
-    scores = association_scores(translator, z_list, text, betas, k=2, score="cosine", relative=False)
+    scores = association_scores(translator, z_list, text, betas, k=2, score="cosine", relative=False, rule="trapezoid")
     expected = [(a[1] + a[2] / 2) / 2 for a in (layer1, layer2)]
     torch.testing.assert_close(scores, torch.tensor([[expected]], device=device))
+    right = association_scores(translator, z_list, text, betas, k=2, score="cosine", relative=False)  # default: the authors' sum
+    torch.testing.assert_close(right, torch.tensor([[[(a[1] + a[2]) / 2 for a in (layer1, layer2)]]], device=device))
     assert best_layer(scores).tolist() == [[0]]
     # per-channel fill values (e.g. dataset means) replace the image's channel mean
     zero = [torch.zeros(2, device=device)] * 2

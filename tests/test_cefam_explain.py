@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from lib.methods.cefam.association import association_scores, class_contribution
-from lib.methods.cefam.explain import ExplainSettings, explain_batch, top_contributions
+from lib.methods.cefam.association import association_scores, class_contribution, curve_area
+from lib.methods.cefam.explain import ExplainSettings, explain_batch, explain_details, top_contributions
 from lib.methods.cefam.regions import concept_betas, concept_betas_total, concept_regions, pool_features
 from lib.methods.cefam.taps import tapped_forward
 from lib.methods.cefam.translator import Translator
@@ -125,3 +125,45 @@ def test_explain_batch_is_the_sum_of_its_parts(beta):
     top = out.presence.topk(2, dim=1).indices
     computed = torch.zeros_like(out.contribution, dtype=torch.bool).scatter_(1, top, True)
     assert (out.contribution[~computed] == 0).all() and (out.contribution[computed] != 0).any()
+
+
+def test_negative_contributions_are_dropped_by_default_and_kept_on_request():
+    model, translator, x, text = _setup("cnn", n_concepts=6, seed=2)
+    tails = [split_at(model, layer)[1] for layer in LAYERS]
+
+    def least_likely(logits):  # masking the evidence of the prediction raises this class: negative contributions
+        return logits.argmin(dim=1)
+
+    runs = {}
+    for negatives in ("keep", "drop"):
+        settings = ExplainSettings(beta="jacobian", top_k=8, contribution_concepts=4, negatives=negatives, chunk=4)
+        runs[negatives] = explain_batch(model, x, translator, text, LAYERS, [0, 1, 2], tails, settings, least_likely).contribution
+    assert (runs["keep"] < 0).any(), "the case must have negative contributions to test dropping them"
+    torch.testing.assert_close(runs["drop"], runs["keep"].clamp(min=0))
+    assert ExplainSettings().negatives == "drop" and ExplainSettings().contribution_concepts == 8
+
+
+@pytest.mark.parametrize("fill", ["mean", "spatial"])
+def test_figure_details_are_the_curves_behind_the_contributions_and_the_class_grad_cam(fill):
+    model, translator, x, text = _setup("cnn", n_concepts=6, seed=2)
+    settings = ExplainSettings(top_k=8, contribution_concepts=3, contribution_fill=fill, rule="right", chunk=4)
+    explained = [0, 1, 2]
+    tails = [split_at(model, layer)[1] for layer in LAYERS]
+    out = explain_batch(model, x, translator, text, LAYERS, explained, tails, settings)
+    image = 1
+    concepts = out.presence[image].topk(3).indices
+    best = out.association[image, concepts].argmax(dim=-1)
+    details = explain_details(model, x[image : image + 1], translator, text, LAYERS, explained, tails, settings, concepts, best)
+    # each curve's area is the stored contribution of its concept
+    areas = torch.stack([curve_area(c[None], "right")[0] for c in details.class_curves])
+    torch.testing.assert_close(areas, out.contribution[image, concepts])
+    assert [len(c) for c in details.class_curves] == [9, 9, 9]
+    # the class Grad-CAM at layer3: ReLU(sum_k mean(d logit_c / d A_k) A_k) with A_k captured by a hook
+    captured = {}
+    handle = model.layer3.register_forward_hook(lambda m, a, o: captured.setdefault("a", o))
+    with torch.enable_grad():
+        logits = model(x[image : image + 1].clone().requires_grad_(True))
+        handle.remove()
+        grad = torch.autograd.grad(logits[0, logits[0].argmax()], captured["a"])[0]
+    expected = (grad.mean(dim=(2, 3), keepdim=True) * captured["a"]).sum(dim=1).relu()[0]
+    torch.testing.assert_close(details.class_cam, expected)

@@ -11,7 +11,9 @@ from lib.methods.cefam.regions import (
     concept_betas,
     concept_betas_total,
     concept_regions,
+    default_total_chunk,
     pool_features,
+    total_basis,
 )
 from lib.methods.cefam.translator import Translator
 
@@ -76,12 +78,12 @@ class _Backbone(nn.Module):
     the concept scores as outputs: stride 1 keeps the maps at input size, so GradCAM's resize
     to the input is the identity."""
 
-    def __init__(self, text: torch.Tensor) -> None:
+    def __init__(self, text: torch.Tensor, dim: int = D) -> None:
         super().__init__()
         torch.manual_seed(3)
         self.layer1 = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU())
         self.layer2 = nn.Sequential(nn.Conv2d(5, 7, 3, padding=1), nn.ReLU())
-        self.translator = Translator(12, D, hidden=(10,), scale=7.0)
+        self.translator = Translator(12, dim, hidden=(10,), scale=7.0)
         self.register_buffer("text", text)
         self.eval()
 
@@ -107,15 +109,22 @@ def _total_reference(model, x):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("n_concepts", [3, 8])
-def test_total_betas_equal_per_concept_backward_through_the_backbone(device, n_concepts):
+@pytest.mark.parametrize(
+    ("n_concepts", "dim", "basis"),
+    # rows backpropagated: M scores (M <= D, C), D embedding coordinates (D < M, D <= C = 12), or C pooled channels
+    [(3, D, "scores"), (8, D, "embedding"), (20, 16, "pools")],
+)
+@pytest.mark.parametrize("chunk_size", [1, 3])
+def test_total_betas_equal_per_concept_backward_through_the_backbone(device, n_concepts, dim, basis, chunk_size):
     gen = torch.Generator().manual_seed(4)
-    model = _Backbone(torch.randn(n_concepts, D, generator=gen)).to(device)
+    model = _Backbone(torch.randn(n_concepts, dim, generator=gen), dim).to(device)
     x = torch.randn(2, 3, 6, 6, generator=gen).to(device)
     ref, maps = _total_reference(model, x.clone())
-    total = concept_betas_total(model.translator, model.maps(x.clone().requires_grad_(True)), model.text, chunk_size=3)
+    assert total_basis(n_concepts, dim, 12) == basis
+    total = concept_betas_total(model.translator, model.maps(x.clone().requires_grad_(True)), model.text, chunk_size=chunk_size)
     for ours, r in zip(total, ref):
-        torch.testing.assert_close(ours, r, rtol=1e-4, atol=1e-6)
+        assert ours.shape == r.shape and not ours.requires_grad
+        torch.testing.assert_close(ours, r, rtol=1e-5, atol=1e-5)
     # the translator-only betas agree on the last layer; on layer1 they miss the path through layer2
     z, hw = pool_features(maps)
     direct = concept_betas(model.translator, z, model.text, hw)
@@ -123,6 +132,15 @@ def test_total_betas_equal_per_concept_backward_through_the_backbone(device, n_c
     assert not torch.allclose(direct[0], total[0], rtol=1e-3, atol=1e-5)
     with pytest.raises(ValueError, match="autograd graph"):
         concept_betas_total(model.translator, maps, model.text)
+
+
+def test_total_basis_and_chunk_defaults():
+    assert [total_basis(*rows) for rows in [(5, 5, 5), (6, 5, 5), (6, 5, 4), (4000, 512, 224), (4000, 512, 3840)]] == [
+        "scores", "embedding", "pools", "pools", "embedding",
+    ]
+    assert default_total_chunk([torch.zeros(1, 2, 3, 3)]) == 1  # CPU: plain backward per row
+    with pytest.raises(ValueError, match="chunk_size"):
+        concept_betas_total(_translator(3), [torch.zeros(1, 3, 2, 2, requires_grad=True)], torch.zeros(2, D), chunk_size=0)
 
 
 def _min_max(cam: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ import torch
 
 from lib.core.layout import Layout
 from lib.core.params import load_params
-from lib.core.schema import CONTRIBUTION, PRED_BACKBONE, PRED_MODEL, PRESENCE, STATS_IMAGE, STATS_LABEL
+from lib.core.schema import CONTRIBUTION, IMAGE_NORM, PRED_BACKBONE, PRED_MODEL, PRESENCE, STATS_IMAGE, STATS_LABEL
 from lib.core.stores import open_store
 from lib.core.streams import read_rows
 from lib.data.manifest import read_dataset_info, read_manifest, split_indices
@@ -34,7 +34,8 @@ SETTINGS = {
     "cefam": {
         "layers": LAYERS,
         "translator": {"optimizer": "adam", "lr": 0.01, "max_epochs": 4, "batch_size": 8},
-        "regions": {"batch_size": 3, "chunk": 4, "top_k": 6, "contribution_concepts": 2, "n_figures": 2, "figure_concepts": 2},
+        "regions": {"batch_size": 3, "chunk": 4, "top_k": 6, "contribution_concepts": 2, "n_figures": 2, "figure_concepts": 2,
+                    "figure_details": 1},
     },
 }
 
@@ -74,6 +75,30 @@ def test_translator_records_what_it_was_trained_on(project: Path):
     assert not list((layout.root / ".partial").rglob("*.pt"))  # the training checkpoint is gone once published
 
 
+def test_translator_trains_on_fresh_crops_with_raw_targets(project: Path, tmp_path: Path):
+    root = _copy(project, tmp_path)
+    translator = {**SETTINGS["cefam"]["translator"], "augment": True, "crop_scale": [0.3, 1.0], "max_epochs": 2}
+    merge_params(root, cefam={**SETTINGS["cefam"], "translator": translator})
+    result = invoke(root, "translator")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((root / "metrics/cefam.json").read_text())
+    assert metrics["epochs"] == 2 and -1 <= metrics["translator_cos"] <= 1
+    # the other backbone than the features' is refused before training on its crops
+    torch.manual_seed(1)
+    save_backbone(root / "models/toy/other.pt", build_toy("cnn", 8), "toy:cnn", 8, toy_preprocess("cnn", 64))
+    merge_params(root, backbone={"weights": "models/toy/other.pt"})
+    _one_line_error(invoke(root, "translator"), "backbone:", "the stored features were made by")
+
+
+def test_raw_targets_need_a_store_with_the_norms(project: Path, tmp_path: Path):
+    root = _copy(project, tmp_path)
+    shutil.rmtree(_layout(root).clip_images / IMAGE_NORM)
+    _one_line_error(invoke(root, "translator"), "cefam.translator.targets: 'raw'", "no raw embedding norms")
+    merge_params(root, cefam={**SETTINGS["cefam"], "translator": {**SETTINGS["cefam"]["translator"], "targets": "normalized"}})
+    result = invoke(root, "translator")
+    assert result.exit_code == 0, result.output
+
+
 def test_regions_stores_hold_every_test_image(project: Path):
     layout = _layout(project)
     rows = split_indices(read_manifest(layout.manifest), "test")
@@ -102,9 +127,14 @@ def test_regions_stores_hold_every_test_image(project: Path):
     top = np.argsort(-stats[PRESENCE][:], axis=1)[:, :2]
     assert all(set(np.flatnonzero(c)) <= set(t) for c, t in zip(contribution, top))  # only the top-2 concepts by S^t
 
-    assert len(list(layout.cefam_explain.glob("row*.png"))) == 2
+    explained = sorted(p.name for p in layout.cefam_explain.glob("row*.png"))
+    stems = sorted({name.split("_")[0].removesuffix(".png") for name in explained})
+    assert len(stems) == 2  # n_figures images, each with its explanation; figure_details of them with layer maps and curves
+    detailed = [stem for stem in stems if f"{stem}_layers.png" in explained]
+    assert len(detailed) == 1 and f"{detailed[0]}_masking.png" in explained
+    assert set(explained) <= {f"{stem}{suffix}.png" for stem in stems for suffix in ("", "_layers", "_masking", "_iou")}
     share = json.loads((project / "metrics/cefam_regions.json").read_text())["top1_layer_share"]
-    assert set(share) == set(LAYERS) and sum(share.values()) == pytest.approx(1.0)
+    assert set(share) == set(LAYERS) and sum(share.values()) == pytest.approx(1.0, abs=1e-5)  # 6 digits each
 
 
 def test_evaluate_scores_the_top1_and_best_of_candidates_maps(project: Path):

@@ -20,7 +20,7 @@ N, C, D, ROWS = 96, 12, 8, 16
 
 
 def _store(path: Path, name: str, values: np.ndarray) -> None:
-    spec = ArraySpec(name, values.shape, str(values.dtype), ("item", "dim"))
+    spec = ArraySpec(name, values.shape, str(values.dtype), ("item", "dim")[: values.ndim])
     writer = ShardedWriter(path, [spec], ROWS, {}, fingerprint="test")
     for shard in writer.pending():
         writer.write(shard, {name: values[writer.rows(shard)]})
@@ -61,6 +61,20 @@ def test_sources_cover_every_row_once_per_epoch_and_repeat_per_epoch(arrays, in_
     assert rows(0) == first and rows(1) != first  # an epoch's order depends on (seed, epoch) alone
     plain = torch.cat([b for b, _ in split_source(z, emb, VAL, 7, in_memory_mb=in_memory_mb)(5)])
     torch.testing.assert_close(plain, torch.from_numpy(z[64:80]).float())  # unshuffled: row order
+
+
+@pytest.mark.parametrize("in_memory_mb", [1024.0, 0.0])
+def test_raw_targets_are_the_unit_embeddings_times_their_norms(arrays, tmp_path: Path, in_memory_mb):
+    z, emb = arrays
+    norms = np.linspace(0.5, 20.0, N).astype(np.float32)  # distinct per row, so a misaligned row shows
+    _store(tmp_path / "norm.zarr", "norm", norms)
+    norm = open_store(tmp_path / "norm.zarr")["norm"]
+    source = split_source(z, emb, TRAIN, 10, shuffle=True, seed=3, in_memory_mb=in_memory_mb, norm=norm)
+    reference = torch.from_numpy(z[:64]).float()
+    for batch_z, batch_emb in source(0):
+        rows = [int((reference == row).all(dim=1).nonzero()) for row in batch_z]
+        expected = torch.from_numpy(emb[:64][rows]).float() * torch.from_numpy(norms[rows])[:, None]
+        torch.testing.assert_close(batch_emb, expected)
 
 
 def _train(arrays, settings, checkpoint=None, fingerprint="a", progress=None, init=0, text=TEXT):

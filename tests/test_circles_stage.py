@@ -13,7 +13,7 @@ from lib.core.cli import progress
 from lib.core.distributed import Ranks
 from lib.core.layout import Layout
 from lib.core.params import load_params
-from lib.core.schema import CIRCLES, CLIP_MODEL_KEY, EMBED_DIM_KEY, IMAGE_EMB
+from lib.core.schema import CIRCLES, CLIP_MODEL_KEY, EMBED_DIM_KEY, IMAGE_EMB, IMAGE_NORM
 from lib.core.stores import IncompleteStoreError, open_store
 from lib.kernels.rings import CircleEncoder
 from lib.models.clip import load_clip
@@ -66,9 +66,15 @@ def test_clip_images_store_holds_the_plain_image_embeddings(toy_inputs, enter_co
     clip = load_clip("toy-clip", "local-dir:models/toy/clip")
     images = torch.from_numpy(open_store("data/toy/images.zarr")["images"][:8])
     with torch.inference_mode():
-        expected = torch.nn.functional.normalize(clip.model.encode_image(clip.preprocess(images)), dim=-1)
+        raw = clip.model.encode_image(clip.preprocess(images))
+    expected = torch.nn.functional.normalize(raw, dim=-1)
     tolerance = 1e-3 if report.precision == "fp32" else 3e-2  # bf16 keeps ~3 significant digits
     np.testing.assert_allclose(emb[:8], expected.numpy(), atol=tolerance, rtol=0)
+    # the raw embeddings' norms: unit embedding times norm gives CLIP's raw output back (CE-FAM's targets)
+    norm = open_store("data/toy/clip_images.zarr")[IMAGE_NORM]
+    assert norm.shape == (40,) and norm.dtype == np.float32
+    np.testing.assert_allclose(norm[:8], raw.norm(dim=-1).numpy(), rtol=tolerance)
+    np.testing.assert_allclose(emb[:8] * norm[:8][:, None], raw.numpy(), atol=tolerance * raw.abs().max().item(), rtol=0)
 
 
 def test_crash_then_rerun_equals_a_clean_run(toy_inputs, enter_copy, monkeypatch):

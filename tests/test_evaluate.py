@@ -104,7 +104,11 @@ def test_concept_scores_of_perfect_and_constant_maps():
     perfect.add(masks.float(), torch.arange(3), masks)
     assert perfect.n_pairs == 3  # (0, 0), (0, 1), (1, 0): absent concepts are not scored
     ones = {"nra": 1.0, "nra_chance": 1.0, "epg": 1.0, "hit": 1.0, "coverage": 1.0}
-    assert perfect.summary() == {"avg": ones, "a": ones, "b": ones}
+    assert {kind: {key: v[key] for key in ones} for kind, v in perfect.summary().items()} == {"avg": ones, "a": ones, "b": ones}
+    # the authors' bookkeeping: EPG 1 and a hit, their NRA not quite 1 (their ideal curve lags a pixel): 1.011 here
+    authors = perfect.summary()["avg"]
+    assert authors["epg_authors"] == 1.0 and authors["hit_authors"] == 1.0
+    assert authors["nra_authors"] == pytest.approx(1.0113324, abs=1e-6)
     torch.testing.assert_close(perfect.curve.mean()[16], torch.tensor(1.0, dtype=torch.float64))  # top 25 % = the 16-px masks
 
     constant = ConceptMapScores(["a", "b", "b"], fractions, 0.5)
@@ -171,6 +175,42 @@ def test_candidate_maps_are_scored_by_the_best_one():
     single.add(good, torch.arange(3), masks)
     assert scores.summary() == single.summary() and scores.summary()["avg"]["nra"] == 1.0
     torch.testing.assert_close(scores.curve.mean(), single.curve.mean())
+
+
+def test_protocols_choose_their_candidates_and_report_layer_shares():
+    # one 10x10 image, concept 0 = a 2x2 mask at the top left; three candidates from layers "l1".."l3"
+    masks = torch.zeros(1, 1, 10, 10, dtype=torch.bool)
+    masks[0, 0, :2, :2] = True
+    inside, outside = masks[0, 0].float(), (~masks[0, 0]).float()
+    weak = torch.zeros(10, 10)
+    weak[3:] = 1.0  # 70 wrong pixels first, then the mask, then the rest: NRA 0 under both protocols, EPG > 0
+    weak[:2, :2] = 0.5
+    sources = torch.tensor([[[2, 0, 1]]])
+    cases = {
+        "mask found": (torch.stack([outside, inside, weak])[None, None], 0),
+        "nothing found": (torch.stack([outside, weak, weak])[None, None], -1),
+    }
+    for candidates, authors_index in cases.values():
+        scores = ConceptMapScores(["a"], cefam_fractions(100), 0.5)
+        scores.add(candidates, torch.tensor([0]), masks, sources, ("l1", "l2", "l3"))
+        avg = scores.summary()["avg"]
+        assert set(avg) >= {"nra", "epg", "hit", "auc", "auc_high", "auc_low", "nra_authors", "epg_authors", "hit_authors",
+                            "auc_authors", "auc_high_authors", "auc_low_authors", "layer_share_l1", "layer_share_authors_l1"}
+        assert avg["auc_low"] == pytest.approx(4 / 100 / 2) and avg["auc_low_authors"] == pytest.approx(4 / 100 / 2)
+        assert avg["auc"] <= avg["auc_high"]  # (the authors' AUC may pass their AUC_high: a map equal to the mask does)
+        if authors_index == 0:  # both pick candidate 1 (the mask itself), from layer l1
+            assert avg["hit"] == 1.0 and avg["hit_authors"] == 1.0 and avg["epg"] == avg["epg_authors"] == 1.0
+            assert avg["layer_share_l1"] == 1.0 and avg["layer_share_authors_l1"] == 1.0 and avg["layer_share_l3"] == 0.0
+        else:  # nothing beats 0: the authors keep EPG 0 and record no layer; the paper keeps the weak map's EPG
+            assert avg["nra"] == 0.0 and avg["nra_authors"] == 0.0 and avg["epg_authors"] == 0.0
+            assert avg["epg"] == pytest.approx(2 / 72)  # min-max: 70 ones outside, 4 halves inside
+            assert avg["layer_share_l1"] == 1.0 and math.isnan(avg["layer_share_authors_l1"])
+    only = ConceptMapScores(["a"], cefam_fractions(100), 0.5, protocols=("authors",))
+    only.add(cases["mask found"][0], torch.tensor([0]), masks)
+    assert set(only.summary()["avg"]) == {"nra_authors", "epg_authors", "hit_authors", "auc_authors", "auc_high_authors",
+                                          "auc_low_authors", "coverage"}
+    with pytest.raises(ValueError, match="protocols"):
+        ConceptMapScores(["a"], cefam_fractions(100), 0.5, protocols=("both",))
 
 
 def test_resize_maps_is_bilinear_and_a_no_op_at_size():
@@ -283,7 +323,9 @@ def test_evaluate_methods_end_to_end(toy_layout: Layout):
     assert set(evaluation.concept_maps) == {"oracle", "random"}
     assert set(evaluation.segmentation) == {"oracle", "random", "centre", "gradcam"}
     for group in evaluation.concept_maps["oracle"].values():
-        assert group == {"nra": pytest.approx(1.0), "nra_chance": pytest.approx(1.0), "epg": 1.0, "hit": 1.0, "coverage": 1.0}
+        paper = {key: group[key] for key in ("nra", "nra_chance", "epg", "hit", "coverage")}
+        assert paper == {"nra": pytest.approx(1.0), "nra_chance": pytest.approx(1.0), "epg": 1.0, "hit": 1.0, "coverage": 1.0}
+        assert group["auc"] == pytest.approx(group["auc_high"]) and group["epg_authors"] == 1.0 and group["hit_authors"] == 1.0
     assert set(evaluation.concept_maps["oracle"]) == {"avg", "color", "shape", "pattern", "background"}
     # random maps: 0 under the chance lower curve, above 0 under CE-FAM's a·n (spatial.py), and no hits
     random = evaluation.concept_maps["random"]["avg"]
@@ -307,11 +349,15 @@ def test_evaluate_methods_end_to_end(toy_layout: Layout):
     write_evaluation(evaluation, toy_layout)
     metrics = json.loads(toy_layout.evaluate_metrics.read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
     assert metrics["segmentation"]["oracle"] == {"pixel_acc": 1.0, "miou": 1.0, "map": 1.0}
-    assert metrics["concept_maps"]["random"]["avg"].keys() == {"nra", "nra_chance", "epg", "hit", "coverage"}
+    assert metrics["concept_maps"]["random"]["avg"].keys() == {
+        "nra", "nra_chance", "epg", "hit", "auc", "auc_high", "auc_low", "coverage",
+        "nra_authors", "epg_authors", "hit_authors", "auc_authors", "auc_high_authors", "auc_low_authors",
+    }
     table = toy_layout.evaluate_summary.read_text()
     assert table == summary_table(evaluation)
-    assert "| method | NRA | NRA (chance) | EPG | Hit rate | coverage | pixel acc | mIoU | mAP |" in table
-    assert "| oracle | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 |" in table
+    header = "| method | NRA | NRA (chance) | EPG | Hit rate | coverage | NRA (authors) | EPG (authors) | Hit (authors) |"
+    assert header + " pixel acc | mIoU | mAP |" in table
+    assert "| oracle | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 | " in table  # then the authors' (NRA not quite 1) and segmentation
     assert "| centre | – | – | – | – | – |" in table
     assert "| oracle | color | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 |" in table  # the per-type table
     assert toy_layout.iou_curves.read_text().startswith("method,top_percent,iou\n")

@@ -32,7 +32,7 @@ MICRO = {
     "evaluate": {"batch_size": 16, "steps": 21, "cam_methods": ["gradcam"]},
     "cefam": {"translator": {"max_epochs": 3, "batch_size": 16}, "regions": {"batch_size": 16, "n_figures": 1, "contribution_concepts": 2}},
     "fact": {
-        "sae": {"n_concepts": 16, "k": 2, "aux_k": 4, "dead_after": 1000, "steps": 10, "batch_size": 64, "warmup_steps": 2,
+        "sae": {"expansion": 0.125, "k": 2, "aux_k": 4, "epochs": 1, "warmup_epochs": 0.2, "decay_epochs": 0.2, "batch_size": 64,
                 "checkpoint_every": 5},
         "c2": {"max_concepts": 2},
     },

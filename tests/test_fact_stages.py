@@ -20,7 +20,7 @@ from lib.core.params import Params, load_params
 from lib.core.schema import CONTRIBUTION, DENSE, PRED_BACKBONE, PRED_MODEL, PRESENCE, STATS_IMAGE, STATS_LABEL
 from lib.core.stores import open_store
 from lib.core.streams import read_rows
-from lib.data.manifest import read_dataset_info, read_manifest, split_indices
+from lib.data.manifest import read_dataset_info, read_manifest, split_indices, train_val_indices
 from lib.evaluate.adapters import METHODS
 from lib.evaluate.registry import EvalBatch, EvalContext
 from lib.evaluate.truth import GroundTruth
@@ -44,8 +44,9 @@ SETTINGS = {
     "fact": {
         "batch_size": 8,
         "positions_budget": 1024,  # 1024 // 128 channels = 8 of layer3's 64 positions per image
-        "sae": {"n_concepts": N_CONCEPTS, "k": K, "aux_k": 6, "dead_after": 500, "steps": STEPS, "batch_size": 32,
-                "warmup_steps": 2, "checkpoint_every": 5, "buffer_shards": 2},
+        # 24 train images x 8 positions = 192 vectors: 6 steps per epoch; 24 latents on 128 channels
+        "sae": {"expansion": N_CONCEPTS / 128, "k": K, "aux_k": 6, "epochs": 2, "warmup_epochs": 1 / 3, "decay_epochs": 0.5,
+                "dead_epochs": 2.5, "batch_size": 32, "checkpoint_every": 5, "buffer_shards": 2},
         "c2": {"featurizer": "gt", "min_images": 3, "mean_min_images": 2},
         "explain": {"n_images": 2, "top_k": 2, "gallery_concepts": 2, "gallery_images": 2},
     },
@@ -304,8 +305,77 @@ def test_sae_resumes_after_a_kill_and_ends_where_an_uninterrupted_run_ends(proje
     for name, value in reference.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[name]), name
     log = (root / "metrics/plots/fact_sae.csv").read_text().splitlines()
-    assert log[0] == "step,loss,nmse,aux,dead_fraction,lr" and [int(r.split(",")[0]) for r in log[1:]] == list(range(STEPS))
+    assert log[0] == "step,loss,mse,aux,dead_fraction,lr,val_acc,val_loss" and [int(r.split(",")[0]) for r in log[1:]] == list(range(STEPS))
     assert not list((layout.root / ".partial").rglob("sae_checkpoint-*"))
+
+
+def test_sae_keeps_the_best_spliced_val_accuracy_then_the_lowest_val_loss(project: Path):
+    """Val is scored after each epoch (steps 6 and 12: rows 5 and 11 of the curve); the published
+    model is the state of the evaluation with the best accuracy, ties to the lower loss, and its
+    figures in metrics/fact_sae.json are recomputed here from the published weights."""
+    layout = _layout(project)
+    curve = pd.read_csv(project / "metrics/plots/fact_sae.csv")
+    scored = curve.dropna(subset=["val_acc"])
+    assert scored["step"].tolist() == [5, 11]
+    best = scored.sort_values(["val_acc", "val_loss", "step"], ascending=[False, True, True]).iloc[0]
+    metrics = json.loads((project / "metrics/fact_sae.json").read_text())
+    assert metrics["kept_step"] == int(best["step"]) + 1
+    assert metrics["val_acc_spliced"] == pytest.approx(best["val_acc"]) and metrics["val_loss"] == pytest.approx(best["val_loss"], rel=1e-4)
+    assert (metrics["n_latents"], metrics["k"], metrics["aux_k"], metrics["steps"]) == (N_CONCEPTS, K, 6, STEPS)
+
+    sae, _ = load_sae(layout.fact_sae)
+    config = _config(project)
+    manifest = read_manifest(layout.manifest)
+    _, val, _ = train_val_indices(manifest, config.fact.val_fraction, config.fact.seed)
+    acts = torch.from_numpy(read_rows(open_store(layout.features("layer3"))["features"], val)).float()
+    x = acts.permute(0, 2, 3, 1).reshape(-1, acts.shape[1])
+    with torch.no_grad():
+        err = (x - sae(x)).norm(dim=1)
+        loss = (err / sae.scale).square().mean()
+        std, mean = torch.std_mean(err)
+    assert metrics["val_loss"] == pytest.approx(loss.item(), rel=1e-4)
+    assert metrics["l2_error_mean"] == pytest.approx(mean.item(), rel=1e-4)
+    assert metrics["l2_error_std"] == pytest.approx(std.item(), rel=1e-4)
+
+
+def _fact_state_dict(sae) -> dict[str, torch.Tensor]:
+    """`sae`'s weights in FaCT's released layout (MyBiasFreeTopKSAE.state_dict(): dictionary_learning's
+    AutoEncoderTopK buffers k and threshold, bias-free encoder and decoder; b_dec is no longer a
+    parameter there) plus the training log FaCT saves beside them."""
+    return {
+        "k": torch.tensor(sae.k, dtype=torch.int), "threshold": torch.tensor(-1.0),
+        "decoder.weight": sae.decoder.weight.detach().clone(), "encoder.weight": sae.encoder.weight.detach().clone(),
+        "log": {"val_acc": torch.tensor(1.0), "l2_loss": 0.1},
+    }
+
+
+def test_sae_publishes_a_released_fact_checkpoint_instead_of_training(project: Path, tmp_path: Path):
+    root = tmp_path / "project"
+    shutil.copytree(project, root)
+    layout = Layout.from_params(_config(root), base=root / "data")
+    trained, _ = load_sae(layout.fact_sae)
+    torch.save(_fact_state_dict(trained), root / "released.pt")
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["fact"]["sae"] = {**raw["fact"]["sae"], "checkpoint": "released.pt", "k": 1}  # the file's own k wins
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    run(root, "sae")
+    published, record = load_sae(layout.fact_sae)
+    assert record["released"] == "released.pt" and published.k == K and published.n_concepts == N_CONCEPTS
+    for name in ("encoder.weight", "decoder.weight"):
+        assert torch.equal(published.state_dict()[name], trained.state_dict()[name])
+    x = torch.randn(50, 128)
+    torch.testing.assert_close(published(x), trained(x), rtol=1e-5, atol=1e-5)  # the scale cancels
+    assert json.loads((root / "metrics/fact_sae.json").read_text())["released"] == "released.pt"
+
+    wrong = _fact_state_dict(trained)
+    wrong["encoder.weight"], wrong["decoder.weight"] = wrong["encoder.weight"][:, :64], wrong["decoder.weight"][:64]
+    torch.save(wrong, root / "released.pt")
+    result = invoke(root, "sae")
+    assert result.exit_code != 0 and "fact.sae.checkpoint" in result.output and "128 channels" in result.output
+    biased = {**_fact_state_dict(trained), "encoder.bias": torch.zeros(N_CONCEPTS)}
+    torch.save(biased, root / "released.pt")
+    result = invoke(root, "sae")
+    assert result.exit_code != 0 and "bias" in result.output
 
 
 def test_toy_cnn_reports_its_completeness_error(project: Path, tmp_path: Path):

@@ -12,6 +12,8 @@ from lib.core.distributed import Ranks
 from lib.methods.fact import train as train_module
 from lib.methods.fact.sae import BiasFreeTopKSAE
 from lib.methods.fact.train import (
+    EpochPlan,
+    Selection,
     TrainConfig,
     TrainState,
     WarmupCosine,
@@ -59,6 +61,42 @@ def test_warmup_cosine_known_values():
         WarmupCosine(10, warmup_steps=5, decay_start=3)
 
 
+def test_epoch_plan_in_steps_and_facts_schedule_at_epoch_boundaries():
+    """FaCT: 16 epochs, warm-up 1, constant to 2, cosine to 0 at 16, dead after half an epoch. With
+    10 000 vectors in batches of 1000 an epoch is 10 steps."""
+    plan = EpochPlan(n_vectors=10_000, batch_size=1000, epochs=16)
+    assert (plan.total_steps, plan.warmup_steps, plan.decay_start, plan.dead_after) == (160, 10, 20, 5000)
+    assert plan.epoch_ends == tuple(range(10, 161, 10))
+    f = WarmupCosine(plan.total_steps, plan.warmup_steps, plan.decay_start)
+    assert f(0) == pytest.approx(0.1) and f(9) == 1.0  # epoch 1: linear warm-up, full at its last step
+    assert f(10) == f(19) == 1.0  # epoch 2: constant
+    assert f(20) == 1.0 and f(90) == pytest.approx(0.5) and f(160) == pytest.approx(0.0)  # cosine from epoch 2 to 16
+    assert f(80) == pytest.approx(0.5 * (1 + math.cos(math.pi * 60 / 140)))
+
+    # fractional epochs: boundaries round to the nearest step; the last evaluation is at the last step
+    odd = EpochPlan(n_vectors=1000, batch_size=300, epochs=2.5, warmup_epochs=0.25, decay_epochs=0.5, dead_epochs=0.5)
+    assert (odd.total_steps, odd.warmup_steps, odd.decay_start, odd.dead_after) == (8, 1, 2, 500)
+    assert odd.epoch_ends == (3, 7, 8)
+    with pytest.raises(ValueError):
+        EpochPlan(1000, 100, epochs=4, warmup_epochs=3, decay_epochs=2)
+
+
+def test_selection_keeps_best_accuracy_then_lowest_loss():
+    """A synthetic sequence of epoch-end evaluations: accuracy decides; at equal accuracy the lower
+    val loss; an exact tie keeps the earlier step. The kept state is a copy, not a live view."""
+    model = torch.nn.Linear(2, 1, bias=False)
+    chosen = Selection()
+    sequence = [(10, 0.90, 0.50), (20, 1.00, 0.40), (30, 1.00, 0.30), (40, 0.95, 0.10), (50, 1.00, 0.35), (60, 1.00, 0.30)]
+    kept = []
+    for step, accuracy, loss in sequence:
+        with torch.no_grad():
+            model.weight.fill_(step)
+        kept.append(chosen.offer(step, accuracy, loss, model))
+    assert kept == [True, True, True, False, False, False]
+    assert (chosen.step, chosen.accuracy, chosen.loss) == (30, 1.0, 0.3)
+    assert chosen.state["weight"].eq(30).all()
+
+
 def test_scheduler_follows_schedule_in_training():
     state = fresh(steps=20)
     log = train(state, batch_fn)
@@ -86,6 +124,14 @@ def test_resume_from_checkpoint_is_bit_exact(tmp_path: Path):
         assert torch.equal(value, resumed.model.state_dict()[key]), key
     assert resumed.scheduler.get_last_lr() == straight.scheduler.get_last_lr()
     assert torch.equal(resumed.rng.get_state(), straight.rng.get_state())
+
+    # The kept selection travels with the checkpoint.
+    state = fresh(n_total)
+    state.best.offer(3, 0.5, 0.2, state.model)
+    state.save_checkpoint(tmp_path / "kept.pt")
+    back = TrainState.from_checkpoint(tmp_path / "kept.pt")
+    assert (back.best.step, back.best.accuracy, back.best.loss) == (3, 0.5, 0.2)
+    assert all(torch.equal(value, back.best.state[name]) for name, value in state.best.state.items())
 
     # The checkpoint alone (configs inside) rebuilds the state, and finishing it gives the same model.
     rebuilt = TrainState.from_checkpoint(tmp_path / "ckpt.pt")
@@ -169,11 +215,11 @@ def test_training_learns_sparse_structure():
     log = train(state, batch_fn)
     after = fraction_of_variance_explained(state.model, [sparse_data(1024, seed=99)])
     assert after > 0.85 and after > before + 0.3
-    assert sum(log.nmse[-10:]) < 0.5 * sum(log.nmse[:10])
+    assert sum(log.mse[-10:]) < 0.5 * sum(log.mse[:10])
     assert all(math.isfinite(v) for v in log.loss)
     torch.testing.assert_close(state.model.atoms.norm(dim=0), torch.ones(J))
     rows = log.rows()
-    assert len(rows) == 300 and set(rows[0]) == {"step", "loss", "nmse", "aux", "dead_fraction", "lr"}
+    assert len(rows) == 300 and set(rows[0]) == {"step", "loss", "mse", "aux", "dead_fraction", "lr"}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

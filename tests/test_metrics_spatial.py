@@ -8,6 +8,8 @@ from sklearn.metrics import jaccard_score
 from torchmetrics.classification import BinaryJaccardIndex
 
 from lib.metrics.spatial import (
+    auc_from_curves,
+    authors_best_candidate,
     best_candidate,
     cefam_fractions,
     cefam_lower_iou_curve,
@@ -20,6 +22,8 @@ from lib.metrics.spatial import (
     ideal_iou_curve,
     iou_curve,
     nra,
+    nra_authors,
+    nra_authors_parts,
     nra_chance,
     nra_chance_from_curves,
     nra_from_curves,
@@ -370,3 +374,121 @@ def test_nra_from_curves_equals_nra_and_checks_the_shape():
     torch.testing.assert_close(nra_from_curves(curves, masks, fractions, clamp=False), nra(maps, masks, clamp=False))
     with pytest.raises(ValueError, match=r"curves must have shape \(5, 101\)"):
         nra_from_curves(curves[:, :-1], masks, fractions)
+
+
+# --- the two protocols on a 64x64 map with a 20-pixel mask (flat pixels 0..19), from their definitions
+N, M_PX = 4096, 20
+
+
+def _mask_at(pixels) -> torch.Tensor:
+    mask = torch.zeros(1, 64, 64, dtype=torch.bool)
+    mask.view(-1)[list(pixels)] = True
+    return mask
+
+
+def _map(values: dict) -> torch.Tensor:
+    out = torch.zeros(1, 64, 64)
+    for pixels, value in values.items():
+        out.view(-1)[list(pixels)] = value
+    return out
+
+
+def _paper(iou) -> float:
+    """Eq. 13 on the grid k = 0..40 pixels, then 1 %, 2 %, ... (trapezoids over n = k/N); iou(k) in
+    pixel counts, lower curve a·n (area a/2)."""
+    ks = [float(k) for k in range(41)] + [j * N / 100 for j in range(1, 101)]
+
+    def area(f):
+        return sum((f(ks[i]) + f(ks[i + 1])) / 2 * (ks[i + 1] - ks[i]) for i in range(len(ks) - 1)) / N
+
+    low = M_PX / N / 2
+    return (area(iou) - low) / (area(lambda k: min(k, M_PX) / max(k, M_PX)) - low)
+
+
+def _authors(tp) -> float:
+    """The authors' nra_eval loop: after pixel idx (idx + 1 selected, tp(idx) of them in the mask),
+    at idx < 40 (weight 1/N) and idx = 40, 80, ..., 4080 (weight 1/100): IoU tp/(fp + m) and the
+    ideal idx/m or m/idx; max(AUC - m/N/2, 0) / (AUC_high - m/N/2)."""
+    points = [(i, 1 / N) for i in range(40)] + [(i, 1 / 100) for i in range(40, N, 40)]
+    auc = sum(w * tp(i) / (i + 1 - tp(i) + M_PX) for i, w in points)
+    high = sum(w * (i / M_PX if i < M_PX else M_PX / i) for i, w in points)
+    low = M_PX / N / 2
+    return max(auc - low, 0) / (high - low)
+
+
+MASK = range(20)
+WRONG_FIRST = _map({range(20, 40): 2.0, MASK: 1.0})  # 20 wrong pixels ranked first, then the mask
+CASES = {
+    # name: (map, paper NRA, authors' NRA)
+    "20 wrong pixels first": (
+        WRONG_FIRST,
+        _paper(lambda k: 0.0 if k <= 20 else (k - 20) / 40 if k <= 40 else 20 / k),
+        _authors(lambda i: min(max(i + 1 - 20, 0), 20)),
+    ),
+    # constant: pro-rata ties give the chance curve; the authors' ties put pixel 4095 first, the mask
+    # (pixels 0..19) last: only idx = 4080 (pixels 4095..15) holds 5 mask pixels, below a/2: 0
+    "all zero": (
+        _map({}),
+        _paper(lambda k: (k * M_PX / N) / (k + M_PX - k * M_PX / N)),
+        _authors(lambda i: max(i + 1 - (N - 20), 0)),
+    ),
+    # the mask itself: the ideal curve (1) here; the authors' ideal lags a pixel behind their IoU
+    "binary = mask": (_map({MASK: 1.0}), 1.0, _authors(lambda i: min(i + 1, 20))),
+    # one tied run of 40 pixels holding the mask: pro rata k/2 in the mask for k <= 40; the authors'
+    # ties go by descending index, pixels 39..20 (wrong) before 19..0: the "wrong first" ranking
+    "quantised": (
+        _map({range(40): 1.0}),
+        _paper(lambda k: (k / 2) / (k + 20 - k / 2) if k <= 40 else 20 / k),
+        _authors(lambda i: min(max(i + 1 - 20, 0), 20)),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_both_protocols_hand_computed(case):
+    maps, paper, authors = CASES[case]
+    mask = _mask_at(MASK)
+    assert nra(maps, mask).item() == pytest.approx(paper, abs=1e-12)
+    assert nra_authors(maps, mask).item() == pytest.approx(authors, abs=1e-12)
+
+
+def test_protocol_values_pinned():
+    _, paper, authors = CASES["20 wrong pixels first"]
+    assert (round(paper, 4), round(authors, 4)) == (0.8253, 0.8404)  # the nra docstring's figures
+    assert CASES["all zero"][2] == 0 and CASES["all zero"][1] == pytest.approx(0.0886, abs=1e-4)
+    assert CASES["binary = mask"][2] == pytest.approx(0.99732, abs=1e-5)  # not 1: the authors' ideal is a pixel behind
+    assert CASES["quantised"][2] == authors  # the authors' tie order makes the run a ranking
+    # the same all-zero map with the mask in the last 20 pixels: ranked first by the authors' ties
+    last = _mask_at(range(N - 20, N))
+    assert nra_authors(_map({}), last).item() == pytest.approx(CASES["binary = mask"][2], abs=1e-12)
+    assert nra(_map({}), last).item() == pytest.approx(CASES["all zero"][1], abs=1e-12)
+    # EPG is one function for both; only the bookkeeping differs: 1/3, 0, 1, 1/2
+    epgs = [epg(CASES[c][0], _mask_at(MASK)).item() for c in CASES]
+    assert epgs == pytest.approx([1 / 3, 0.0, 1.0, 0.5], abs=1e-12)
+
+
+def test_authors_areas_and_paper_areas():
+    mask = _mask_at(MASK)
+    auc, high, low = nra_authors_parts(WRONG_FIRST, mask)
+    assert low.item() == pytest.approx(10 / N, abs=1e-15)
+    assert ((auc - low).clamp(min=0) / (high - low)).item() == pytest.approx(CASES["20 wrong pixels first"][2], abs=1e-12)
+    fractions = cefam_fractions(N)
+    curves = iou_curve(WRONG_FIRST, mask, fractions)
+    auc, high, low = auc_from_curves(curves, mask, fractions)
+    assert low.item() == pytest.approx(10 / N, abs=1e-15)  # the trapezoid of a·n is exact
+    assert ((auc - low) / (high - low)).item() == pytest.approx(nra(WRONG_FIRST, mask).item(), abs=1e-12)
+    empty = torch.zeros_like(mask)
+    assert all(part.isnan().all() for part in (*nra_authors_parts(WRONG_FIRST, empty), *auc_from_curves(curves, empty, fractions)))
+    # under 100 pixels every pixel is a point of weight 1/N: a 2x2 map ranking the 1-pixel mask second
+    small, small_mask = torch.tensor([[[3.0, 4.0], [2.0, 1.0]]]), torch.tensor([[[True, False], [False, False]]])
+    auc, high = (0 + 1 / 2 + 1 / 3 + 1 / 4) / 4, (0 + 1 + 1 / 2 + 1 / 3) / 4  # IoU after 1..4 pixels; ideal at idx 0..3
+    assert nra_authors(small, small_mask).item() == pytest.approx((auc - 1 / 8) / (high - 1 / 8), abs=1e-12)
+
+
+def test_authors_choice_sets_epg_to_zero_without_a_positive_nra():
+    nra_values = torch.tensor([[0.0, 0.0, 0.0], [0.2, 0.5, 0.5], [math.nan, 0.3, 0.0]], dtype=torch.float64)
+    epg_values = torch.tensor([[0.4, 0.3, 0.2], [0.1, 0.2, 0.3], [0.9, 0.6, 0.5]], dtype=torch.float64)
+    best, chosen_epg, index = authors_best_candidate(nra_values, epg_values)
+    assert best.tolist() == [0.0, 0.5, 0.3] and chosen_epg.tolist() == [0.0, 0.2, 0.6] and index.tolist() == [-1, 1, 1]
+    _, paper_epg, paper_index = best_candidate(nra_values, epg_values)  # the paper's keeps the chosen map's EPG
+    assert paper_epg.tolist() == [0.4, 0.2, 0.6] and paper_index.tolist() == [0, 1, 1]

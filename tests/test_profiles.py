@@ -80,3 +80,10 @@ def test_dvc_applies_the_printed_overrides_like_apply_profile(tmp_path):
     base = yaml.safe_load((REPO / "params.yaml").read_text())
     assert yaml.safe_load(target.read_text()) == apply_profile(base, yaml.safe_load(profile.read_text()))
     assert overrides({"a": {"b": 1}}, {"a": {"b": 2, "c": "x y"}}) == ["a.b=2", '+a.c="x y"']
+
+
+def test_cefam_authors_profile_is_the_authors_translator_recipe():
+    translator = merged(REPO / "profiles" / "cefam-authors.yaml").cefam.translator
+    assert (translator.optimizer, translator.lr, translator.momentum, translator.batch_size) == ("sgd", 0.1, 0.0, 256)
+    assert (translator.targets, translator.lam, translator.augment, translator.crop_scale) == ("raw", 1e-3, True, (0.08, 1.0))
+    assert (translator.plateau_factor, translator.plateau_patience, translator.patience, translator.max_epochs) == (0.1, 6, 10, 150)

@@ -221,9 +221,9 @@ REPRO_PARAMS = {  # merged into the repository's params.yaml (its toy CLIP, conc
     "explain": {"n_images": 2, "gallery_concepts": 2, "gallery_images": 2},
     "cefam": {"layers": ["layer2", "layer3"], "translator": {"max_epochs": 3, "batch_size": 8},
               "regions": {"batch_size": 8, "n_figures": 1, "contribution_concepts": 2, "top_k": 4}},
-    "fact": {"sae": {"n_concepts": 16, "k": 2, "aux_k": 4, "dead_after": 1000, "steps": 10, "batch_size": 64,
-                     "warmup_steps": 2, "checkpoint_every": 5},
-             "c2_concepts": 2, "explain": {"n_images": 2, "gallery_concepts": 2, "gallery_images": 2}},
+    "fact": {"sae": {"expansion": 16 / 256, "k": 2, "aux_k": 4, "dead_epochs": 2, "epochs": 1, "warmup_epochs": 0.2,
+                     "decay_epochs": 0.5, "batch_size": 64, "checkpoint_every": 5},  # 16 latents on layer3's 256 channels
+             "c2": {"max_concepts": 2}, "explain": {"n_images": 2, "gallery_concepts": 2, "gallery_images": 2}},
     "evaluate": {"batch_size": 8, "steps": 21, "cam_methods": ["gradcam"]},
 }
 TOY_MODELS = ("models/toy/cnn.pt", "models/toy/bcos.pt", "models/toy/clip/open_clip_pytorch_model.bin")

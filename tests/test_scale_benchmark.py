@@ -41,7 +41,7 @@ def test_tiny_cpu_run_prints_every_stage_key(tmp_path: Path, capsys) -> None:
         "--backbone", "torchvision:resnet18", "--backbone-weights", str(weights), "--clip-model", "tiny",
         "--clip-pretrained", f"local-dir:{tmp_path / 'clip'}", "--grid", "3", "--radius", "12", "--width", "2",
         "--concepts", "4", "--features-batch", "8", "--clip-batch", "8", "--circles-batch", "4", "--cbl-batch", "8",
-        "--cbl-steps", "2", "--fact-batch", "8", "--sae-concepts", "64", "--sae-batch", "16", "--regions-batch", "2",
+        "--cbl-steps", "2", "--fact-batch", "8", "--sae-expansion", "0.25", "--sae-batch", "16", "--regions-batch", "2",
         "--regions-images", "2", "--bare-calls", "1", "--device", "cpu", "--precision", "fp32", "--workers", "1",
     ])
     last = capsys.readouterr().out.strip().splitlines()[-1]

@@ -97,9 +97,20 @@ def test_metrics_by_hand(tiny):
         "l0": (2 + 2 + 3 + 1 + 1 + 0) / 6,
         "alive_pct": 75.0,  # "dead" never contributes
         "always_on": 1,
+        # c0's share of each covered image's positive contribution: 2/3, 1, 1/3, 0 (rows 0, 1, 2, 4)
+        "always_on_share_pct": 100 * (2 / 3 + 1 + 1 / 3 + 0) / 4,
         "poscover80": (2 + 1 + 3 + 1) / 4,
         "no_positive_pct": 100 * 2 / 6,
     })
+
+
+def test_coverage_curve_by_hand(tiny):
+    """FaCT's coverage curve over the four images with a positive contribution. Sorted positive
+    shares, cumulated: row 0 (2/3, 1, 1, 1), row 1 (1, 1, 1, 1), row 2 (1/3, 2/3, 1, 1), row 4 (1, 1, 1, 1)."""
+    curves = np.array([[2 / 3, 1, 1, 1], [1, 1, 1, 1], [1 / 3, 2 / 3, 1, 1], [1, 1, 1, 1]]) * 100
+    assert tiny.coverage["rank"].tolist() == [1, 2, 3, 4]
+    np.testing.assert_allclose(tiny.coverage["mean_pct"], [75, 100 * 11 / 12, 100, 100])
+    np.testing.assert_allclose(tiny.coverage["std_pct"], curves.std(axis=0, ddof=1), atol=1e-9)
 
 
 def test_per_concept_table(tiny):
@@ -206,3 +217,6 @@ def test_stage_writes_metrics_and_tables_and_lists_missing_methods(tmp_path):
     assert len(per_class) == 6 and set(per_class["method"]) == {"salf"}
     assert len(pd.read_parquet(layout.stats / "top_images.parquet")) == 8
     assert len(pd.read_parquet(layout.stats / "concepts.parquet")) == 4
+    curve = pd.read_csv(layout.stats_plot("coverage"))
+    assert curve.columns.tolist() == ["method", "rank", "mean_pct", "std_pct"] and curve["method"].tolist() == ["salf"] * 4
+    assert curve["mean_pct"].tolist() == pytest.approx([75, 100 * 11 / 12, 100, 100])

@@ -21,7 +21,8 @@ from lib.methods.fact.vectors import run_sae_data
 from lib.pipeline.features import run_features
 
 REPO = Path(__file__).resolve().parents[1]
-SAE = {"n_concepts": 32, "k": 4, "aux_k": 8, "steps": 4, "warmup_steps": 1, "batch_size": 64, "checkpoint_every": 4}
+SAE = {"expansion": 0.25, "k": 4, "aux_k": 8, "epochs": 1, "warmup_epochs": 0.25, "decay_epochs": 0.25, "batch_size": 64,
+       "checkpoint_every": 4}
 
 
 def files(path: Path) -> dict[str, bytes]:

@@ -211,6 +211,11 @@ class Layout:
     def fact_metrics(self) -> Path:
         return self.metrics / "fact.json"
 
+    @property
+    def fact_sae_metrics(self) -> Path:
+        """sae: the kept SAE's figures on val (spliced accuracy, loss, fve, reconstruction L2 error)."""
+        return self.metrics / "fact_sae.json"
+
     def fact_plot(self, name: str) -> Path:
         """Plot data of FaCT: "sae" (training loss per step), "c2" (histogram of the concepts' C², with c2 and c2_random)."""
         return self.metrics / "plots" / f"fact_{name}.csv"
@@ -229,6 +234,10 @@ class Layout:
     @property
     def stats_metrics(self) -> Path:
         return self.metrics / "stats.json"
+
+    def stats_plot(self, name: str) -> Path:
+        """Plot data of stats: "coverage" (FaCT's coverage curve per method)."""
+        return self.metrics / "plots" / f"stats_{name}.csv"
 
     # toy world models (not per dataset)
     @property

@@ -355,6 +355,19 @@ class TranslatorParams(Section):
     seed: int = 0
     val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1  # only when the manifest has no val split
     in_memory_mb: Annotated[float, Field(ge=0)] = 1024.0  # a split's pooled features up to this size stay on the device
+    # the regression target: "raw" is CLIP's unnormalised image embedding (the authors' get_image_features);
+    # "normalized" the unit embedding (the concept-score term then weighs about |E_image|^2 times more)
+    targets: Literal["raw", "normalized"] = "raw"
+    # every epoch: RandomResizedCrop + horizontal flip of the training images, z_cat from the frozen backbone and
+    # the target from the frozen CLIP on the same crop (the authors' train.py); false: the stored features
+    augment: bool = True
+    crop_scale: tuple[Annotated[float, Field(gt=0, le=1)], Annotated[float, Field(gt=0, le=1)]] = (0.08, 1.0)  # crop area share
+
+    @model_validator(mode="after")
+    def _crop_scale_ordered(self) -> TranslatorParams:
+        if self.crop_scale[0] > self.crop_scale[1]:
+            raise ValueError(f"crop_scale must be (low, high) with low <= high; got {list(self.crop_scale)}")
+        return self
 
 
 class RegionsParams(Section):
@@ -368,13 +381,24 @@ class RegionsParams(Section):
     top_k: PositiveInt = 20  # K: channels masked one by one (association and contribution)
     candidates: PositiveInt = 4  # layers kept per concept by association score (cefam_best4 in evaluate)
     score: Literal["softmax", "sigmoid", "cosine"] = "softmax"  # what the association masking watches (softmax: CLIP)
-    rule: Literal["trapezoid", "right"] = "trapezoid"  # area of the masking curves (right: the authors' sum)
-    contribution_concepts: PositiveInt = 5  # concepts per image (highest S^t) whose contribution is computed
-    contribution_fill: Literal["mean", "spatial"] = "mean"  # mean: the paper's m^l; spatial: the authors' code before the last layer
+    # area of the masking curves: right = the authors' sum of d_j / K (utils/cefam.py); trapezoid = ours (the
+    # paper says "AUC" only)
+    rule: Literal["trapezoid", "right"] = "right"
+    contribution_concepts: PositiveInt = 8  # concepts per image (highest S^t) whose contribution is computed (authors: 8)
+    # masked channels before the last layer: spatial = each map becomes its own spatial mean (the authors' mask_predict);
+    # mean = the paper's m^l (the image's channel mean of z^l). The last layer always takes m^l (both agree there).
+    contribution_fill: Literal["mean", "spatial"] = "spatial"
+    # negative contributions: drop = left out of the explanation, stored as 0 (the authors' positive_only);
+    # keep = stored (the paper's text: "a negative contribution", Fig. 7)
+    negatives: Literal["drop", "keep"] = "drop"
     batch_size: PositiveInt = 32
-    chunk: PositiveInt = 64  # outputs per batched backward ("total") and (image, concept) pairs per tail call
+    chunk: PositiveInt = 64  # (image, concept) pairs per tail call (contributions) and concepts per association forward
+    # rows per batched backward of beta "total"; None = sized for the device (CPU 1: plain backwards; CUDA by free memory)
+    beta_chunk: PositiveInt | None = None
     n_figures: Annotated[int, Field(ge=0)] = 8  # explanation PNGs (seeded images of the split)
     figure_concepts: PositiveInt = 4  # concepts per PNG, by |contribution|
+    # of those images, how many also get every layer's maps, the masking curves and the IoU curves (3 PNGs each)
+    figure_details: Annotated[int, Field(ge=0)] = 2
     seed: int = 0
 
 
@@ -391,30 +415,40 @@ class CefamParams(Section):
 class FactSaeParams(Section):
     """FaCT's bias-free TopK SAE and its training (lib/methods/fact/sae.py, train.py, sae_stage.py).
 
-    Defaults are FaCT's released settings (8192 concepts, k 32, aux-k 256 / 32, lr 1e-3, warm-up then
-    cosine); params.yaml sets the toy world's (a 128-channel layer)."""
+    Defaults are FaCT's (m-parchami/FaCT train.sh and fact/utils/utils.py: 8 latents per channel, k 16,
+    aux-k 256, batch 32768, lr 1e-3, 16 epochs of the training vectors with warm-up 1 and cosine
+    from 2, dead after half an epoch, the checkpoint with the best spliced val accuracy); params.yaml
+    sets the toy world's, profiles/fact-paper.yaml FaCT's on the toy world."""
 
-    n_concepts: PositiveInt = 8192
-    k: PositiveInt = 32
-    aux_k: Annotated[int, Field(ge=0)] = 256  # dead latents that reconstruct the residual (aux-k loss)
+    expansion: PositiveFloat = 8.0  # latents per channel of fact.layer: J = round(expansion * C)
+    k: PositiveInt = 16
+    aux_k: Annotated[int, Field(ge=0)] | None = None  # dead latents in the aux-k loss; None = min(256, J // 2)
     aux_coef: Annotated[float, Field(ge=0)] = 1 / 32
-    dead_after: PositiveInt = 10_000_000  # training vectors without firing before a latent counts as dead
-    steps: PositiveInt = 20_000
-    batch_size: PositiveInt = 4096  # training vectors per step
+    dead_epochs: PositiveFloat = 0.5  # epochs of training vectors without being chosen by the top-k: dead
+    epochs: PositiveFloat = 16.0  # of the training vectors (an epoch is n_vectors / batch_size steps)
+    warmup_epochs: Annotated[float, Field(ge=0)] = 1.0  # linear warm-up, constant until decay_epochs,
+    decay_epochs: Annotated[float, Field(ge=0)] = 2.0  # then cosine down to min_lr_factor * lr at `epochs`
+    batch_size: PositiveInt = 32768  # training vectors per step
     lr: PositiveFloat = 1e-3
-    warmup_steps: Annotated[int, Field(ge=0)] = 1000  # linear warm-up, then cosine down to min_lr_factor * lr
     min_lr_factor: Fraction = 0.0
     grad_clip: PositiveFloat = 1.0
     checkpoint_every: PositiveInt = 500  # steps between resumable checkpoints
     buffer_shards: PositiveInt = 4  # shards of training vectors shuffled together: the stream's memory
+    checkpoint: str | None = None  # a FaCT-format SAE state dict (.pt) to use instead of training
 
     @model_validator(mode="after")
     def _consistent(self) -> FactSaeParams:
-        if self.k > self.n_concepts:
-            raise ValueError(f"k ({self.k}) must be <= n_concepts ({self.n_concepts})")
-        if self.warmup_steps > self.steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be <= steps ({self.steps})")
+        if self.warmup_epochs > self.decay_epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be <= decay_epochs ({self.decay_epochs})")
         return self
+
+    def n_latents(self, channels: int) -> int:
+        """J for a layer of `channels` channels."""
+        return max(1, round(self.expansion * channels))
+
+    def aux_k_for(self, latents: int) -> int:
+        """aux_k, or FaCT's 256 capped at half the latents when unset."""
+        return min(256, latents // 2) if self.aux_k is None else self.aux_k
 
 
 class FactC2Params(Section):
@@ -474,7 +508,17 @@ class EvaluateParams(Section):
     batch_size: PositiveInt = 64
     steps: Annotated[int, Field(ge=2)] = 101  # top-n grid 0..100 % of the IoU curves and NRA; its first step is refined to single pixels
     hit_threshold: Fraction = 0.5  # a concept map "hits" when its NRA exceeds this (CE-FAM)
+    # concept-map scoring (lib/metrics/spatial.py): "paper" = eq. 13 as written (keys nra, epg, hit, auc*);
+    # "authors" = the authors' evaluate.py bookkeeping (nra_authors, epg_authors, hit_authors, auc*_authors)
+    protocol: Annotated[tuple[Literal["paper", "authors"], ...], Field(min_length=1)] = ("paper", "authors")
     seed: int = 0
+
+    @field_validator("protocol")
+    @classmethod
+    def _protocol(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"lists a protocol twice: {list(value)}")
+        return value
 
 
 class CompareParams(Section):

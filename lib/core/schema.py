@@ -13,8 +13,10 @@ from lib.core.stores import ArraySpec, open_store
 # features.zarr/<layer>.zarr hold FEATURES; features/logits.zarr holds LOGITS
 FEATURES = "features"
 LOGITS = "logits"
-# clip_images.zarr: plain-image CLIP embeddings (N, D), and optionally dense tokens (N, D', h, w)
+# clip_images.zarr: plain-image CLIP embeddings (N, D) L2-normalised, the raw embeddings' norms (N,),
+# and optionally dense tokens (N, D', h, w)
 IMAGE_EMB = "image_emb"
+IMAGE_NORM = "image_norm"
 DENSE = "dense"
 # circles.zarr: red-circle embeddings (N, G, G, D)
 CIRCLES = "circles"

@@ -41,10 +41,15 @@ class ConceptMaps:
     one with the best NRA is scored (CE-FAM Table 1: the best of the top-4 layers); concepts:
     int64 (M',), the ground-truth concept id (position in dataset.json's concepts) that channel j
     of `maps` explains. Ground-truth concepts a method leaves out count as misses in its Hit rate.
+    sources, source_names: optionally where each candidate came from — int64 (B, M', K) indices
+    into source_names (CE-FAM: the layer), so the evaluation reports from which source the
+    chosen candidates come (CE-FAM Fig. A1).
     """
 
     maps: Tensor
     concepts: Tensor
+    sources: Tensor | None = None
+    source_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.maps.ndim not in (4, 5) or not self.maps.is_floating_point():
@@ -55,6 +60,11 @@ class ConceptMaps:
             raise ValueError(
                 f"ConceptMaps.concepts must be integer ids of shape ({self.maps.shape[1]},) (one per map channel); "
                 f"got {self.concepts.dtype} {tuple(self.concepts.shape)}"
+            )
+        if self.sources is not None and (self.maps.ndim != 5 or tuple(self.sources.shape) != tuple(self.maps.shape[:3])):
+            raise ValueError(
+                f"ConceptMaps.sources must index the candidates: shape {tuple(self.maps.shape[:3])} for maps "
+                f"{tuple(self.maps.shape)}; got {tuple(self.sources.shape)}"
             )
 
 

@@ -13,15 +13,19 @@ from lib.evaluate.run import Evaluation
 from lib.evaluate.scoring import CONCEPT_KEYS, SEGMENTATION_KEYS
 from lib.metrics.spatial import AVERAGE_KEY
 
+TABLE_KEYS = (*CONCEPT_KEYS, "nra_authors", "epg_authors", "hit_authors")  # a protocol left out shows "–"
+
 HEADERS = {
     "nra": "NRA", "nra_chance": "NRA (chance)", "epg": "EPG", "hit": "Hit rate", "coverage": "coverage",
+    "nra_authors": "NRA (authors)", "epg_authors": "EPG (authors)", "hit_authors": "Hit (authors)",
     "pixel_acc": "pixel acc", "miou": "mIoU", "map": "mAP",
 }
 NOTE = (
     "Concept maps, over every ground-truth (image, concept) pair, averaged per concept type, then over types: "
     "NRA as CE-FAM defines it (lower curve a·n: random maps score about 0.1-0.3), NRA (chance) with the chance "
     "curve as the lower reference (random = 0), EPG on maps min-max rescaled, Hit rate = NRA > threshold with a "
-    "concept the method has no map for counted as a miss, coverage = share of pairs the method has a map for. "
+    "concept the method has no map for counted as a miss, coverage = share of pairs the method has a map for; "
+    "(authors): the same by the authors' evaluate.py (their integration and tie order, EPG 0 where the chosen NRA is 0). "
     "Segmentation: class maps against the class object's mask."
 )
 
@@ -57,11 +61,11 @@ def summary_table(evaluation: Evaluation) -> str:
     if evaluation.unscored is not None:
         return f"Concept maps and segmentation skipped: {evaluation.unscored}.\n"
     methods = list(dict.fromkeys([*evaluation.concept_maps, *evaluation.segmentation]))
-    columns = [*CONCEPT_KEYS, *SEGMENTATION_KEYS]
+    columns = [*TABLE_KEYS, *SEGMENTATION_KEYS]
 
     def cell(method: str, key: str) -> str:
         group = (
-            evaluation.concept_maps.get(method, {}).get(AVERAGE_KEY, {}) if key in CONCEPT_KEYS else evaluation.segmentation.get(method, {})
+            evaluation.concept_maps.get(method, {}).get(AVERAGE_KEY, {}) if key in TABLE_KEYS else evaluation.segmentation.get(method, {})
         )
         return number(group.get(key))
 
@@ -74,9 +78,9 @@ def summary_table(evaluation: Evaluation) -> str:
         lines += [
             "",
             *markdown_table(
-                ["method", "concept type", *(HEADERS[c] for c in CONCEPT_KEYS)],
+                ["method", "concept type", *(HEADERS[c] for c in TABLE_KEYS)],
                 (
-                    [m, kind, *(number(values.get(c)) for c in CONCEPT_KEYS)]
+                    [m, kind, *(number(values.get(c)) for c in TABLE_KEYS)]
                     for m, groups in evaluation.concept_maps.items()
                     for kind, values in groups.items()
                     if kind != AVERAGE_KEY

@@ -34,7 +34,7 @@ class Evaluation:
     """Scores of every method, and the plot data."""
 
     n_images: int
-    concept_maps: dict[str, dict[str, dict[str, float]]]  # method -> {"avg" | TYPE: {scoring.CONCEPT_KEYS}}
+    concept_maps: dict[str, dict[str, dict[str, float]]]  # method -> {"avg" | TYPE: {ConceptMapScores.keys}}
     segmentation: dict[str, dict[str, float]]  # method -> {"pixel_acc", "miou", "map"}
     iou_curves: pd.DataFrame  # columns method, top_percent, iou
     accuracy_path: pd.DataFrame  # columns method, nonzeros_per_class, accuracy
@@ -65,7 +65,7 @@ def evaluate_methods(
         raise UserError("the dataset has no images in this split", key="evaluate.split", value=params.split,
                         fix="choose a split that has images (data.*.test_fraction sets the test share)")
     fractions = cefam_fractions(masks.shape[2] * masks.shape[3], bins=params.steps - 1)
-    concept_scores = {m.name: ConceptMapScores(truth.concept_types, fractions, params.hit_threshold) for m in methods}
+    concept_scores = {m.name: ConceptMapScores(truth.concept_types, fractions, params.hit_threshold, params.protocol) for m in methods}
     segmentation = {m.name: SegmentationScores() for m in methods}
     references = {name: CurveMean() for name in (CHANCE, IDEAL, CEFAM_LOWER)}
     source = batch_source(
@@ -82,7 +82,7 @@ def evaluate_methods(
         for method in methods:
             maps = method.concept_maps(batch)
             if maps is not None:
-                concept_scores[method.name].add(maps.maps.detach(), maps.concepts, gt)
+                concept_scores[method.name].add(maps.maps.detach(), maps.concepts, gt, maps.sources, maps.source_names)
             class_maps = method.class_maps(batch)
             if class_maps is not None:
                 segmentation[method.name].add(class_maps.detach(), targets)

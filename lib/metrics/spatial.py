@@ -26,6 +26,16 @@ EPG (`epg`): each map is min-max rescaled to [0, 1] first (the authors' `epg_eva
 share of its sum inside the mask; a constant map (all-zero included) scores 0. `epg_raw` is the
 unnormalised energy share (clipped at 0).
 
+Two protocols (the evaluate stage's `evaluate.protocol`):
+
+* paper — eq. 13 as written, on the grid above with the pro-rata tie rule below: `nra`, `epg`,
+  `hit`; the chosen candidate's EPG is kept whatever its NRA (`best_candidate`);
+* authors — the bookkeeping of the authors' evaluate.py: `nra_authors` (their nra_eval loop:
+  descending order of np.argsort(kind="stable")[::-1] — ties in descending pixel index —,
+  fine points weighted 1/N and bin points 1/100, the ideal curve one pixel behind) and
+  `authors_best_candidate` (the first candidate whose NRA beats the running best, starting from
+  0; EPG and NRA stay 0 when no candidate's NRA exceeds 0).
+
 Hit = NRA > 0.5 over all ground-truth (image, concept) pairs; a pair whose concept has no map is a
 miss (`hit_with_coverage`), while NRA and EPG average over the pairs that have a map (the
 authors' eval_logs: hit_count / total_count, score sums / valid_count).
@@ -250,6 +260,77 @@ def nra_from_curves(curves: Tensor, masks: Tensor, fractions: Tensor, clamp: boo
     fractions = _as_fractions(fractions, masks.device)
     value = _normalised_auc(curves, masks, fractions, cefam_lower_iou_curve(masks, fractions))
     return value.clamp(min=0) if clamp else value  # clamp keeps NaN
+
+
+def auc_from_curves(curves: Tensor, masks: Tensor, fractions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The unnormalised areas behind `nra_from_curves` (CE-FAM Table A4): (AUC, AUC_high, AUC_low),
+    each float64 (B,), AUC_low = a/2 of CE-FAM's lower curve; NaN where NRA is undefined."""
+    _check_masks(masks)
+    fractions = _as_fractions(fractions, masks.device)
+    area = masks.sum(dim=(1, 2))
+    defined = (area > 0) & (area < masks.shape[1] * masks.shape[2])
+    parts = (curves, ideal_iou_curve(masks, fractions), cefam_lower_iou_curve(masks, fractions))
+    return tuple(torch.where(defined, _auc(c, fractions), math.nan) for c in parts)
+
+
+def nra_authors_parts(maps: Tensor, masks: Tensor, bins: int = DEFAULT_BINS) -> tuple[Tensor, Tensor, Tensor]:
+    """(AUC, AUC_high, AUC_low), float64 (B,), as the authors' nra_eval accumulates them.
+
+    Pixels in descending order, ties in descending flat index (np.argsort(kind="stable")[::-1];
+    the authors' default quicksort leaves tie order to the CPU's sort kernel). After pixel idx
+    (0-based, so idx + 1 pixels selected) with step = N // bins: at idx < step and at every
+    multiple of step, IoU = tp / (fp + m) is added with weight 1/N (idx < step) or 1/bins, and
+    the ideal idx/m (idx < m) or m/idx likewise; AUC_low = (m/N)/2. NaN where the mask is empty
+    or the whole map. Maps of fewer than `bins` pixels (where the authors' loop divides by
+    step = 0) count every pixel with weight 1/N (bins = N).
+    """
+    check_maps_masks(maps, masks)
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1; got {bins}")
+    n = maps.shape[1] * maps.shape[2]
+    bins = min(bins, n)
+    step = n // bins
+    idx = torch.arange(n, device=maps.device)
+    counted = idx[(idx < step) | (idx % step == 0)]  # the loop's scoring points
+    weight = torch.full(counted.shape, 1.0 / bins, dtype=torch.float64, device=maps.device)
+    weight[counted < step] = 1.0 / n
+    order = maps.flatten(1).sort(dim=1, stable=True).indices.flip(1)
+    tp = masks.flatten(1).gather(1, order).cumsum(dim=1, dtype=torch.float64)[:, counted]  # after pixel idx
+    area = masks.sum(dim=(1, 2), dtype=torch.float64)[:, None]
+    selected = (counted + 1).to(torch.float64)
+    seg = tp / (selected - tp + area)
+    point = counted.to(torch.float64)
+    upper = torch.where(point < area, point / area, area / point.clamp_min(1))  # point 0 only when area > 0 here
+    defined = (area[:, 0] > 0) & (area[:, 0] < n)
+    parts = ((seg * weight).sum(dim=1), (upper * weight).sum(dim=1), area[:, 0] / n / 2)
+    return tuple(torch.where(defined, part, math.nan) for part in parts)
+
+
+def nra_authors(maps: Tensor, masks: Tensor, bins: int = DEFAULT_BINS) -> Tensor:
+    """NRA as the authors' evaluate.py computes it: max(AUC − AUC_low, 0) / (AUC_high − AUC_low)
+    of `nra_authors_parts`. float64 (B,), NaN where the mask is empty or the whole map. A map
+    equal to the mask scores near 1, not 1 (the ideal curve is taken at idx pixels, the map's
+    IoU at idx + 1): 0.9973 for 20 pixels of 64×64, 1.0113 for 16 of 8×8."""
+    auc, high, low = nra_authors_parts(maps, masks, bins)
+    return (auc - low).clamp(min=0) / (high - low)
+
+
+def authors_best_candidate(nra_values: Tensor, *others: Tensor) -> tuple[Tensor, ...]:
+    """The authors' choice among candidate maps (evaluate.py): scanning candidates in order, the
+    first whose NRA beats the running best, which starts at 0. nra_values, others: (B, C).
+    Returns (NRA (B,), each of `others` at the choice, index (B,)); where no candidate's NRA
+    exceeds 0 nothing is chosen: NRA and the others are 0 and the index is -1 (their EPG = 0).
+    NaN candidates are never chosen."""
+    if nra_values.ndim != 2 or any(o.shape != nra_values.shape for o in others):
+        raise ValueError(
+            f"nra_values and others must share one (B, C) shape; got {tuple(nra_values.shape)}, {[tuple(o.shape) for o in others]}"
+        )
+    values = nra_values.nan_to_num(nan=-math.inf)
+    best, index = values.max(dim=1)  # max returns the first of equal maxima: the scan's strict ">"
+    chosen = best > 0
+    index = torch.where(chosen, index, -1)
+    picked = [torch.where(chosen, t.gather(1, index.clamp(min=0)[:, None])[:, 0], 0.0) for t in (nra_values, *others)]
+    return (*picked, index)
 
 
 def nra_chance_from_curves(curves: Tensor, masks: Tensor, fractions: Tensor) -> Tensor:

@@ -5,8 +5,9 @@ Names are `model.named_modules()` paths (e.g. "layer3", "layer3.1.conv2",
 """
 
 import difflib
+import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -73,6 +74,30 @@ def _num_prefix_tokens(model: nn.Module, num_tokens: int) -> int:
     return num_tokens - math.isqrt(num_tokens) ** 2
 
 
+def _token_grid(model: nn.Module, name: str, output: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """ViT tokens (B, N, C) (or sequence-first (N, B, C)) as (patch grid (B, C, h, w), prefix
+    tokens (B, P, C), sequence-first?). The grid is row-major over the image's patches: token
+    P + i * w + j is patch (i, j), as every ViT flattens its patch embedding; the P class and
+    register tokens in front are not patches and stay out of the grid."""
+    if output.ndim != 3:
+        raise ValueError(f"layer {name!r} returns shape {tuple(output.shape)}; expected ViT tokens (B, N, C)")
+    seq_first = output.shape[0] != batch
+    tokens = output.transpose(0, 1) if seq_first else output  # sequence-first transformers
+    prefix = _num_prefix_tokens(model, tokens.shape[1])
+    side = math.isqrt(tokens.shape[1] - prefix)
+    if side * side != tokens.shape[1] - prefix:
+        raise ValueError(f"layer {name!r}: {tokens.shape[1]} tokens minus {prefix} prefix tokens is not a square patch grid")
+    grid = tokens[:, prefix:].transpose(1, 2).reshape(batch, tokens.shape[2], side, side)
+    return grid, tokens[:, :prefix], seq_first
+
+
+def tokens_from_grid(grid: torch.Tensor, prefix: torch.Tensor, seq_first: bool = False) -> torch.Tensor:
+    """The inverse of the token-to-grid step: prefix tokens (B, P, C) and a patch grid (B, C, h, w)
+    back to tokens (B, P + h*w, C) (or (P + h*w, B, C) with seq_first)."""
+    tokens = torch.cat([prefix, grid.flatten(2).transpose(1, 2)], dim=1)
+    return tokens.transpose(0, 1) if seq_first else tokens
+
+
 def _as_feature_map(
     model: nn.Module, name: str, output: object, batch: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -85,13 +110,8 @@ def _as_feature_map(
         return output[:, :, None, None], None
     if output.ndim != 3:
         raise ValueError(f"layer {name!r} returns shape {tuple(output.shape)}; expected (B, C), (B, C, h, w) or ViT tokens (B, N, C)")
-    tokens = output if output.shape[0] == batch else output.transpose(0, 1)  # sequence-first transformers
-    prefix = _num_prefix_tokens(model, tokens.shape[1])
-    side = math.isqrt(tokens.shape[1] - prefix)
-    if side * side != tokens.shape[1] - prefix:
-        raise ValueError(f"layer {name!r}: {tokens.shape[1]} tokens minus {prefix} prefix tokens is not a square patch grid")
-    grid = tokens[:, prefix:].transpose(1, 2).reshape(batch, tokens.shape[2], side, side)
-    return grid, (tokens[:, 0] if prefix else None)
+    grid, prefix, _ = _token_grid(model, name, output, batch)
+    return grid, (prefix[:, 0] if prefix.shape[1] else None)
 
 
 def extract_layers(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -113,24 +133,54 @@ def forward_with_layers(model: nn.Module, x: torch.Tensor, names: Sequence[str])
     return result, _feature_maps(model, captured, x.shape[0])
 
 
-def forward_keeping_layers(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> tuple[torch.Tensor, dict[str, object]]:
-    """(model(x), {name: the layer's own output, as it returned it}) from one forward pass.
+def forward_keeping_maps(
+    model: nn.Module, x: torch.Tensor, names: Sequence[str]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor | None]]:
+    """(model(x), {name: activation map (B, C, h, w)}, {name: prefix tokens (B, P, C), None for
+    maps}) from one forward pass.
 
-    The rest of the network runs on a clone of each kept output: later in-place ops cannot alter
-    it, and the derivative of anything computed from a kept output reaches it both through that
-    use and through the later layers — the total derivative Grad-CAM's hooks take. (extract_layers'
-    copies are leaves of the graph for the later layers instead.)
+    A (B, C, h, w) output is kept and the rest of the network runs on a clone: later in-place ops
+    cannot alter it, and the derivative of anything computed from a kept map reaches it both
+    through that use and through the later layers — the total derivative Grad-CAM's hooks take.
+    (extract_layers' copies are leaves of the graph for the later layers instead.)
+
+    A ViT layer's tokens (B, N, C) become their patch grid G (row-major; the class and register
+    tokens are dropped from the map and returned apart), and the network goes on with tokens
+    rebuilt from G and the prefix tokens, so anything computed from G, and everything after the
+    layer, depends on the input through G: a derivative w.r.t. G covers both paths. Other
+    outputs: ValueError.
     """
-    return _capture(model, x, names, stop=False, keep_outputs=True)
+    batch = x.shape[0]
+    prefixes: dict[str, torch.Tensor | None] = {}
+
+    def relay(name: str, output: object) -> tuple[object, object]:
+        if isinstance(output, torch.Tensor) and output.ndim == 4:
+            prefixes[name] = None
+            return output, output.clone()
+        if not isinstance(output, torch.Tensor) or output.ndim != 3:
+            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            raise ValueError(f"layer {name!r} returns {shape}; needs activation maps (B, C, H, W) or ViT tokens (B, N, C)")
+        grid, prefix, seq_first = _token_grid(model, name, output, batch)
+        grid = grid.clone()  # its own tensor: the rebuilt tokens below are made from it
+        prefixes[name] = prefix
+        return grid, tokens_from_grid(grid, prefix, seq_first)
+
+    result, maps = _capture(model, x, names, stop=False, relay=relay)
+    return result, maps, prefixes
 
 
 def _capture(
-    model: nn.Module, x: torch.Tensor, names: Sequence[str], stop: bool, keep_outputs: bool = False
+    model: nn.Module,
+    x: torch.Tensor,
+    names: Sequence[str],
+    stop: bool,
+    relay: Callable[[str, object], tuple[object, object]] | None = None,
 ) -> tuple[torch.Tensor | None, dict[str, object]]:
     """The forward with hooks behind the functions above: (output, {name: captured output}).
 
-    `stop`: end the forward after the last layer (output None). `keep_outputs`: capture each
-    output itself and pass a clone on; otherwise capture a clone.
+    `stop`: end the forward after the last layer (output None). Each output is captured as a
+    clone (the network goes on with the output itself), or with `relay(name, output)` = (what to
+    capture, what the network goes on with).
     """
     if isinstance(names, str) or len(names) == 0:
         raise ValueError(f"names must be a non-empty sequence of layer names, got {names!r}")
@@ -141,11 +191,13 @@ def _capture(
         def hook(module: nn.Module, args: tuple, output: object) -> object:
             if name in captured:
                 raise ValueError(f"layer {name!r} runs more than once per forward; its output is ambiguous")
-            copy = output.clone() if isinstance(output, torch.Tensor) else output
-            captured[name] = output if keep_outputs else copy
+            if relay is not None:
+                captured[name], passed = relay(name, output)
+                return passed
+            captured[name] = output.clone() if isinstance(output, torch.Tensor) else output
             if stop and len(captured) == len(wanted):
                 raise _AllCaptured
-            return copy if keep_outputs else None
+            return None
 
         return hook
 
@@ -214,6 +266,13 @@ def _subgraph(graph: fx.Graph, keep: set[fx.Node], inputs: dict[fx.Node, str], o
     return new
 
 
+def _defaults(model: nn.Module) -> dict[str, object]:
+    """The forward's optional arguments at their defaults (timm's ViTs take attn_mask=None,
+    is_causal=False): traced as constants, so only the image is an input of the graph."""
+    parameters = list(inspect.signature(model.forward).parameters.values())[1:]
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD}
+
+
 def split_at(model: nn.Module, name: str) -> tuple[nn.Module, nn.Module]:
     """Split `model` at layer `name` into (head: x -> layer output, tail: layer output -> logits).
 
@@ -226,7 +285,7 @@ def split_at(model: nn.Module, name: str) -> tuple[nn.Module, nn.Module]:
     """
     layer = resolve_layer(model, name)
     try:
-        graph = _Tracer(layer).trace(model)
+        graph = _Tracer(layer).trace(model, concrete_args=_defaults(model))
     except Exception as error:  # fx raises many types (TraceError, TypeError, ...) for untraceable code
         raise ValueError(f"cannot split {type(model).__name__}: its forward is not traceable by torch.fx ({error})") from error
     cuts = [node for node in graph.nodes if node.op == "call_module" and node.target == name]

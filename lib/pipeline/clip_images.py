@@ -1,8 +1,11 @@
 """The clip_images stage's work: plain-image CLIP embeddings of every image, fp16.
 
 The store (data/<name>/clip_images.zarr) holds "image_emb" (N, D), L2-normalised before the fp16
-cast. It depends on the images and the CLIP only, so changing the ring settings of `circles`
-re-runs neither this nor what reads it (the concept filter; CE-FAM's translator targets).
+cast, and "image_norm" (N,) float32, the L2 norm of the raw CLIP output (open_clip's
+`encode_image`, Hugging Face's `get_image_features`): image_emb * image_norm is the raw embedding
+to fp16 precision, the target CE-FAM's authors regress their translator on. The store depends on
+the images and the CLIP only, so changing the ring settings of `circles` re-runs neither this nor
+what reads it (the concept filter; CE-FAM's translator targets).
 
 With `clip_images.dense` it also holds "dense" (N, D', h, w) fp16: the CLIP's last spatial feature
 map (lib.models.clip.dense_layer; the toy CLIP's layer4, 2 x 2 at 64 px), unnormalised, which FaCT's
@@ -23,7 +26,7 @@ from lib.core.distributed import Ranks, sharded_outputs
 from lib.core.extract import Fill, fill_stores
 from lib.core.layout import Layout
 from lib.core.params import Params, params_hash
-from lib.core.schema import DENSE, IMAGE_EMB, clip_provenance, images_provenance
+from lib.core.schema import DENSE, IMAGE_EMB, IMAGE_NORM, clip_provenance, images_provenance
 from lib.core.stores import ArraySpec, ShardedWriter, open_store
 from lib.models.clip import check_clip, dense_layer, load_clip_checked
 from lib.models.layers import extract_layers, forward_with_layers
@@ -63,10 +66,14 @@ def run_clip_images(config: Params, layout: Layout, device: torch.device, ranks:
     dtype = autocast_dtype(device, settings.autocast)
     n, rows = images.shape[0], (images.shards or images.chunks)[0]
     dense = dense_layer(model) if settings.dense else None
-    fingerprint = params_hash(clip.model_id, image_store.attrs["fingerprint"], {"dense": dense})
+    # "norms": stores written before image_norm existed have another fingerprint and are rewritten
+    fingerprint = params_hash(clip.model_id, image_store.attrs["fingerprint"], {"dense": dense, "norms": True})
     attributes = {"stage": "clip_images", "params_hash": fingerprint, **clip_provenance(clip.model_id, clip.embed_dim),
                   "input_size": preprocess.size, "dense_layer": dense, **images_provenance(image_store.attrs)}
-    specs = [ArraySpec(IMAGE_EMB, (n, clip.embed_dim), "float16", ("item", "embed"))]
+    specs = [
+        ArraySpec(IMAGE_EMB, (n, clip.embed_dim), "float16", ("item", "embed")),
+        ArraySpec(IMAGE_NORM, (n,), "float32", ("item",)),
+    ]
     if dense is not None:
         with torch.inference_mode():
             probe = extract_layers(model.visual, preprocess(torch.from_numpy(images[:1]).to(device)), [dense])[dense]
@@ -79,10 +86,14 @@ def run_clip_images(config: Params, layout: Layout, device: torch.device, ranks:
         x = preprocess(batch)
         with torch.autocast(device.type, dtype or torch.bfloat16, enabled=dtype is not None):
             if dense is None:
-                return {IMAGE_EMB: {IMAGE_EMB: F.normalize(model.encode_image(x).float(), dim=-1)}}
-            # encode_image is model.visual (open_clip); one forward gives the embedding and the dense map
-            embedding, maps = forward_with_layers(model.visual, x, [dense])
-        return {IMAGE_EMB: {IMAGE_EMB: F.normalize(embedding.float(), dim=-1), DENSE: maps[dense].float()}}
+                embedding, maps = model.encode_image(x), {}
+            else:  # encode_image is model.visual (open_clip); one forward gives the embedding and the dense map
+                embedding, maps = forward_with_layers(model.visual, x, [dense])
+        embedding = embedding.float()
+        arrays = {IMAGE_EMB: F.normalize(embedding, dim=-1), IMAGE_NORM: embedding.norm(dim=-1)}
+        if dense is not None:
+            arrays[DENSE] = maps[dense].float()
+        return {IMAGE_EMB: arrays}
 
     with sharded_outputs(make_writers, ranks) as writers:
         fill = fill_stores(writers, images, encode, batch_size=settings.batch_size, device=device, ranks=ranks,

@@ -150,8 +150,9 @@ PLANS: dict[str, Plan] = {
                              f"{', '.join(c.cefam.regions.layers or ()) or _cefam_layers(c)}, "
                              f"top-{c.cefam.regions.top_k} channels, beta {c.cefam.regions.beta} ({d.type})"),
     "sae_data": lambda c, d: f"FaCT training vectors of {_fact_layer(c)} (budget {c.fact.positions_budget} per image; {d.type})",
-    "sae": lambda c, d: (f"FaCT TopK SAE: {c.fact.sae.n_concepts} concepts, k {c.fact.sae.k}, {c.fact.sae.steps} steps "
-                         f"of {c.fact.sae.batch_size} ({d.type})"),
+    "sae": lambda c, d: (f"FaCT TopK SAE: {c.fact.sae.expansion:g} latents per channel, k {c.fact.sae.k}, "
+                         f"{c.fact.sae.epochs:g} epochs of batch {c.fact.sae.batch_size}"
+                         f"{', from ' + c.fact.sae.checkpoint if c.fact.sae.checkpoint else ''} ({d.type})"),
     "contributions": _contributions,
     "fact_explain": lambda c, d: f"{c.fact.explain.n_images} FaCT explanations and a gallery of {c.fact.explain.gallery_concepts} latents",
     "evaluate": _evaluate,

@@ -46,6 +46,7 @@ class ConceptStatistics:
     concepts: pd.DataFrame  # one row per concept: rates, means, alive, always_on
     per_class: pd.DataFrame  # (class, concept) mean contribution over the images predicted as the class; zeros left out
     top_images: pd.DataFrame  # per concept its top_k images by presence
+    coverage: pd.DataFrame  # FaCT's coverage curve: per rank r, mean and std (%) of the top r concepts' positive share
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,9 @@ class ShardSums:
     class_sum: np.ndarray  # (K, J) float64 contributions summed over the images predicted as each class
     top_presence: np.ndarray  # (<= k, J) largest presence per concept, largest first
     top_row: np.ndarray  # (<= k, J) store rows of top_presence
+    positive_share: np.ndarray  # (J,) float64 each concept's share of the image's positive contribution, summed over covered images
+    curve_sum: np.ndarray  # (J,) float64 share of the r largest positive contributions, summed over covered images
+    curve_sq: np.ndarray  # (J,) float64 ... of its squares
 
     @classmethod
     def of(cls, presence: np.ndarray, contribution: np.ndarray, label: np.ndarray, pred_backbone: np.ndarray,
@@ -78,6 +82,10 @@ class ShardSums:
         cover = poscover(contribution, COVER)
         onehot = (pred_model[:, None] == np.arange(n_classes)).astype(np.float64)
         top = np.argsort(-presence, axis=0, kind="stable")[:top_k]  # ties: the earlier row first
+        positive = np.maximum(contribution.astype(np.float64), 0)
+        total = positive.sum(axis=1, keepdims=True)
+        share = positive[total[:, 0] > 0] / total[total[:, 0] > 0]  # covered images only (FaCT's 0/0 is NaN)
+        curve = np.cumsum(-np.sort(-share, axis=1), axis=1)
         return cls(
             n=len(label),
             backbone_right=int((pred_backbone == label).sum()),
@@ -96,6 +104,9 @@ class ShardSums:
             class_sum=onehot.T @ contribution.astype(np.float64),
             top_presence=np.take_along_axis(presence, top, axis=0),
             top_row=top + start,
+            positive_share=share.sum(axis=0),
+            curve_sum=curve.sum(axis=0),
+            curve_sq=np.square(curve).sum(axis=0),
         )
 
     @staticmethod
@@ -106,7 +117,8 @@ class ShardSums:
         total = {
             name: sum(getattr(p, name) for p in parts)
             for name in ("n", "backbone_right", "model_right", "agree", "backbone_predicts", "nonzero", "cover_sum", "covered",
-                         "present", "contributing", "presence_sum", "contribution_sum", "class_count", "class_sum")
+                         "present", "contributing", "presence_sum", "contribution_sum", "class_count", "class_sum",
+                         "positive_share", "curve_sum", "curve_sq")
         }
         return ShardSums(
             **total,
@@ -180,10 +192,24 @@ def concept_statistics(group: zarr.Group, classes: Sequence[str], top_k: int, sc
         "l0": sums.nonzero / n,
         "alive_pct": 100 * float(concepts["alive"].mean()),
         "always_on": int(concepts["always_on"].sum()),
+        # FaCT's "together contrib": the always-on concepts' mean share (%) of an image's positive contribution
+        "always_on_share_pct": 100 * float(sums.positive_share[concepts["always_on"].to_numpy()].sum()) / sums.covered
+        if sums.covered else None,
         "poscover80": sums.cover_sum / sums.covered if sums.covered else None,
         "no_positive_pct": 100 * (1 - sums.covered / n),
     }
-    return ConceptStatistics(metrics, concepts, _per_class(sums, concepts, classes), _top_images(group, sums, concepts))
+    return ConceptStatistics(metrics, concepts, _per_class(sums, concepts, classes), _top_images(group, sums, concepts), _coverage(sums))
+
+
+def _coverage(sums: ShardSums) -> pd.DataFrame:
+    """FaCT's coverage curve (analysis.py's coverage_cumsum): per rank r = 1..J the mean and std (unbiased,
+    as torch.std_mean) over the images with a positive contribution of the share (%) of that positive
+    contribution the r largest give."""
+    n = sums.covered
+    mean = sums.curve_sum / n if n else np.full(len(sums.curve_sum), np.nan)
+    variance = (sums.curve_sq - n * np.square(mean)) / (n - 1) if n > 1 else np.full(len(mean), np.nan)
+    return pd.DataFrame({"rank": np.arange(1, len(mean) + 1), "mean_pct": 100 * mean,
+                         "std_pct": 100 * np.sqrt(np.maximum(variance, 0))})
 
 
 def _per_class(sums: ShardSums, concepts: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:

@@ -15,7 +15,7 @@ from rich.progress import Progress
 
 from lib.core.errors import UserError
 from lib.core.layout import Layout
-from lib.core.outputs import write_json, write_parquet
+from lib.core.outputs import write_csv, write_json, write_parquet
 from lib.core.params import Params
 from lib.data.manifest import read_dataset_info
 from lib.stats.reduce import ConceptStatistics, concept_statistics, open_concept_stats
@@ -84,7 +84,8 @@ class StatsReport:
 
 def run_stats(config: Params, layout: Layout, device: torch.device, progress: Progress | None = None) -> StatsReport:
     """Reduce the concept_stats store of every method in METHODS that has one (on the CPU: `device` is
-    unused); write metrics/stats.json (per method) and data/<name>/stats/{concepts,per_class,top_images}.parquet."""
+    unused); write metrics/stats.json (per method), data/<name>/stats/{concepts,per_class,top_images}.parquet
+    and the coverage curves metrics/plots/stats_coverage.csv."""
     classes = read_dataset_info(layout.dataset_info)["classes"]
     available = [m for m in METHODS if layout.concept_stats(m).exists()]
     stats = {}
@@ -98,5 +99,8 @@ def run_stats(config: Params, layout: Layout, device: torch.device, progress: Pr
         frames = [getattr(s, table).assign(method=method) for method, s in stats.items()]
         frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"method": []})
         write_parquet(layout.stats / f"{table}.parquet", frame[["method", *frame.columns.drop("method")]])
+    curves = [s.coverage.assign(method=method) for method, s in stats.items()]
+    curve = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame({"method": [], "rank": [], "mean_pct": [], "std_pct": []})
+    write_csv(layout.stats_plot("coverage"), curve[["method", "rank", "mean_pct", "std_pct"]])
     write_json(layout.stats_metrics, {method: s.metrics for method, s in stats.items()})
     return StatsReport(stats, [m for m in METHODS if m not in available], layout.stats_metrics)

@@ -53,7 +53,9 @@ class CefamMaps(ConceptMapMethod):
         ], dim=2)  # (B, M', L, H, W)
         order = association.topk(min(self.candidates, association.shape[-1]), dim=-1).indices  # (B, M', K)
         maps = layers.gather(2, order[..., None, None].expand(-1, -1, -1, *size))
-        return ConceptMaps(maps[:, :, 0] if self.candidates == 1 else maps, self.concepts.to(device))
+        if self.candidates == 1:
+            return ConceptMaps(maps[:, :, 0], self.concepts.to(device))
+        return ConceptMaps(maps, self.concepts.to(device), order, tuple(self.store.layers))  # layer shares: Fig. A1
 
 
     def concept_contributions(self, batch: EvalBatch) -> ConceptContributions | None:

@@ -10,8 +10,10 @@ The method's core imports nothing from the rest of the project: `translator` (th
 default widths, the concept scores and the training loss), `regions` (Grad-CAM weights of every
 concept in one Jacobian per image, or through the backbone in batched backward passes, and the
 region maps), `association` (layer association scores, best layer and candidates, class
-contributions). Around it: `training` (the translator's training loop), `taps` (activation maps
-of several layers in one autograd graph), `explain` (a batch of images explained), `artifacts`
-(the checkpoint and the regions store), `figures`, and the two stages' work, `translator_stage`
-and `regions_stage`.
+contributions). Around it: `training` (the translator's training loop), `translator_augment`
+(the authors' augmented epochs: random crops through the frozen backbone and CLIP), `taps`
+(activation maps of several layers in one autograd graph, ViT tokens as patch grids), `explain`
+(a batch of images explained, and the extra curves of the figures), `artifacts` (the checkpoint
+and the regions store), `figures` (the plots) and `sample_figures` (the explained sample's PNGs),
+and the two stages' work, `translator_stage` and `regions_stage`.
 """

@@ -6,21 +6,29 @@ each replacement: step j = 0 … K has the top j channels replaced. The drop cur
 score_0 - score_j (relative: divided by score_0) is integrated over x = j/K in [0, 1], so the
 area is a mean drop, comparable across layers with different channel counts.
 
-What the paper leaves open, settled here (defaults) against the authors' code (utils/cefam.py,
-region_cefam / contribution_cefam; converter.py; utils/resnet.py, mask_predict):
+Where the paper's text and the authors' code (utils/cefam.py, region_cefam / contribution_cefam;
+converter.py; utils/resnet.py, mask_predict; evaluate.py) differ or the text is silent, the
+defaults follow the code and the text's reading stays available (the regions stage's params):
 
-* fill value: the paper's m^l = (1/|C|) sum_k z^l_k, the image's own mean over the layer's
-  channels (one scalar per image; the authors' MapConverter does this). `fill` may instead give
-  per-channel values, e.g. the layer's dataset means m^l_k.
-* score: the authors do not mask the raw S^t: for CLIP they use softmax over all concepts of the
-  scaled cosines (SigLIP: sigmoid), and the relative drop (score_0 - score_j) / score_0.
-  `score="cosine"`, `relative=False` give the plain drop of S^t.
-* area: the authors add d_j / K for j = 0 … K (d_0 = 0): the right Riemann sum (`rule="right"`).
-  The default here is the trapezoid over j/K, which differs by d_K / (2K).
-* contribution: class probability p^c from the backbone's tail, channels ranked by the concept's
-  beta * z at the chosen layer, relative drop; negative when masking raises p^c. For the layers
-  before the last, the authors' mask_predict replaces a channel's map by its own spatial mean
-  (z unchanged, only the spatial pattern removed): `fill="spatial"`.
+* area (`rule`): the text says "AUC"; the code adds d_j / K for j = 0 … K (d_0 = 0), the right
+  Riemann sum over x = j/K: `rule="right"` (default). `rule="trapezoid"` is the trapezoid over
+  j/K, which differs by d_K / (2K) and can change a concept's Top-1 layer.
+* association fill: the text's m^l = (1/|C|) sum_k z^l_k, the image's own mean over the layer's
+  channels (one scalar per image), which is also what the code's MapConverter does. `fill` may
+  instead give per-channel values, e.g. the layer's dataset means m^l_k.
+* score: the code does not mask the raw S^t: for CLIP it takes the softmax over all concepts of
+  the scaled cosines (SigLIP: sigmoid), and the relative drop (score_0 - score_j) / score_0.
+  `score="cosine"`, `relative=False` give the text's plain drop of S^t.
+* contribution fill: the text masks with m^l as above; the code's mask_predict replaces a masked
+  channel's map by its own spatial mean before the last layer (z unchanged, only the spatial
+  pattern removed): `fill="spatial"`, the regions stage's default; at the last layer both use the
+  layer mean (a spatial-mean fill would change nothing there, the head sees only the pool).
+* how many concepts and which are kept (explain.py, not here): the code explains the 8 concepts
+  of highest score and drops those with a negative contribution (positive_only); the text shows
+  negative contributions (Fig. 7) and gives no number.
+
+contribution: class probability p^c from the backbone's tail, channels ranked by the concept's
+beta * z at the chosen layer, relative drop; negative when masking raises p^c.
 """
 
 from __future__ import annotations
@@ -61,7 +69,7 @@ def channel_importance(betas: Sequence[Tensor], z_list: Sequence[Tensor]) -> lis
     return [b * z[:, None, :].to(b.dtype) for b, z in zip(betas, z_list, strict=True)]
 
 
-def curve_area(drops: Tensor, rule: Rule = "trapezoid") -> Tensor:
+def curve_area(drops: Tensor, rule: Rule = "right") -> Tensor:
     """Area under drop curves (..., K+1) over x = j/K in [0, 1]: (...)."""
     k = drops.shape[-1] - 1
     if k < 1:
@@ -183,7 +191,7 @@ def association_scores(
     fill: Sequence[Tensor | None] | None = None,
     score: Score = "softmax",
     relative: bool = True,
-    rule: Rule = "trapezoid",
+    rule: Rule = "right",
     concepts: Tensor | None = None,
     chunk: int | None = None,
 ) -> Tensor:
@@ -268,7 +276,7 @@ def class_contribution(
     fill: Fill = None,
     relative: bool = True,
     prob: Literal["softmax", "logit"] = "softmax",
-    rule: Rule = "trapezoid",
+    rule: Rule = "right",
     chunk: int | None = None,
 ) -> Tensor:
     """Contribution (B, M) of each concept to the target class: the area under its

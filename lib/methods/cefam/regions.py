@@ -13,9 +13,13 @@ Two ways to get the betas:
   whose pool also enters z_cat; the authors' code (utils/cefam.py, BaseCAM: gradient hooks on the
   layer outputs, one `backward` per (image, concept)) therefore takes the *total* derivative,
   which adds the paths through the later layers for every layer but the last. This function
-  computes that total with min(D, M) batched backward passes per batch instead of M.
+  computes that total exactly with min(M, D, C) backward rows per batch instead of M: every
+  concept's beta is a matmul of dS^t/dh (or dS^t/dz_cat) with the spatially summed Jacobian of h
+  (or z_cat) w.r.t. the maps, when that is smaller than M.
 
-The reference backpropagates once per (image, concept) through deep copies of the models.
+Compare its speed with a plain loop (one forward, one backward per concept, retain_graph, no copies):
+benchmarks/regions.py. The reference code also deep-copies both models per (image, concept);
+that cost is not ours to claim.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from torch.func import jacrev, vmap
 
 from lib.methods.cefam.translator import concept_scores
 
-__all__ = ["concept_betas", "concept_betas_total", "concept_regions", "pool_features"]
+__all__ = ["concept_betas", "concept_betas_total", "concept_regions", "default_total_chunk", "pool_features", "total_basis"]
 
 
 def pool_features(feature_maps: Sequence[Tensor]) -> tuple[list[Tensor], list[int]]:
@@ -103,47 +107,94 @@ def concept_betas(
     return [g / _pixels(hw) for g, hw in zip(grads.split(sizes, dim=2), hw_list, strict=True)]
 
 
+BASES = ("scores", "embedding", "pools")
+
+
+def total_basis(n_concepts: int, embed_dim: int, n_channels: int) -> str:
+    """Which outputs `concept_betas_total` backpropagates: the fewest rows of the M scores, the D
+    embedding coordinates, or the sum C of pooled channels (ties: that order)."""
+    rows = {"scores": n_concepts, "embedding": embed_dim, "pools": n_channels}
+    return min(BASES, key=rows.__getitem__)
+
+
+def default_total_chunk(feature_maps: Sequence[Tensor]) -> int:
+    """Rows per batched backward in `concept_betas_total`, sized for the maps' device.
+
+    CPU: 1 — each row is one plain backward (retain_graph); batching rows with vmap does the same
+    arithmetic and only adds memory traffic there. CUDA: as many rows as fit in a quarter of the
+    free memory at about 3 gradient-sized buffers per row (4..256)."""
+    device = feature_maps[0].device
+    if device.type != "cuda":
+        return 1
+    free, _ = torch.cuda.mem_get_info(device)
+    per_row = 3 * sum(a.numel() * a.element_size() for a in feature_maps)
+    return int(min(256, max(4, free // 4 // max(per_row, 1))))
+
+
+def _spatial_jacobian(out: Tensor, feature_maps: Sequence[Tensor], chunk_size: int) -> list[Tensor]:
+    """(1/(H_l W_l)) sum_ij d out[b, r] / dA^l[b, :, i, j] as (B, R, C_l) per layer, for outputs
+    out (B, R) of the maps: R one-hot cotangents, `chunk_size` per backward (batched with
+    is_grads_batched when > 1). Each gradient is averaged over space at once, so only
+    (rows, B, C_l) is kept."""
+    rows = out.shape[1]
+    parts: list[list[Tensor]] = [[] for _ in feature_maps]
+    for start in range(0, rows, chunk_size):
+        r = min(chunk_size, rows - start)
+        cot = torch.zeros(r, *out.shape, dtype=out.dtype, device=out.device)
+        index = torch.arange(r, device=out.device)
+        cot[index, :, start + index] = 1.0  # cotangent i selects output row start + i of every image
+        if r == 1:
+            grads = [g[None] for g in torch.autograd.grad(out, list(feature_maps), grad_outputs=cot[0], retain_graph=True)]
+        else:
+            grads = torch.autograd.grad(out, list(feature_maps), grad_outputs=cot, retain_graph=True, is_grads_batched=True)
+        for part, g in zip(parts, grads, strict=True):
+            part.append(g.mean(dim=(3, 4)))  # (r, B, C_l)
+    return [torch.cat(p).permute(1, 0, 2) for p in parts]
+
+
 def concept_betas_total(
-    translator: nn.Module, feature_maps: Sequence[Tensor], text_emb: Tensor, chunk_size: int = 64
+    translator: nn.Module, feature_maps: Sequence[Tensor], text_emb: Tensor, chunk_size: int | None = None
 ) -> list[Tensor]:
     """Grad-CAM weights beta (B, M, C_l) with the total derivative through the backbone.
 
     feature_maps: the layers' activation maps (B, C_l, H_l, W_l) from one forward pass of the
     backbone, still in its autograd graph (A^{l+1} computed from A^l; run the backbone with the
     input or the parameters requiring grad and without no_grad). They are pooled and concatenated
-    in the given order and fed to the translator here. The derivatives of min(M, D) outputs (the
-    scores, or the embedding coordinates composed with the cosine's derivative) are taken in
-    batched backward passes of `chunk_size` rows (is_grads_batched), each averaged over space
-    right away so only (rows, B, C_l) is kept; peak memory is about chunk_size * B * sum_l
-    C_l H_l W_l gradient values. Equals `concept_betas` when the maps do not feed each other.
-    Returns detached tensors.
+    in the given order and fed to the translator here.
+
+    Exact by the chain rule, with as few backward passes as the shapes allow: S^t depends on the
+    maps only through z_cat (sum C channels) and h = translator(z_cat) (D), so
+    beta^t = dS^t/dh . J_h = dS^t/dz_cat . J_z, with J_h (D x C_l) and J_z (C x C_l) the spatial
+    means of dh/dA^l and dz_cat/dA^l. `total_basis` picks the fewest rows R = min(M, D, C): the M
+    scores themselves, or J_h (then every concept's beta is one matmul with the cosine's
+    derivative), or J_z (with the translator's Jacobian dS/dz_cat, `concept_betas`). R one-hot
+    cotangents go back in chunks of `chunk_size` rows (default `default_total_chunk`); peak memory
+    is about chunk_size * B * sum_l C_l H_l W_l gradient values. Equals `concept_betas` when the
+    maps do not feed each other. Returns detached tensors.
     """
     if not feature_maps:
         raise ValueError("feature_maps is empty")
-    z_list, _ = pool_features(feature_maps)
     if not all(a.requires_grad for a in feature_maps):
         raise ValueError("feature_maps must be in an autograd graph (requires_grad); run the backbone with grad enabled")
+    chunk_size = default_total_chunk(feature_maps) if chunk_size is None else chunk_size
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
+    z_list, _ = pool_features(feature_maps)
     with torch.enable_grad():
-        emb = translator(torch.cat(z_list, dim=1))
+        z_cat = torch.cat(z_list, dim=1)
+        emb = translator(z_cat)
         text = F.normalize(text_emb.to(emb), dim=-1)
         scale, bias = _score_params(translator)
-        by_scores = text.shape[0] <= emb.shape[1]
-        out = concept_scores(emb, text, scale, bias) if by_scores else emb  # (B, R)
-        rows = out.shape[1]
-        parts: list[list[Tensor]] = [[] for _ in feature_maps]
-        for start in range(0, rows, chunk_size):
-            r = min(chunk_size, rows - start)
-            cot = torch.zeros(r, *out.shape, dtype=out.dtype, device=out.device)
-            rows_i = torch.arange(r, device=out.device)
-            cot[rows_i, :, start + rows_i] = 1.0  # batched cotangent i selects output start + i
-            grads = torch.autograd.grad(out, list(feature_maps), grad_outputs=cot, retain_graph=True, is_grads_batched=True)
-            for part, g in zip(parts, grads, strict=True):
-                part.append(g.mean(dim=(3, 4)))  # (r, B, C_l): the spatial mean is all Grad-CAM keeps
-    jac = [torch.cat(p).permute(1, 0, 2) for p in parts]  # (B, R, C_l)
-    if by_scores:
+        basis = total_basis(text.shape[0], emb.shape[1], z_cat.shape[1])
+        out = {"scores": lambda: concept_scores(emb, text, scale, bias), "embedding": lambda: emb, "pools": lambda: z_cat}[basis]()
+        jac = _spatial_jacobian(out, feature_maps, chunk_size)  # (B, R, C_l)
+    if basis == "scores":
         return [j.detach() for j in jac]
-    proj = _cosine_grad(emb.detach(), text, scale)  # (B, M, D)
-    return [(proj @ j).detach() for j in jac]
+    if basis == "embedding":
+        outer = _cosine_grad(emb.detach(), text, scale)  # (B, M, D)
+    else:  # dS/dz_cat through the translator alone: its "betas" for 1-pixel layers
+        outer = torch.cat(concept_betas(translator, [z.detach() for z in z_list], text_emb, [1] * len(z_list)), dim=2)
+    return [(outer @ j).detach() for j in jac]
 
 
 def concept_regions(betas: Sequence[Tensor], feature_maps: Sequence[Tensor]) -> list[Tensor]:

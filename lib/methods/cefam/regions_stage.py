@@ -11,24 +11,22 @@ and published atomically):
   `contribution_concepts` concepts with the highest S^t of each image, 0 for the others.
   CE-FAM does not change the model: PRED_MODEL is the backbone's prediction;
 
-then `n_figures` explanation PNGs (figures.py) and metrics/cefam_regions.json.
+then the figures of `n_figures` seeded images (sample_figures.py) and metrics/cefam_regions.json.
 """
 
 from __future__ import annotations
 
 import hashlib
-import shutil
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from rich.progress import Progress
 
 from lib.core.distributed import Ranks, sharded_outputs
 from lib.core.errors import UserError, user_error_for
 from lib.core.layout import Layout
-from lib.core.outputs import write_figure, write_json
+from lib.core.outputs import write_json
 from lib.core.params import Params, params_hash
 from lib.core.schema import (
     CONTRIBUTION,
@@ -41,7 +39,7 @@ from lib.core.schema import (
 )
 from lib.core.stores import ArraySpec, ShardedWriter, open_store
 from lib.core.streams import read_rows
-from lib.data.manifest import read_dataset_info, read_manifest, split_indices
+from lib.data.manifest import read_manifest, split_indices
 from lib.methods.cefam.artifacts import (
     REGION_ASSOCIATION,
     REGION_IMAGE,
@@ -52,8 +50,8 @@ from lib.methods.cefam.artifacts import (
     explained_layers,
     map_array,
 )
-from lib.methods.cefam.explain import BatchExplanation, ExplainSettings, explain_batch
-from lib.methods.cefam.figures import ConceptPanel, explanation_figure
+from lib.methods.cefam.explain import BatchExplanation, ExplainSettings, FigureDetails, explain_batch, explain_details
+from lib.methods.cefam.sample_figures import write_sample_figures
 from lib.methods.cefam.taps import tapped_forward
 from lib.models.backbones import check_backbone, load_backbone_checked
 from lib.models.classes import ClassMap, read_class_map
@@ -63,7 +61,7 @@ from lib.pipeline.stored_concepts import read_concepts
 __all__ = ["RegionsReport", "check_regions", "run_regions"]
 
 METHOD = "cefam"
-FIGURE_ONLY = {"n_figures", "figure_concepts", "seed"}  # regions params that change no store
+FIGURE_ONLY = {"n_figures", "figure_concepts", "figure_details", "seed"}  # regions params that change no store
 
 
 @dataclass(frozen=True)
@@ -152,35 +150,6 @@ def _blocks(
     return regions, stats
 
 
-def _figures(layout: Layout, config: Params, rows: np.ndarray, names: tuple[str, ...], layers: tuple[str, ...]) -> int:
-    """Explanation PNGs of `n_figures` seeded images of the split (old ones removed first)."""
-    settings = config.cefam.regions
-    if layout.cefam_explain.exists():
-        shutil.rmtree(layout.cefam_explain)
-    if settings.n_figures == 0:
-        return 0
-    regions, stats = open_store(layout.cefam_regions), open_store(layout.concept_stats(METHOD))
-    images = open_store(layout.images)["images"]
-    classes = read_dataset_info(layout.dataset_info)["classes"]
-    chosen = np.sort(np.random.default_rng(settings.seed).choice(len(rows), size=min(settings.n_figures, len(rows)), replace=False))
-    for position in chosen.tolist():
-        image = images[int(rows[position])]
-        contribution = stats[CONTRIBUTION][position]
-        presence = stats[PRESENCE][position]
-        best = regions[REGION_ASSOCIATION][position].argmax(axis=1)
-        computed = np.flatnonzero(contribution != 0)
-        order = computed[np.argsort(-np.abs(contribution[computed]))][: settings.figure_concepts]
-        panels = []
-        for t in order.tolist():
-            region = torch.from_numpy(regions[map_array(layers[best[t]])][position, t].astype(np.float32))
-            region = F.interpolate(region[None, None], size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0]
-            panels.append(ConceptPanel(names[t], layers[best[t]], float(presence[t]), float(contribution[t]), region.numpy()))
-        pred, label = int(stats[PRED_BACKBONE][position]), int(stats[STATS_LABEL][position])
-        title = f"row {rows[position]}: pred {classes[pred]}\n(true {classes[label]})"
-        write_figure(layout.cefam_explain / f"row{rows[position]}.png", explanation_figure(image, title, panels))
-    return len(chosen)
-
-
 def run_regions(config: Params, layout: Layout, device: torch.device, ranks: Ranks, progress: Progress | None = None) -> RegionsReport:
     """Explain every image of evaluate.split; write the regions and concept_stats stores, the PNGs and metrics.
     Under torchrun each rank explains and writes the shards it owns; rank 0 then writes the metrics and PNGs."""
@@ -200,7 +169,8 @@ def run_regions(config: Params, layout: Layout, device: torch.device, ranks: Ran
     text = concepts.text_emb.to(device)
     explain = ExplainSettings(
         beta=settings.beta, top_k=settings.top_k, score=settings.score, rule=settings.rule,
-        contribution_concepts=settings.contribution_concepts, contribution_fill=settings.contribution_fill, chunk=settings.chunk,
+        contribution_concepts=settings.contribution_concepts, contribution_fill=settings.contribution_fill,
+        negatives=settings.negatives, chunk=settings.chunk, beta_chunk=settings.beta_chunk,
     )
     rows = split_indices(read_manifest(layout.manifest), config.evaluate.split)[: config.evaluate.max_images]
     if not len(rows):
@@ -262,8 +232,20 @@ def run_regions(config: Params, layout: Layout, device: torch.device, ranks: Ran
         "n_images": n,
         "acc_backbone": float((stats[PRED_BACKBONE][:] == stats[STATS_LABEL][:]).mean()),
         "top1_layer_share": share,  # share of (image, concept) pairs whose Top-1 layer is each layer
-        "contribution_mean": float(computed.mean()) if computed.size else None,
+        "contribution_mean": float(computed.mean()) if computed.size else None,  # over the nonzero contributions
+        # negatives "keep": share of the nonzero contributions below 0; "drop": 0 (they are stored as 0)
         "contribution_negative_share": float((computed < 0).mean()) if computed.size else None,
+        # nonzero contributions / the contributions computed (contribution_concepts per image): under "drop", the
+        # share of the explained concepts the authors' positive_only keeps
+        "contribution_kept_share": computed.size / (n * min(settings.contribution_concepts, m)),
     }, digits=6)
-    figures = _figures(layout, config, rows, concepts.names, layers)
+
+    def details(image: np.ndarray, order: np.ndarray, best: np.ndarray) -> FigureDetails:
+        x = backbone.preprocess(torch.from_numpy(image[None]).to(device))
+        return explain_details(
+            model, x, trained.model, text, trained.layers, explained, tails, explain,
+            torch.from_numpy(order).to(device), torch.from_numpy(best).to(device), target,
+        )
+
+    figures = write_sample_figures(layout, config, rows, concepts.names, layers, details)
     return RegionsReport(n, m, layers, settings.beta, len(pending), share, figures)

@@ -65,23 +65,30 @@ def split_source(
     seed: int = 0,
     device: torch.device | str = "cpu",
     in_memory_mb: float = 1024.0,
+    norm: zarr.Array | None = None,
 ) -> EpochSource:
     """Batches of (z_cat, embedding) float32 over the store rows `rows` of two row-aligned arrays
-    (same shard size): held on `device` when they fit in `in_memory_mb`, else streamed."""
+    (same shard size): held on `device` when they fit in `in_memory_mb`, else streamed. With
+    `norm` (N,), a third row-aligned array, the embeddings are multiplied by it row by row (unit
+    embeddings times their raw norms: the raw embeddings)."""
     size_mb = len(rows) * (z.shape[1] + emb.shape[1]) * 4 / 2**20
+    arrays = {"z": z, "emb": emb} | ({"norm": norm} if norm is not None else {})
     if size_mb <= in_memory_mb:
         rows = np.sort(rows)
-        z_all = torch.from_numpy(read_rows(z, rows)).to(device, torch.float32)
-        emb_all = torch.from_numpy(read_rows(emb, rows)).to(device, torch.float32)
-        return _memory_source(z_all, emb_all, batch_size, shuffle, seed)
+        held = {key: torch.from_numpy(read_rows(array, rows)).to(device, torch.float32) for key, array in arrays.items()}
+        return _memory_source(held["z"], _scaled(held), batch_size, shuffle, seed)
 
     def batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         # a fresh source per epoch: batch_source draws its order from (seed, pass 0), so the epoch goes into the seed
-        source = batch_source({"z": z, "emb": emb}, rows, batch_size, shuffle=shuffle, seed=seed * 1_000_003 + epoch, device=device)
+        source = batch_source(arrays, rows, batch_size, shuffle=shuffle, seed=seed * 1_000_003 + epoch, device=device)
         for batch in source():
-            yield batch["z"].float(), batch["emb"].float()
+            yield batch["z"].float(), _scaled({key: value.float() for key, value in batch.items()})
 
     return batches
+
+
+def _scaled(batch: dict[str, Tensor]) -> Tensor:
+    return batch["emb"] * batch["norm"][:, None] if "norm" in batch else batch["emb"]
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,13 @@ embeddings, choose by val, report on test.
 z^l is the global average pool of layer l's stored feature maps; z_cat concatenates them in the
 order of cefam.layers (paper eq. 4-5). The pooled vectors go to a sharded store once
 (``cefam/pooled.zarr``, N x sum C fp16), so every epoch reads N vectors instead of N feature maps.
-Targets are the clip_images store's embeddings (L2-normalised; the authors regress the raw CLIP
-features, translator.py says what that changes). Concept scores use the CLIP's own logit scale
-(and bias, for SigLIP-style models), read from the CLIP named in params, which must be the one
-that made the embeddings.
+Targets are the clip_images store's embeddings: raw (the unit embedding times its stored norm, as
+the authors regress `get_image_features`; `cefam.translator.targets: raw`) or L2-normalised
+(`normalized`; translator.py says what that changes). With `cefam.translator.augment` the training
+split is recomputed every epoch on random crops instead (translator_augment.py: the backbone and
+the CLIP rerun on each crop); val and test always use the stored features of the stored images.
+Concept scores use the CLIP's own logit scale (and bias, for SigLIP-style models), read from the
+CLIP named in params, which must be the one that made the embeddings.
 
 Under `torchrun --nproc-per-node K` rank 0 pools the features, then every rank trains with DDP
 (training.py) on the whole shards it owns of each split, in batches of batch_size // K (the global
@@ -31,14 +34,15 @@ from lib.core.layout import Layout
 from lib.core.outputs import write_csv, write_json
 from lib.core.params import Params, params_hash
 from lib.core.progress import progress_callback
-from lib.core.schema import CLIP_MODEL_KEY, FEATURES, IMAGE_EMB, check_compatible, check_same_images
+from lib.core.schema import CLIP_MODEL_KEY, FEATURES, IMAGE_EMB, IMAGE_NORM, check_compatible, check_same_images
 from lib.core.stores import ArraySpec, ShardedWriter, open_store, remove_empty_scratch_dirs
 from lib.data.manifest import read_manifest, split_indices, train_val_indices
 from lib.methods.cefam.artifacts import cefam_layers, save_translator
-from lib.methods.cefam.training import TrainSettings, evaluate_translator, split_source, train_translator
+from lib.methods.cefam.training import EpochSource, TrainSettings, evaluate_translator, split_source, train_translator
 from lib.methods.cefam.translator import Translator
-from lib.models.backbones import check_backbone
-from lib.models.clip import load_clip_checked
+from lib.methods.cefam.translator_augment import augmented_source, crop_encoder
+from lib.models.backbones import check_backbone, load_backbone_checked
+from lib.models.clip import LoadedClip, load_clip_checked
 from lib.models.layers import check_layers
 from lib.pipeline.stored_concepts import read_concepts
 
@@ -121,16 +125,55 @@ class TranslatorReport:
         )
 
 
-def _clip_scale(config: Params, made_by: str) -> tuple[float, float]:
-    """The CLIP's logit scale exp(t) and bias (0 without one); the CLIP must be the one that made the embeddings."""
+def _load_clip(config: Params, made_by: str) -> LoadedClip:
+    """The CLIP of params, which must be the one that made the embeddings."""
     clip = load_clip_checked(config.clip)
     if clip.model_id != made_by:
         raise UserError(
             f"clip_images.zarr was made by {made_by}, params name {clip.model_id}", key="clip",
             fix="rerun clip_images and concepts (dvc repro)",
         )
+    return clip
+
+
+def _clip_scale(clip: LoadedClip) -> tuple[float, float]:
+    """The CLIP's logit scale exp(t) and bias (0 without one)."""
     bias = getattr(clip.model, "logit_bias", None)
     return float(clip.model.logit_scale.exp()), float(bias) if bias is not None else 0.0
+
+
+def _target_norms(config: Params, clip_store: zarr.Group) -> zarr.Array | None:
+    """The raw embeddings' norms for `targets: raw` (None for normalized); stores written before
+    clip_images kept them are refused."""
+    if config.cefam.translator.targets == "normalized":
+        return None
+    if IMAGE_NORM not in clip_store:
+        raise UserError(
+            "clip_images.zarr holds no raw embedding norms (written by an older clip_images)",
+            key="cefam.translator.targets", value="raw", fix="rerun clip_images (dvc repro clip_images), or use targets: normalized",
+        )
+    return clip_store[IMAGE_NORM]
+
+
+def _augmented_train(
+    config: Params, layout: Layout, clip: LoadedClip, backbone_id: str, rows: np.ndarray, batch: int, device: torch.device, seed: int
+) -> EpochSource:
+    """The training source of `augment`: fresh crops every epoch through the frozen backbone (the
+    one that made the stored features) and the frozen CLIP."""
+    settings = config.cefam.translator
+    backbone = load_backbone_checked(config.backbone)
+    if backbone.model_id != backbone_id:
+        raise UserError(
+            f"the stored features were made by {backbone_id}, params name {backbone.model_id}", key="backbone",
+            fix="rerun the features stage (dvc repro features)",
+        )
+    backbone.model.to(device).eval()
+    clip.model.to(device).eval()
+    encode = crop_encoder(backbone, cefam_layers(config), clip, raw=settings.targets == "raw")
+    return augmented_source(
+        open_store(layout.images)["images"], rows, batch, encode, scale=settings.crop_scale, seed=seed, device=device,
+        in_memory_mb=settings.in_memory_mb,
+    )
 
 
 def run_translator(
@@ -143,7 +186,9 @@ def run_translator(
     concepts = read_concepts(layout.concepts)
     check_compatible(clip_store.attrs, concepts.attrs, ("clip_images", "concepts"))
     check_same_images(layout.images, {"clip_images": clip_store.attrs})
-    scale, bias = _clip_scale(config, clip_store.attrs[CLIP_MODEL_KEY])
+    clip = _load_clip(config, clip_store.attrs[CLIP_MODEL_KEY])
+    scale, bias = _clip_scale(clip)
+    norm = _target_norms(config, clip_store)
     if not ranks.is_main:
         barrier(ranks)  # rank 0 writes the pooled store first
     pooled, channels, backbone_id = write_pooled(layout, layers, progress)
@@ -158,10 +203,13 @@ def run_translator(
     torch.manual_seed(settings.seed)
     model = Translator(sum(channels), emb.shape[1], settings.hidden, scale, bias).to(device)
     text = concepts.text_emb.to(device)
-    stream = {"device": device, "in_memory_mb": settings.in_memory_mb}
+    stream = {"device": device, "in_memory_mb": settings.in_memory_mb, "norm": norm}
     rows_per_shard, batch = (pooled.shards or pooled.chunks)[0], max(1, settings.batch_size // ranks.world_size)
     mine = {name: rank_rows(rows, rows_per_shard, ranks) for name, rows in (("train", train_rows), ("val", val_rows), ("test", test_rows))}
-    train = split_source(pooled, emb, mine["train"], batch, shuffle=True, seed=settings.seed + ranks.rank, **stream)
+    if settings.augment:
+        train = _augmented_train(config, layout, clip, backbone_id, mine["train"], batch, device, settings.seed + ranks.rank)
+    else:
+        train = split_source(pooled, emb, mine["train"], batch, shuffle=True, seed=settings.seed + ranks.rank, **stream)
     val = split_source(pooled, emb, mine["val"], batch, **stream)
     fingerprint = params_hash(
         settings, list(layers), scale, bias, open_store(layout.cefam_pooled).attrs["fingerprint"],

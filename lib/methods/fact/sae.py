@@ -10,19 +10,22 @@ Scaling. Training works on x / s with one scalar s = sqrt(mean ||x||^2) (a buffe
 `fit_scale`), as FaCT does (dictionary_learning's norm factor). Because of the homogeneity above,
 the scale cancels in `encode`/`decode`: users pass and get back unscaled feature vectors, and codes
 are in the units of the input (decode(z) = W_dec z, atoms unit norm, so z_j is the length of the
-atom's share of x_hat). Only `loss` divides by s. Note: with no bias and both losses normalised,
-loss and gradients are invariant to rescaling the data, so s changes no training result in exact
-arithmetic; it keeps the numbers near 1 (features with norms ~1e20 would overflow float32 squares,
-and half precision overflows far sooner), and it would matter for an unnormalised MSE (FaCT's).
+atom's share of x_hat). Only `loss` divides by s.
+
+Loss (FaCT's, i.e. dictionary_learning's TopKTrainer): mse = sum_n ||x_n / s - x_hat_n||^2 / N, the
+mean squared error per vector of the scaled inputs (not normalised by the batch's energy: since s
+makes the mean ||x / s||^2 one over the training set, mse is about 1 - fve), plus aux_coef times the
+aux-k loss.
 
 Dead latents. `tokens_since_fired` counts, per latent, the training vectors seen since it was last
-non-zero; a latent is dead once that reaches `dead_after`. The auxiliary loss lets the `aux_k`
-largest ReLU pre-activations among dead latents reconstruct the residual (normalised like OpenAI's
-reference: by the residual's variance), which revives them.
+*chosen by the top-k* (FaCT and dictionary_learning: a top-k pick with value 0 counts as firing);
+a latent is dead once that reaches `dead_after` (FaCT: half an epoch of training vectors). The
+auxiliary loss lets the `aux_k` largest ReLU pre-activations among dead latents reconstruct the
+residual (normalised like OpenAI's reference: by the residual's variance), which revives them.
 
 Under torchrun, `loss(x, ranks=...)` takes this rank's part of the batch and sums over the global
-batch (lib.core.distributed: both normalisations and the dead-latent counts), so DDP training equals
-one process on the concatenated batch.
+batch (lib.core.distributed: the mse's sum and count, the aux normalisation and the dead-latent
+counts), so DDP training equals one process on the concatenated batch.
 """
 
 from __future__ import annotations
@@ -51,10 +54,10 @@ class TopKCodes(NamedTuple):
 
 
 class SAELoss(NamedTuple):
-    """One training forward: `loss` (with graph) = `nmse` + aux_coef * `aux`; the rest detached."""
+    """One training forward: `loss` (with graph) = `mse` + aux_coef * `aux`; the rest detached."""
 
     loss: Tensor
-    nmse: Tensor
+    mse: Tensor
     aux: Tensor
     dead_fraction: Tensor
 
@@ -184,25 +187,28 @@ class BiasFreeTopKSAE(nn.Module):
         return value
 
     def loss(self, x: Tensor, track_dead: bool = True, ranks: Ranks | None = None) -> SAELoss:
-        """Training loss on unscaled vectors x (N, C): normalised MSE sum||x - x_hat||^2 / sum||x||^2
-        (of the batch, so an all-zero row cannot divide by zero) + aux_coef * aux-k loss.
+        """Training loss on unscaled vectors x (N, C): FaCT's mse sum_n ||x_n / s - x_hat_n||^2 / N
+        (module doc) + aux_coef * aux-k loss.
         With `track_dead`, first updates `tokens_since_fired` with this batch. With several `ranks`,
         x is this rank's part of the batch and the sums run over every rank's part (module doc)."""
         ranks = ranks or Ranks()
         xs = x / self.scale
         pre = self.pre_activations(xs)
-        values, indices = pre.topk(self.k, dim=-1, sorted=False)  # no dense (N, J) code needed
-        x_hat = self.decode_sparse(values, indices)
+        values, indices = pre.topk(self.k, dim=-1, sorted=False)
+        # Dense codes and one matmul, as dictionary_learning: pre is (N, J) already, and a BLAS product
+        # with its backward is ~4x faster on the CPU than embedding_bag's sparse sum (benchmarks/sae.py).
+        x_hat = self.decoder(torch.zeros_like(pre).scatter(-1, indices, values))
         residual = xs - x_hat
-        nmse = reduce_sum(residual.square().sum(), ranks) / reduce_(xs.square().sum(), ranks).clamp_min(_EPS)
+        count = reduce_(torch.tensor(float(x.shape[0]), device=x.device), ranks)
+        mse = reduce_sum(residual.square().sum(), ranks) / count.clamp_min(1.0)
 
         if track_dead:
-            self._update_dead(values, indices, x.shape[0], ranks)
+            self._update_dead(indices, x.shape[0], ranks)
         dead = self.tokens_since_fired >= self.dead_after
-        aux = self._aux_loss(pre, dead, residual.detach(), ranks)
-        loss = nmse + self.aux_coef * aux
+        aux = self._aux_loss(pre, dead, residual.detach(), count, ranks)
+        loss = mse + self.aux_coef * aux
         dead_fraction = dead.float().mean()
-        return SAELoss(loss, nmse.detach(), aux.detach(), dead_fraction)
+        return SAELoss(loss, mse.detach(), aux.detach(), dead_fraction)
 
     @torch.no_grad()
     def renormalise_decoder(self) -> None:
@@ -223,27 +229,22 @@ class BiasFreeTopKSAE(nn.Module):
 
     # ---------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _update_dead(self, values: Tensor, indices: Tensor, n_tokens: int, ranks: Ranks) -> None:
-        # "Fired" = strictly positive: a zero that topk picked for lack of positives is not activity.
-        # scatter_reduce(amax) is deterministic with repeated indices, unlike a plain scatter.
-        fired = torch.zeros(self.n_concepts, dtype=torch.uint8, device=values.device)
-        fired.scatter_reduce_(0, indices.flatten(), (values > 0).flatten().to(torch.uint8), reduce="amax")
-        tokens = reduce_(torch.tensor(n_tokens, device=values.device), ranks)
+    def _update_dead(self, indices: Tensor, n_tokens: int, ranks: Ranks) -> None:
+        # "Fired" = chosen by the top-k, whatever the value (FaCT, dictionary_learning). index_fill is
+        # deterministic with repeated indices (every write is the same 1).
+        fired = torch.zeros(self.n_concepts, dtype=torch.uint8, device=indices.device).index_fill_(0, indices.flatten(), 1)
+        tokens = reduce_(torch.tensor(n_tokens, device=indices.device), ranks)
         self.tokens_since_fired.add_(tokens).masked_fill_(reduce_(fired, ranks, "max").bool(), 0)
 
-    def _aux_loss(self, pre: Tensor, dead: Tensor, residual: Tensor, ranks: Ranks) -> Tensor:
-        """The min(aux_k, #dead) largest pre-activations among dead latents reconstruct the residual.
-        Without a host sync: take a fixed aux_k over pre-activations with live latents at -inf, then
-        zero those -inf picks, which is the same as capping k by the number of dead latents."""
-        k_aux = min(self.aux_k, self.n_concepts)
-        if k_aux == 0 or self.aux_coef == 0:
+    def _aux_loss(self, pre: Tensor, dead: Tensor, residual: Tensor, count: Tensor, ranks: Ranks) -> Tensor:
+        """The min(aux_k, #dead) largest pre-activations among dead latents reconstruct the residual;
+        0 while nothing is dead. Counting the dead costs one host sync per step (dictionary_learning's
+        too), which saves the aux pass, a top-k over all J latents, whenever no latent is dead; the
+        count is the same on every rank (the fired flags are reduced), so all take the same branch."""
+        n_dead = int(dead.sum())
+        if n_dead == 0 or self.aux_k == 0 or self.aux_coef == 0:
             return residual.new_zeros(())
-        masked = pre.masked_fill(~dead, -math.inf)
-        values, indices = masked.topk(k_aux, dim=-1, sorted=False)
-        values = torch.where(torch.isfinite(values), values, torch.zeros_like(values))
-        recon = self.decode_sparse(values, indices)
-        count = reduce_(torch.tensor(float(residual.shape[0]), device=residual.device), ranks)
+        values, indices = pre.masked_fill(~dead, -math.inf).topk(min(self.aux_k, n_dead), dim=-1, sorted=False)
+        recon = self.decoder(torch.zeros_like(pre).scatter(-1, indices, values))
         centred = residual - reduce_(residual.sum(dim=0, keepdim=True), ranks) / count
-        aux = reduce_sum((residual - recon).square().sum(), ranks) / reduce_(centred.square().sum(), ranks).clamp_min(_EPS)
-        # With nothing dead the aux term is 0 (not ||residual||^2 / var, which the zero recon gives).
-        return torch.where(dead.any(), aux, torch.zeros_like(aux))
+        return reduce_sum((residual - recon).square().sum(), ranks) / reduce_(centred.square().sum(), ranks).clamp_min(_EPS)

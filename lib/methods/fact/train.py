@@ -1,5 +1,14 @@
 """Training loop for the bias-free TopK SAE: Adam, grad-clip, linear warm-up then cosine decay,
-atomic checkpoints from which a killed run resumes to the same result as an uninterrupted one.
+atomic checkpoints from which a killed run resumes to the same result as an uninterrupted one, and
+the choice of the checkpoint to keep.
+
+Epochs. FaCT states its schedule in epochs of the training vectors (warm-up 1, constant to 2, cosine
+to 0 at 16; dead after half an epoch); `EpochPlan` turns those into steps for N vectors in batches
+of B (an epoch is N / B steps, rounded at each boundary).
+
+Selection. FaCT keeps the checkpoint with the best spliced val accuracy (evaluated every 2 epochs);
+`Selection` keeps the best of the evaluations it is offered, ties going to the lower val loss (on the
+toy world the spliced accuracy reaches 1.000 after an epoch, and then only the loss tells them apart).
 
 Resuming. Everything that decides the next step lives in `TrainState` and goes into the checkpoint:
 model (incl. the scale and dead-latent buffers), Adam moments, scheduler position, step and `rng`
@@ -31,6 +40,8 @@ from lib.methods.fact.sae import BiasFreeTopKSAE, SAELoss
 
 __all__ = [
     "BatchFn",
+    "EpochPlan",
+    "Selection",
     "TrainConfig",
     "TrainLog",
     "TrainState",
@@ -68,6 +79,79 @@ class WarmupCosine:
             return 1.0
         t = min(1.0, (step - self.decay_start) / (self.total_steps - self.decay_start))
         return self.min_factor + (1.0 - self.min_factor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """A schedule given in epochs of `n_vectors` training vectors, `batch_size` per step, in steps.
+
+    FaCT: epochs 16, warm-up 1, decay from 2, dead after 0.5. Boundaries round to the nearest step;
+    `epoch_ends` are the steps after which epoch 1, 2, ... is complete (and the last step)."""
+
+    n_vectors: int
+    batch_size: int
+    epochs: float
+    warmup_epochs: float = 1.0
+    decay_epochs: float = 2.0
+    dead_epochs: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.n_vectors < 1 or self.batch_size < 1 or self.epochs <= 0:
+            raise ValueError(f"n_vectors, batch_size >= 1 and epochs > 0 required, got {self}")
+        if not 0 <= self.warmup_epochs <= self.decay_epochs or self.dead_epochs <= 0:
+            raise ValueError(f"need 0 <= warmup_epochs <= decay_epochs and dead_epochs > 0, got {self}")
+
+    @property
+    def steps_per_epoch(self) -> float:
+        return self.n_vectors / self.batch_size
+
+    def step_at(self, epochs: float) -> int:
+        """The step count after `epochs` epochs (at least 1 for a positive count)."""
+        return max(1, round(epochs * self.steps_per_epoch)) if epochs > 0 else 0
+
+    @property
+    def total_steps(self) -> int:
+        return self.step_at(self.epochs)
+
+    @property
+    def warmup_steps(self) -> int:
+        return min(self.step_at(self.warmup_epochs), self.total_steps)
+
+    @property
+    def decay_start(self) -> int:
+        return min(max(self.step_at(self.decay_epochs), self.warmup_steps), self.total_steps)
+
+    @property
+    def dead_after(self) -> int:
+        """Training vectors without being chosen by the top-k before a latent counts as dead."""
+        return max(1, round(self.dead_epochs * self.n_vectors))
+
+    @property
+    def epoch_ends(self) -> tuple[int, ...]:
+        ends = {min(self.step_at(e), self.total_steps) for e in range(1, math.floor(self.epochs) + 1)}
+        return tuple(sorted(ends | {self.total_steps}))
+
+
+@dataclass
+class Selection:
+    """The best evaluation offered so far and the model's state then (module doc: FaCT keeps the best
+    spliced val accuracy; ties go to the lower val loss, and to the earlier step)."""
+
+    step: int = -1
+    accuracy: float = -math.inf
+    loss: float = math.inf
+    state: dict[str, Tensor] | None = None
+
+    def offer(self, step: int, accuracy: float, loss: float, model: nn.Module) -> bool:
+        """Keep `model`'s state if (accuracy, -loss) beats the best so far; whether it did."""
+        if not (accuracy > self.accuracy or (accuracy == self.accuracy and loss < self.loss)):
+            return False
+        self.step, self.accuracy, self.loss = step, float(accuracy), float(loss)
+        self.state = {name: value.detach().clone() for name, value in model.state_dict().items()}
+        return True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "accuracy": self.accuracy, "loss": self.loss, "state": self.state}
 
 
 @dataclass
@@ -111,6 +195,7 @@ class TrainState:
     rng: torch.Generator
     step: int = 0
     ranks: Ranks = field(default_factory=Ranks)
+    best: Selection = field(default_factory=Selection)  # what the caller chose to keep so far; checkpointed
     objective: nn.Module = field(init=False, repr=False)  # model.loss, through DDP under torchrun
 
     def __post_init__(self) -> None:
@@ -147,6 +232,7 @@ class TrainState:
             "scheduler": self.scheduler.state_dict(),
             "rng": self.rng.get_state(),
             "step": self.step,
+            "best": self.best.to_dict(),
         }
         _atomic_save(payload, Path(path))
 
@@ -163,6 +249,7 @@ class TrainState:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.rng.set_state(ckpt["rng"])
         self.step = int(ckpt["step"])
+        self.best = Selection(**ckpt["best"])
 
 
 @dataclass
@@ -171,20 +258,20 @@ class TrainLog:
 
     step: list[int] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
-    nmse: list[float] = field(default_factory=list)
+    mse: list[float] = field(default_factory=list)
     aux: list[float] = field(default_factory=list)
     dead_fraction: list[float] = field(default_factory=list)
     lr: list[float] = field(default_factory=list)
 
     def rows(self) -> list[dict[str, float]]:
         """One dict per step, keys as the fields."""
-        keys = ("step", "loss", "nmse", "aux", "dead_fraction", "lr")
+        keys = ("step", "loss", "mse", "aux", "dead_fraction", "lr")
         columns = [getattr(self, key) for key in keys]
         return [dict(zip(keys, values, strict=True)) for values in zip(*columns, strict=True)]
 
 
 def train_step(state: TrainState, batch: Tensor) -> Tensor:
-    """One optimisation step on `batch` (B, C); returns detached (loss, nmse, aux, dead_fraction)."""
+    """One optimisation step on `batch` (B, C); returns detached (loss, mse, aux, dead_fraction)."""
     model, optimizer = state.model, state.optimizer
     model.train()
     out = state.objective(batch.to(model.atoms.device, model.atoms.dtype))
@@ -196,7 +283,7 @@ def train_step(state: TrainState, batch: Tensor) -> Tensor:
     state.scheduler.step()
     model.renormalise_decoder()
     state.step += 1
-    return torch.stack([out.loss.detach(), out.nmse, out.aux, out.dead_fraction])
+    return torch.stack([out.loss.detach(), out.mse, out.aux, out.dead_fraction])
 
 
 def train(
@@ -233,7 +320,7 @@ def train(
         state.save_checkpoint(checkpoint_path)
     if values:
         table = torch.stack(values).double().cpu().tolist()
-        log.loss, log.nmse, log.aux, log.dead_fraction = (list(column) for column in zip(*table, strict=True))
+        log.loss, log.mse, log.aux, log.dead_fraction = (list(column) for column in zip(*table, strict=True))
     return log
 
 
