@@ -329,7 +329,7 @@ def stale_blocks(text: str, metrics: Metrics, where: str = "text") -> list[str]:
 
 
 def doc_files(root: Path = ROOT) -> list[Path]:
-    """README, CHANGELOG and the docs pages (not docs/_incoming: notes waiting to be folded in)."""
+    """README, CHANGELOG and the docs pages (docs/*.md)."""
     return [p for p in [root / "README.md", root / "CHANGELOG.md", *sorted((root / "docs").glob("*.md"))] if p.is_file()]
 
 
