@@ -104,6 +104,8 @@ METHOD_LABELS = {
     "cefam": "CE-FAM, Top-1 layer (`cefam`)",
     "cefam_best4": "CE-FAM, best candidate layer (`cefam_best4`)",
     "fact": "FaCT, matched latents (`fact`)",
+    "rule": "the class rule's concepts (`rule`)",
+    "oracle": "oracle: the backbone's true effects",
 }
 CONCEPT_MAP_FIELDS = [Field(k, HEADERS[k]) for k in ("nra", "nra_chance", "epg", "hit", "coverage")]
 SEGMENTATION_FIELDS = [Field(k, HEADERS[k]) for k in ("pixel_acc", "miou", "map")]
@@ -138,6 +140,7 @@ CEFAM_REGIONS_FIELDS = [
     Field("top1_layer_share", "share of (image, concept) pairs per Top-1 layer"),
     Field("contribution_mean", "mean contribution"),
     Field("contribution_negative_share", "share of negative contributions"),
+    Field("contribution_kept_share", "share of computed contributions kept (nonzero)"),
     Field("acc_backbone", "backbone accuracy"),
     Field("n_images", "images explained", "d"),
 ]
@@ -145,19 +148,57 @@ FACT_FIELDS = [
     Field("fve", "fraction of variance explained (test)"),
     Field("acc_backbone", "backbone accuracy"),
     Field("acc_spliced", "accuracy with the SAE spliced in"),
-    Field("completeness_max_rel_err", "largest completeness error", ".1e"),
+    Field("completeness_max_rel_err", "largest completeness error (Σ_j C_j)", ".1e"),
+    Field("completeness_concept_max_err", "largest per-concept error (C_j vs the frozen tail)", ".1e"),
+    Field("spliced_logit_mean_rel_err", "mean change of the explained logit by the splice", ".1e"),
     Field("l0", "concepts present per image (L0)", ".1f"),
     Field("alive_pct", "alive concepts (%)", ".1f"),
     Field("poscover80", "PosCover-80", ".2f"),
     Field("c2", "C²-Score"),
     Field("c2_random", "C²-Score of random maps"),
     Field("c2_delta", "C²-Score Δ_rand (FaCT's headline)"),
-    Field("c2_concepts", "concepts scored for C²", "d"),
+    Field("c2_concepts", "concepts in the C² mean", "d"),
+    Field("c2_featurizer", "C² featurizer"),
     Field("gt_found", "ground-truth concepts found", "d"),
     Field("gt_concepts", "ground-truth concepts", "d"),
     Field("match_score", "mean best match (Pearson r)"),
     Field("n_concepts", "SAE latents", "d"),
     Field("k", "k (top-k)", "d"),
+]
+COMPARE_FIELDS = [  # metrics/compare.json methods.<name>: causal fidelity (ours) against the model it explains, then the rest
+    Field("causal.own.spearman", "ρ"),
+    Field("causal.own.kendall", "τ"),
+    Field("causal.own.top1", "top-1"),
+    Field("causal.own.sign", "sign"),
+    Field("causal.own.absent_share", "absent share"),
+    Field("causal.own.coverage", "coverage"),
+    Field("causal.backbone.spearman", "ρ (backbone)"),
+    Field("nra", "NRA"),
+    Field("epg", "EPG"),
+    Field("hit", "Hit"),
+    Field("accuracy_cost", "acc. cost"),
+    Field("l0", "L0", ".1f"),
+    Field("poscover80", "PosCover-80", ".2f"),
+]
+FACT_SAE_FIELDS = [
+    Field("n_latents", "SAE latents", "d"),
+    Field("k", "k (top-k)", "d"),
+    Field("aux_k", "aux-k", "d"),
+    Field("fve_val", "fraction of variance explained (val)"),
+    Field("val_acc_spliced", "val accuracy with the SAE spliced in"),
+    Field("val_loss", "val loss (FaCT's mse)", ".4f"),
+    Field("l2_error_mean", "reconstruction error ‖x − x̂‖ (val mean)", ".2f"),
+    Field("dead_pct", "dead latents (%)", ".1f"),
+    Field("kept_epoch", "epoch of the kept state", ".2f"),
+]
+COMPARE_SUMMARY_FIELDS = [  # the README's narrower cut of the same table
+    Field("causal.own.spearman", "ρ ★"),
+    Field("causal.own.top1", "top-1 ★"),
+    Field("causal.own.coverage", "coverage ★"),
+    Field("causal.backbone.spearman", "ρ (backbone) ★"),
+    Field("nra", "NRA"),
+    Field("hit", "Hit"),
+    Field("accuracy_cost", "acc. cost"),
 ]
 STATS_FIELDS = [
     Field("acc_backbone", "backbone acc"),
@@ -167,6 +208,7 @@ STATS_FIELDS = [
     Field("alive_pct", "alive %", ".1f"),
     Field("always_on", "always on", "d"),
     Field("poscover80", "PosCover-80", ".2f"),
+    Field("always_on_share_pct", "always-on share %", ".1f"),
     Field("n_concepts", "concepts", "d"),
     Field("n_images", "images", "d"),
 ]
@@ -225,6 +267,16 @@ def _keys(name: str, fields: Sequence[Field]) -> Callable[[Metrics], str]:
     return render
 
 
+def compare(m: Metrics) -> str:
+    """Every method's causal fidelity against the counterfactuals' true effects, beside its other metrics (metrics/compare.json)."""
+    return _methods_table(m["compare"].get("methods", {}), COMPARE_FIELDS, METHOD_LABELS)
+
+
+def compare_summary(m: Metrics) -> str:
+    """The README's cut of the compare table: causal fidelity, localisation and accuracy cost per method."""
+    return _methods_table(m["compare"].get("methods", {}), COMPARE_SUMMARY_FIELDS, METHOD_LABELS)
+
+
 def stats(m: Metrics) -> str:
     """Every concept method's statistics over its concept_stats store (metrics/stats.json)."""
     return _methods_table(m["stats"], STATS_FIELDS, {"salf": "SALF-CBM", "fact": "FaCT", "cefam": "CE-FAM"})
@@ -238,7 +290,10 @@ BLOCKS: dict[str, Callable[[Metrics], str]] = {
     "cefam": _keys("cefam", CEFAM_FIELDS),
     "cefam_regions": _keys("cefam_regions", CEFAM_REGIONS_FIELDS),
     "fact": _keys("fact", FACT_FIELDS),
+    "fact_sae": _keys("fact_sae", FACT_SAE_FIELDS),
     "stats": stats,
+    "compare": compare,
+    "compare_summary": compare_summary,
     "toy_models": _keys("toy_models", TOY_MODEL_FIELDS),
 }
 
@@ -274,7 +329,7 @@ def stale_blocks(text: str, metrics: Metrics, where: str = "text") -> list[str]:
 
 
 def doc_files(root: Path = ROOT) -> list[Path]:
-    """README, CHANGELOG and the docs pages (not docs/_incoming: notes waiting to be folded in)."""
+    """README, CHANGELOG and the docs pages (docs/*.md)."""
     return [p for p in [root / "README.md", root / "CHANGELOG.md", *sorted((root / "docs").glob("*.md"))] if p.is_file()]
 
 

@@ -65,6 +65,16 @@ def test_a_block_follows_the_metrics_it_renders(tmp_path):
     fact = {row.split(" | ")[1]: row.split(" | ")[2].rstrip(" |") for row in render("fact", Metrics(tmp_path)).splitlines()[2:]}
     assert fact["`fve`"] == "0.900" and fact["`c2_delta`"] == "0.062" and fact["`completeness_max_rel_err`"] == "3.8e-07"
     assert fact["`gt_found`"] == "4" and fact["`c2`"] == "–"
+    (tmp_path / "compare.json").write_text(json.dumps({"methods": {
+        "salf": {"causal": {"own": {"spearman": 0.75, "top1": 0.5, "coverage": 1.0}, "backbone": {"spearman": 0.25}},
+                 "nra": 0.6, "l0": 4.0},
+        "rule": {"causal": {"own": {"spearman": -0.125}}},
+    }}))
+    lines = render("compare", Metrics(tmp_path)).splitlines()
+    assert lines[2] == "| SALF-CBM (`salf`) | 0.750 | – | 0.500 | – | – | 1.000 | 0.250 | 0.600 | – | – | – | 4.0 | – |"
+    assert lines[3] == "| the class rule's concepts (`rule`) | -0.125 | – | – | – | – | – | – | – | – | – | – | – | – |"
+    summary = render("compare_summary", Metrics(tmp_path)).splitlines()
+    assert summary[2] == "| SALF-CBM (`salf`) | 0.750 | 0.500 | 1.000 | 0.250 | 0.600 | – | – |"
 
 
 @pytest.mark.parametrize("name", sorted(BLOCKS))

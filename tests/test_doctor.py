@@ -17,7 +17,7 @@ from tests.stage_cli import invoke
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = list(read_stages(REPO / "dvc.yaml"))
-# the image-folder params of docs/_incoming/doctor.md (a photo folder, a torchvision ResNet-18 from a file)
+# the image-folder params of docs/real-data.md (a photo folder, a torchvision ResNet-18 from a file)
 PHOTOS = {
     "runtime": {"device": "cpu"},
     "data": {"kind": "imagefolder", "name": "photos", "image_size": 64,
