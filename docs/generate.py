@@ -106,6 +106,8 @@ METHOD_LABELS = {
     "fact": "FaCT, matched latents (`fact`)",
     "rule": "the class rule's concepts (`rule`)",
     "oracle": "oracle: the backbone's true effects",
+    "oracle_salf": "oracle: SALF-CBM's model's true effects",
+    "oracle_fact": "oracle: the spliced model's true effects",
 }
 CONCEPT_MAP_FIELDS = [Field(k, HEADERS[k]) for k in ("nra", "nra_chance", "epg", "hit", "coverage")]
 SEGMENTATION_FIELDS = [Field(k, HEADERS[k]) for k in ("pixel_acc", "miou", "map")]
