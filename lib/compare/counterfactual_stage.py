@@ -32,6 +32,7 @@ from lib.core.stores import ArraySpec, ShardedWriter, open_store
 from lib.core.streams import read_rows
 from lib.data.manifest import read_manifest
 from lib.data.prepare import toy_split_draw
+from lib.metrics.causal import true_effects
 from lib.toy import counterfactual, world
 
 __all__ = ["CounterfactualsReport", "run_counterfactuals"]
@@ -120,12 +121,7 @@ def effects_block(
         return out
 
     concept = padded("concept", "int16")
-    # mean counterfactual logit per (image, concept): sum and count over the edit slots
-    onehot = (concept[..., None] == np.arange(k)).astype(np.float32)  # (B, E, K)
-    total = np.einsum("bek,bem->bkm", onehot, np.nan_to_num(edit_logit))
-    count = onehot.sum(axis=1)[..., None]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        effect = np.where(count > 0, logit[:, None, :] - total / count, np.nan).astype(np.float32)
+    effect = true_effects(logit, concept, edit_logit, k)
     return {
         "prediction": prediction.numpy().astype(np.int64),
         "logit": logit.astype(np.float32),

@@ -42,7 +42,7 @@ from lib.data.manifest import read_dataset_info
 from lib.evaluate.adapters import METHODS
 from lib.evaluate.registry import ConceptMapMethod, EvalBatch, EvalContext, build_methods
 from lib.evaluate.truth import GroundTruth
-from lib.metrics.causal import fidelity
+from lib.metrics.causal import fidelity, true_effects
 
 __all__ = ["CompareReport", "run_compare"]
 
@@ -118,13 +118,8 @@ def method_contributions(methods: Sequence[ConceptMapMethod], config: Params, la
 
 def tagged_effects(store, tag: int) -> np.ndarray:
     """Δ (N, K, models) from the edits of one tag only (NaN where a concept has none)."""
-    concept, tags, logits = store["edit_concept"][:], store["edit_tag"][:], store["edit_logit"][:]
-    k = store["effect"].shape[1]
-    onehot = ((concept[..., None] == np.arange(k)) & (tags == tag)[..., None]).astype(np.float32)
-    total = np.einsum("bek,bem->bkm", onehot, np.nan_to_num(logits))
-    count = onehot.sum(axis=1)[..., None]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(count > 0, store["logit"][:][:, None, :] - total / count, np.nan)
+    return true_effects(store["logit"][:], store["edit_concept"][:], store["edit_logit"][:], store["effect"].shape[1],
+                        keep=store["edit_tag"][:] == tag)
 
 
 def _scatter(name: str, contributions: np.ndarray, effects: np.ndarray, seed: int) -> pd.DataFrame:
@@ -134,12 +129,12 @@ def _scatter(name: str, contributions: np.ndarray, effects: np.ndarray, seed: in
                          "true_effect": effects[image[keep], concept[keep]]})
 
 
-def _other_metrics(layout: Layout, name: str) -> dict[str, float | None]:
-    """What the other stages measured for method `name` (None where it does not apply)."""
-    def read(path: Path) -> dict:
-        return json.loads(path.read_text()) if path.exists() else {}
+def _read_metrics(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
 
-    evaluate, stats = read(layout.evaluate_metrics), read(layout.stats_metrics)
+
+def _other_metrics(evaluate: dict, stats: dict, name: str) -> dict[str, float | None]:
+    """What the other stages measured for method `name` (their metrics JSON; None where it does not apply)."""
     maps = evaluate.get("concept_maps", {}).get(name, {}).get("avg", {})
     stat = stats.get(name, {})
     cost = None if "acc_model" not in stat or stat.get("acc_backbone") is None else stat["acc_backbone"] - stat["acc_model"]
@@ -178,6 +173,7 @@ def run_compare(config: Params, layout: Layout, device: torch.device, progress: 
     contributions["random"] = np.random.default_rng(config.evaluate.seed).normal(size=backbone.shape).astype(np.float32)
     contributions["rule"] = members[predicted]
 
+    evaluate, stats = _read_metrics(layout.evaluate_metrics), _read_metrics(layout.stats_metrics)
     table, scatter = {}, []
     for name, values in contributions.items():
         model = EXPLAINS.get(name, BACKBONE)
@@ -191,14 +187,14 @@ def run_compare(config: Params, layout: Layout, device: torch.device, progress: 
                 "backbone": fidelity(values, backbone),
                 "spearman_by_tag": {tag: fidelity(values, by_tag[tag][..., models.index(model)])["spearman"] for tag in TAGS},
             },
-            **_other_metrics(layout, name),
+            **_other_metrics(evaluate, stats, name),
         }
         scatter.append(_scatter(name, values, own, config.evaluate.seed))
     for model in models:  # the oracle of each model: its own Δ as contributions (ρ = 1 through the same code)
         own = effects[..., models.index(model)]
         name = "oracle" if model == BACKBONE else f"oracle_{model}"
         table[name] = {"explains": model, "causal": {"own": fidelity(own, own), "backbone": fidelity(own, backbone),
-                                                    "spearman_by_tag": {}}, **_other_metrics(layout, name)}
+                                                    "spearman_by_tag": {}}, **_other_metrics(evaluate, stats, name)}
 
     write_json(layout.compare_metrics, {"n_images": int(len(rows)), "split": config.evaluate.split, "methods": table}, digits=4)
     write_text(layout.compare_table, compare_table(table) + "\n")

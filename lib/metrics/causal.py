@@ -22,6 +22,21 @@ import numpy as np
 from scipy.stats import rankdata
 
 
+def true_effects(logit: np.ndarray, edit_concept: np.ndarray, edit_logit: np.ndarray, n_concepts: int,
+                 keep: np.ndarray | None = None) -> np.ndarray:
+    """Δ (N, K, models) = y(x) − the mean counterfactual logit of each concept's edits, NaN where a
+    concept has none: logit (N, models); edit_concept (N, E) the concept each edit slot replaced (-1:
+    padding); edit_logit (N, E, models); keep (N, E) bool: only these edits (e.g. one tag)."""
+    onehot = edit_concept[..., None] == np.arange(n_concepts)  # (N, E, K)
+    if keep is not None:
+        onehot &= keep[..., None]
+    onehot = onehot.astype(np.float32)
+    total = np.einsum("bek,bem->bkm", onehot, np.nan_to_num(edit_logit))
+    count = onehot.sum(axis=1)[..., None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, logit[:, None, :] - total / count, np.nan).astype(np.float32)
+
+
 def _paired(contributions: np.ndarray, effects: np.ndarray) -> np.ndarray:
     """Where both are defined: the image's present concepts the method scores, bool (N, K)."""
     if contributions.shape != effects.shape or contributions.ndim != 2:
