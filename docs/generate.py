@@ -182,6 +182,16 @@ COMPARE_FIELDS = [  # metrics/compare.json methods.<name>: causal fidelity (ours
     Field("l0", "L0", ".1f"),
     Field("poscover80", "PosCover-80", ".2f"),
 ]
+COMPARE_CURVE_FIELDS = [  # metrics/compare.json methods.<name>.curves: deletion / insertion AUCs (ours; lib/compare/curves.py)
+    Field("curves.concept.deletion", "concept deletion ↓"),
+    Field("curves.concept.deletion_random", "… random order"),
+    Field("curves.concept.insertion", "concept insertion ↑"),
+    Field("curves.concept.insertion_random", "… random order"),
+    Field("curves.pixel.deletion", "pixel deletion ↓ (background)"),
+    Field("curves.pixel.insertion", "pixel insertion ↑ (background)"),
+    Field("curves.pixel.deletion_blur", "pixel deletion (blur)"),
+    Field("curves.pixel.deletion_mean", "pixel deletion (mean)"),
+]
 FACT_SAE_FIELDS = [
     Field("n_latents", "SAE latents", "d"),
     Field("k", "k (top-k)", "d"),
@@ -274,6 +284,11 @@ def compare(m: Metrics) -> str:
     return _methods_table(m["compare"].get("methods", {}), COMPARE_FIELDS, METHOD_LABELS)
 
 
+def compare_curves(m: Metrics) -> str:
+    """Deletion and insertion AUCs of every method at the concept and the pixel level."""
+    return _methods_table(m["compare"].get("methods", {}), COMPARE_CURVE_FIELDS, METHOD_LABELS)
+
+
 def compare_summary(m: Metrics) -> str:
     """The README's cut of the compare table: causal fidelity, localisation and accuracy cost per method."""
     return _methods_table(m["compare"].get("methods", {}), COMPARE_SUMMARY_FIELDS, METHOD_LABELS)
@@ -295,6 +310,7 @@ BLOCKS: dict[str, Callable[[Metrics], str]] = {
     "fact_sae": _keys("fact_sae", FACT_SAE_FIELDS),
     "stats": stats,
     "compare": compare,
+    "compare_curves": compare_curves,
     "compare_summary": compare_summary,
     "toy_models": _keys("toy_models", TOY_MODEL_FIELDS),
 }

@@ -14,7 +14,8 @@ claim its contributions add anything).
 The table also gathers, per method, what the other stages measured (NRA / EPG / Hit from
 `evaluate`, L0 and PosCover-80 and the accuracy with the concept model from `stats`); a cell that
 does not apply is N/A. Outputs: metrics/compare.json, metrics/compare.md, and the scatter of
-contribution against true effect (metrics/plots/compare_scatter.csv).
+contribution against true effect (metrics/plots/compare_scatter.csv), and the deletion and insertion
+curves at the concept and pixel level (lib/compare/curves.py, metrics/plots/compare_{concept,pixel}_*.csv).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import pandas as pd
 import torch
 from rich.progress import Progress
 
+from lib.compare.curves import CURVE_COLUMNS, add_curves, compare_curves, curve_values, write_curve_plots
 from lib.compare.explained_models import BACKBONE, FACT, SALF
 from lib.compare.figures import MethodPanel, comparison_figure, index_html
 from lib.core.errors import UserError
@@ -150,6 +152,7 @@ def run_compare(config: Params, layout: Layout, device: torch.device, progress: 
         write_json(layout.compare_metrics, skipped(reason))
         write_text(layout.compare_table, f"skipped: {reason}\n")
         write_csv(layout.compare_scatter, pd.DataFrame(columns=["method", "contribution", "true_effect"]))
+        write_curve_plots(layout, {})
         write_skipped_folder(layout.compare_figures, reason)
         return CompareReport({}, layout.compare_metrics, reason)
     truth = GroundTruth.from_info(read_dataset_info(layout.dataset_info))
@@ -196,9 +199,13 @@ def run_compare(config: Params, layout: Layout, device: torch.device, progress: 
         table[name] = {"explains": model, "causal": {"own": fidelity(own, own), "backbone": fidelity(own, backbone),
                                                     "spearman_by_tag": {}}, **_other_metrics(evaluate, stats, name)}
 
+    curves = compare_curves(config, layout, device, methods, contributions, rows, MASS_METHODS)
+    add_curves(table, curves)
+
     write_json(layout.compare_metrics, {"n_images": int(len(rows)), "split": config.evaluate.split, "methods": table}, digits=4)
     write_text(layout.compare_table, compare_table(table) + "\n")
     write_csv(layout.compare_scatter, pd.concat(scatter))
+    write_curve_plots(layout, curves)
     write_figures(config, layout, device, truth, methods, rows, contributions, backbone, table)
     return CompareReport(table, layout.compare_metrics)
 
@@ -253,11 +260,12 @@ def _cell(value: float | None) -> str:
 def compare_table(table: dict[str, dict]) -> str:
     """The comparison as a Markdown table (metrics/compare.md)."""
     columns = ["explains", "ρ", "τ", "top-1", "sign", "absent", "coverage", "ρ backbone",
-               "NRA", "EPG", "Hit", "acc cost", "L0", "PosCover-80"]
+               "NRA", "EPG", "Hit", "acc cost", "L0", "PosCover-80", *CURVE_COLUMNS]
     lines = ["| method | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for name, row in table.items():
         own, bb = row["causal"]["own"], row["causal"]["backbone"]
         cells = [row["explains"], *(_cell(own[k]) for k in ("spearman", "kendall", "top1", "sign", "absent_share", "coverage")),
-                 _cell(bb["spearman"]), *(_cell(row[k]) for k in ("nra", "epg", "hit", "accuracy_cost", "l0", "poscover80"))]
+                 _cell(bb["spearman"]), *(_cell(row[k]) for k in ("nra", "epg", "hit", "accuracy_cost", "l0", "poscover80")),
+                 *(_cell(v) for v in curve_values(row))]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

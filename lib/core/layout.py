@@ -269,6 +269,10 @@ class Layout:
         """Plot data: each method's contribution against the concept's true effect (a sample of pairs)."""
         return self.metrics / "plots" / "compare_scatter.csv"
 
+    def compare_curve(self, level: str, kind: str) -> Path:
+        """Plot data: each method's mean deletion or insertion curve at the "concept" or "pixel" level."""
+        return self.metrics / "plots" / f"compare_{level}_{kind}.csv"
+
     # evaluate
     @property
     def evaluate_metrics(self) -> Path:

@@ -526,6 +526,24 @@ class CompareParams(Section):
 
     max_images: PositiveInt | None = None  # first N images of evaluate.split get counterfactuals (~20 forwards each); None = all
     n_figures: Annotated[int, Field(ge=0)] = 6  # side-by-side figures of a seeded sample of those images (evaluate.seed)
+    # deletion / insertion curves (lib/compare/curves.py) on the first curve_images of those images
+    curve_images: PositiveInt = 16  # each costs a dozen backbone forwards per method and fill (pixel level)
+    concept_steps: PositiveInt = 5  # concepts removed (deletion) or put back (insertion), one per step, in each method's order
+    pixel_fractions: tuple[Annotated[float, Field(gt=0, le=1)], ...] = (0.1, 0.25, 0.5)  # shares of pixels deleted
+
+    @field_validator("pixel_fractions")
+    @classmethod
+    def _fractions(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not value or any(b <= a for a, b in zip(value, value[1:])):
+            raise ValueError(f"must be a non-empty, strictly increasing list of shares in (0, 1]; got {list(value)}")
+        return value
+
+    @model_validator(mode="after")
+    def _curve_images(self) -> CompareParams:
+        if self.max_images is not None and self.curve_images > self.max_images:
+            raise ValueError(f"compare.curve_images ({self.curve_images}) must be at most compare.max_images ({self.max_images}): "
+                             "the curves use images that have counterfactuals")
+        return self
 
 
 class StatsParams(Section):
