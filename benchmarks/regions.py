@@ -7,8 +7,9 @@ translator) for every concept, layer and image, from one forward of the backbone
 
 * plain — one backward of S^t per concept (retain_graph), no copies of the models;
 * ours — `regions.concept_betas_total`, the regions stage's default: backpropagates the fewest
-  rows of the M scores, the D embedding coordinates or the C pooled channels (`total_basis`) and
-  gives every concept's beta by one matmul; rows per backward sized for the device.
+  rows of the M scores, the D embedding coordinates or the C pooled channels, or goes forward
+  with one JVP per channel of layer1-2 (96) when that is fewer (`total_basis`), and gives every
+  concept's beta by one matmul; rows per backward (or tangents per JVP) sized for the device.
 
 The betas of the timed runs are checked equal (to 1e-5 relative). `--plain-sample N` times the plain
 loop on the first N concepts only and scales its backward part to M (the loop is one forward plus
@@ -27,7 +28,7 @@ import time
 import torch
 
 from lib.core.device import resolve_device
-from lib.methods.cefam.regions import concept_betas_total, default_total_chunk, total_basis
+from lib.methods.cefam.regions import concept_betas_total, default_tangent_chunk, default_total_chunk, total_basis
 from lib.methods.cefam.taps import tapped_forward
 from lib.methods.cefam.translator import Translator
 from lib.toy.models.cnn import build_toy
@@ -42,7 +43,7 @@ def _maps(model, x) -> list[torch.Tensor]:
 def ours(model, translator, x, text) -> list[torch.Tensor]:
     """beta (B, M, C_l) per layer, the way the regions stage computes them."""
     with torch.enable_grad():
-        return concept_betas_total(translator, _maps(model, x), text)
+        return concept_betas_total(translator, _maps(model, x), text, backbone=(model, x, LAYERS))
 
 
 def plain(model, translator, x, text) -> list[torch.Tensor]:
@@ -98,7 +99,10 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.rand(args.images, 3, 64, 64, generator=g).to(device)
     with torch.enable_grad():
-        chunk = default_total_chunk(_maps(model, x))
+        maps = _maps(model, x)
+    # a vmap never holds more tangents than its layer has channels
+    chunks = {"forward": min(default_tangent_chunk(maps), max(a.shape[1] for a in maps[:-1])), "backward": default_total_chunk(maps)}
+    tangents = sum(a.shape[1] for a in maps[:-1])
 
     ratios = {}
     for m in args.concepts:
@@ -113,13 +117,17 @@ def main() -> None:
         seconds, results = timed(runs, device, args.rounds)
         for a, b in zip(results["ours"], results["plain"], strict=True):
             torch.testing.assert_close(a[:, :sample], b, rtol=1e-5, atol=1e-5 * b.abs().max().item())  # the same betas
-        basis = total_basis(m, args.embed_dim, channels)
-        rows = {"scores": m, "embedding": args.embed_dim, "pools": channels}[basis]
+        basis = total_basis(m, args.embed_dim, channels, tangents)
+        rows = {"scores": m, "embedding": args.embed_dim, "pools": channels, "channels": tangents}[basis]
+        path = (
+            f"forward: {rows} JVPs, {chunks['forward']} per vmap" if basis == "channels"
+            else f"{basis}: {rows} rows, {chunks['backward']} per backward"
+        )
         plain_seconds = seconds["forward"] + (seconds["plain"] - seconds["forward"]) * m / sample
         how = f"{m} backwards" if sample == m else f"estimated from {sample} of {m} backwards"
         print(
             f"M={m}: {args.images} images x {len(LAYERS)} layers, D={args.embed_dim}, on {device} "
-            f"({torch.get_num_threads()} threads): ours ({basis}: {rows} rows, {chunk} per backward) {seconds['ours']:.2f} s, "
+            f"({torch.get_num_threads()} threads): ours ({path}) {seconds['ours']:.2f} s, "
             f"plain ({how}) {plain_seconds:.2f} s; same betas"
         )
         ratios[m] = plain_seconds / seconds["ours"]

@@ -9,13 +9,17 @@ from torch import nn
 
 from lib.methods.cefam.regions import (
     concept_betas,
+    concept_betas_channels,
     concept_betas_total,
     concept_regions,
+    default_tangent_chunk,
     default_total_chunk,
     pool_features,
     total_basis,
 )
+from lib.methods.cefam.taps import tapped_forward
 from lib.methods.cefam.translator import Translator
+from lib.toy.models.cnn import build_toy
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 D = 6  # embedding width of the test translators
@@ -134,11 +138,54 @@ def test_total_betas_equal_per_concept_backward_through_the_backbone(device, n_c
         concept_betas_total(model.translator, maps, model.text)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_forward_mode_betas_equal_per_concept_backward(device, chunk_size):
+    """8 concepts, D = 6 < C = 12: backward would take 6 embedding rows, forward 5 layer1 channels."""
+    gen = torch.Generator().manual_seed(4)
+    model = _Backbone(torch.randn(8, D, generator=gen)).to(device)
+    x = torch.randn(2, 3, 6, 6, generator=gen).to(device)
+    ref, maps = _total_reference(model, x.clone())
+    assert total_basis(8, D, 12) == "embedding" and total_basis(8, D, 12, tangents=5) == "channels"
+    for detached in (True, False):  # the forward basis needs no graph on the maps
+        given = maps if detached else model.maps(x.clone().requires_grad_(True))
+        total = concept_betas_total(model.translator, given, model.text, chunk_size, backbone=(model, x, ["layer1", "layer2"]))
+        for ours, r in zip(total, ref, strict=True):
+            assert ours.shape == r.shape and not ours.requires_grad and ours.device.type == device
+            torch.testing.assert_close(ours, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arch", ["cnn", "bcos"])  # bcos: MaxOut, |cos| scaling and patch norms under forward AD + vmap
+def test_forward_mode_betas_equal_per_concept_backward_on_the_toy_backbones(device, arch):
+    torch.manual_seed(6)
+    layers = ["layer1", "layer2", "layer3"]
+    model = build_toy(arch, 4).to(device).eval().requires_grad_(False)
+    translator = _translator(32 + 64 + 128, device)
+    gen = torch.Generator().manual_seed(6)
+    x = torch.rand(2, 3, 32, 32, generator=gen).to(device)
+    text = torch.randn(5, D, generator=gen).to(device)
+    maps = tapped_forward(model, x.clone().requires_grad_(True), layers)[1]
+    scores = translator.scores(torch.cat(pool_features(maps)[0], dim=1), text)
+    ref = [torch.stack(per_layer, dim=1) for per_layer in zip(*[
+        [g.mean(dim=(2, 3)) for g in torch.autograd.grad(scores[:, t].sum(), maps, retain_graph=True)] for t in range(text.shape[0])
+    ])]
+    ours = concept_betas_channels(model, x, layers, translator, maps, text, chunk_size=24)
+    for o, r in zip(ours, ref, strict=True):
+        assert o.shape == r.shape == (2, 5, o.shape[2])
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5 * r.abs().max().item())
+
+
 def test_total_basis_and_chunk_defaults():
     assert [total_basis(*rows) for rows in [(5, 5, 5), (6, 5, 5), (6, 5, 4), (4000, 512, 224), (4000, 512, 3840)]] == [
         "scores", "embedding", "pools", "pools", "embedding",
     ]
+    # forward mode only with strictly fewer JVPs than backward rows (the regions stage: 17 concepts, 96 tangents)
+    assert [total_basis(*rows) for rows in [(100, 512, 224, 96), (4000, 512, 224, 96), (96, 512, 224, 96), (17, 512, 224, 96)]] == [
+        "channels", "channels", "scores", "scores",
+    ]
     assert default_total_chunk([torch.zeros(1, 2, 3, 3)]) == 1  # CPU: plain backward per row
+    assert default_tangent_chunk([torch.zeros(8, 224, 32, 32)]) == 24  # CPU: 512 MiB at 3 map-sized buffers a row
     with pytest.raises(ValueError, match="chunk_size"):
         concept_betas_total(_translator(3), [torch.zeros(1, 3, 2, 2, requires_grad=True)], torch.zeros(2, D), chunk_size=0)
 

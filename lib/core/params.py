@@ -393,7 +393,8 @@ class RegionsParams(Section):
     negatives: Literal["drop", "keep"] = "drop"
     batch_size: PositiveInt = 32
     chunk: PositiveInt = 64  # (image, concept) pairs per tail call (contributions) and concepts per association forward
-    # rows per batched backward of beta "total"; None = sized for the device (CPU 1: plain backwards; CUDA by free memory)
+    # beta "total": rows per batched backward, or tangents per vmapped JVP in forward mode; None = sized for the device
+    # (backward: CPU 1, plain backwards, CUDA by free memory; forward: 512 MiB of tangents on the CPU)
     beta_chunk: PositiveInt | None = None
     n_figures: Annotated[int, Field(ge=0)] = 8  # explanation PNGs (seeded images of the split)
     figure_concepts: PositiveInt = 4  # concepts per PNG, by |contribution|

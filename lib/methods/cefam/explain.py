@@ -5,7 +5,8 @@ One forward of the backbone (taps.tapped_forward_with_prefixes) gives the logits
 activation maps A^l of the translator's layers (a ViT layer's patch grid; taps.py). The Grad-CAM weights come from regions.py:
 
 * beta "total" — dS^t/dA^l through the backbone as well (`concept_betas_total`: min(M, D, C)
-  backward rows per batch, not one per concept). This is the paper's Grad-CAM (eq. 12)
+  backward rows per batch, not one per concept, or one forward JVP per channel of every layer
+  but the last when that is fewer). This is the paper's Grad-CAM (eq. 12)
   and what the authors' hooks compute; for the last layer it equals the Jacobian method.
 * beta "jacobian" — through the translator only (`concept_betas`: one Jacobian of h per image,
   no backbone backward). Exact for the last layer; for earlier layers it leaves out the paths
@@ -48,7 +49,7 @@ class ExplainSettings:
     contribution_fill: Literal["mean", "spatial"] = "spatial"
     negatives: Literal["drop", "keep"] = "drop"
     chunk: int = 16
-    beta_chunk: int | None = None  # rows per batched backward of beta "total"; None = regions.default_total_chunk
+    beta_chunk: int | None = None  # beta "total": rows per batched backward, or tangents per vmapped JVP; None = sized for the device
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,9 @@ def explain_batch(
         logits, maps, prefixes = tapped_forward_with_prefixes(model, x.detach().requires_grad_(total), layers)
         z_list, hw = pool_features(maps)
         if total:
-            betas = concept_betas_total(translator, maps, text_emb, chunk_size=settings.beta_chunk)
+            # forward mode (one JVP per channel) is open to map layers; ViT token layers go backward
+            backbone = (model, x, layers) if all(p is None for p in prefixes) else None
+            betas = concept_betas_total(translator, maps, text_emb, chunk_size=settings.beta_chunk, backbone=backbone)
         else:
             betas = concept_betas(translator, z_list, text_emb, hw)
     maps = [a.detach() for a in maps]

@@ -15,7 +15,10 @@ Two ways to get the betas:
   which adds the paths through the later layers for every layer but the last. This function
   computes that total exactly with min(M, D, C) backward rows per batch instead of M: every
   concept's beta is a matmul of dS^t/dh (or dS^t/dz_cat) with the spatially summed Jacobian of h
-  (or z_cat) w.r.t. the maps, when that is smaller than M.
+  (or z_cat) w.r.t. the maps, when that is smaller than M. Given the backbone and its input, it
+  can instead go forward (`concept_betas_channels`): sum_ij dS/dA^l_k(i, j) is the derivative of
+  S when a constant is added to every pixel of channel k, one JVP per channel of every layer but
+  the last, each giving all M concepts at once; `total_basis` picks the cheaper way.
 
 Compare its speed with a plain loop (one forward, one backward per concept, retain_graph, no copies):
 benchmarks/regions.py. The reference code also deep-copies both models per (image, concept);
@@ -25,16 +28,26 @@ that cost is not ours to claim.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import jacrev, vmap
+from torch.func import jacrev, jvp, vmap
 
 from lib.methods.cefam.translator import concept_scores
+from lib.models.layers import resolve_layer
 
-__all__ = ["concept_betas", "concept_betas_total", "concept_regions", "default_total_chunk", "pool_features", "total_basis"]
+__all__ = [
+    "concept_betas",
+    "concept_betas_channels",
+    "concept_betas_total",
+    "concept_regions",
+    "default_tangent_chunk",
+    "default_total_chunk",
+    "pool_features",
+    "total_basis",
+]
 
 
 def pool_features(feature_maps: Sequence[Tensor]) -> tuple[list[Tensor], list[int]]:
@@ -107,14 +120,22 @@ def concept_betas(
     return [g / _pixels(hw) for g, hw in zip(grads.split(sizes, dim=2), hw_list, strict=True)]
 
 
-BASES = ("scores", "embedding", "pools")
+BASES = ("scores", "embedding", "pools", "channels")
 
 
-def total_basis(n_concepts: int, embed_dim: int, n_channels: int) -> str:
-    """Which outputs `concept_betas_total` backpropagates: the fewest rows of the M scores, the D
-    embedding coordinates, or the sum C of pooled channels (ties: that order)."""
+def total_basis(n_concepts: int, embed_dim: int, n_channels: int, tangents: int | None = None) -> str:
+    """Which way `concept_betas_total` goes: backward from the fewest rows of the M scores, the D
+    embedding coordinates or the sum C of pooled channels, or — with `tangents` (the channels of
+    every layer but the last; None when the backbone cannot be rerun) — forward, one JVP per such
+    channel ("channels"). Ties: that order, so forward only when it needs strictly fewer passes.
+
+    Passes are compared one to one: a JVP row only runs the network after its layer (none for
+    the last), which on the CPU cost 0.6x (toy CNN) to 0.85x (toy B-cos) of a backward row
+    (docs/benchmarks.md, "CE-FAM regions"), so the count errs towards the backward bases."""
     rows = {"scores": n_concepts, "embedding": embed_dim, "pools": n_channels}
-    return min(BASES, key=rows.__getitem__)
+    if tangents is not None:
+        rows["channels"] = tangents
+    return min(rows, key=rows.__getitem__)
 
 
 def default_total_chunk(feature_maps: Sequence[Tensor]) -> int:
@@ -129,6 +150,21 @@ def default_total_chunk(feature_maps: Sequence[Tensor]) -> int:
     free, _ = torch.cuda.mem_get_info(device)
     per_row = 3 * sum(a.numel() * a.element_size() for a in feature_maps)
     return int(min(256, max(4, free // 4 // max(per_row, 1))))
+
+
+def default_tangent_chunk(feature_maps: Sequence[Tensor]) -> int:
+    """Tangent rows per vmapped JVP in `concept_betas_channels`, sized for the maps' device.
+
+    A row carries one perturbed copy of the network after its layer for all B images: about 3
+    map-sized buffers at a time. CPU: as many rows as fit in 512 MiB (larger vmaps gained nothing
+    on the toy CNN past 32 rows, and the part before the layer runs once per chunk); CUDA: a
+    quarter of the free memory (4..256)."""
+    per_row = max(3 * sum(a.numel() * a.element_size() for a in feature_maps), 1)
+    device = feature_maps[0].device
+    if device.type != "cuda":
+        return int(min(256, max(1, (512 << 20) // per_row)))
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(min(256, max(4, free // 4 // per_row)))
 
 
 def _spatial_jacobian(out: Tensor, feature_maps: Sequence[Tensor], chunk_size: int) -> list[Tensor]:
@@ -152,8 +188,105 @@ def _spatial_jacobian(out: Tensor, feature_maps: Sequence[Tensor], chunk_size: i
     return [torch.cat(p).permute(1, 0, 2) for p in parts]
 
 
+class _Stop(Exception):
+    """Raised from a hook once the last tapped layer has run: the rest of the network is not needed."""
+
+
+def _later_pools(model: nn.Module, x: Tensor, layers: Sequence[str], layer: int) -> Callable[[Tensor], Tensor]:
+    """eps (C_l,) -> the pools (B, sum of C_l' for l' > layer) of the later tapped layers when eps
+    is added to every pixel of layer `layer`'s output (the network runs up to the last tapped layer)."""
+    modules = [resolve_layer(model, name) for name in layers]
+
+    def run(eps: Tensor) -> Tensor:
+        pools: list[Tensor] = []
+
+        def perturb(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+            if not isinstance(out, Tensor) or out.ndim != 4:
+                raise ValueError(f"layer {layers[layer]!r} returns no (B, C, H, W) map; forward-mode betas need maps")
+            return out + eps[:, None, None]
+
+        def pool(module: nn.Module, args: tuple, out: Tensor) -> None:
+            pools.append(out.mean(dim=(2, 3)))  # pooled at once: later in-place ops cannot change it
+            if len(pools) == len(modules) - 1 - layer:
+                raise _Stop
+
+        handles = [modules[layer].register_forward_hook(perturb)]
+        handles += [m.register_forward_hook(pool) for m in modules[layer + 1 :]]
+        try:
+            model(x)
+        except _Stop:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return torch.cat(pools, dim=1)
+
+    return run
+
+
+def _forward_jacobian(run: Callable[[Tensor], Tensor], a: Tensor, chunk_size: int) -> Tensor:
+    """d run(eps)/d eps at eps = 0 for eps (C_l,) shaped like map a's channels, as (B, R, C_l):
+    one-hot tangents, `chunk_size` per vmapped JVP."""
+    eye = torch.eye(a.shape[1], dtype=a.dtype, device=a.device)
+    zero = torch.zeros(a.shape[1], dtype=a.dtype, device=a.device)
+
+    def column(tangent: Tensor) -> Tensor:
+        return jvp(run, (zero,), (tangent,))[1]
+
+    cols = [vmap(column)(eye[start : start + chunk_size]) for start in range(0, a.shape[1], chunk_size)]  # (rows, B, R)
+    return torch.cat(cols).permute(1, 2, 0)
+
+
+def concept_betas_channels(
+    model: nn.Module,
+    x: Tensor,
+    layers: Sequence[str],
+    translator: nn.Module,
+    feature_maps: Sequence[Tensor],
+    text_emb: Tensor,
+    chunk_size: int | None = None,
+) -> list[Tensor]:
+    """`concept_betas_total`'s betas (B, M, C_l) in forward mode: cost independent of M.
+
+    beta^t_l = (1/(H_l W_l)) d S^t(A^l + eps 1)/d eps: S depends on eps only through z_cat, whose
+    own block z^l moves by eps itself and whose later blocks z^{l'} (l' > l) move through the
+    backbone. So beta_l = (dS/dz^l + dS/dz_later . J_l) / (H_l W_l), with dS/dz_cat the
+    translator's Jacobian (`concept_betas` on 1-pixel layers) and J_l (C_later x C_l) one JVP of
+    the network after layer l per channel (a hook adds eps to the layer's output), batched with
+    vmap over one-hot tangents, `chunk_size` at a time (default `default_tangent_chunk`). The
+    network before layer l carries no tangent, so vmap runs it once per chunk; the last layer
+    needs no JVP. model: in eval mode; layers: the translator's (z_cat order), each returning a
+    (B, C, H, W) map; feature_maps: their maps from model(x) (detached is fine). Returns
+    detached tensors.
+    """
+    if len(layers) != len(feature_maps) or not layers:
+        raise ValueError(f"layers and feature_maps must be non-empty and of one length; got {len(layers)} and {len(feature_maps)}")
+    chunk_size = default_tangent_chunk(feature_maps) if chunk_size is None else chunk_size
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
+    maps = [a.detach() for a in feature_maps]
+    z_list, hw = pool_features(maps)
+    sizes = [a.shape[1] for a in maps]
+    ends = [sum(sizes[: i + 1]) for i in range(len(sizes))]
+    with torch.no_grad():  # torch.func differentiates w.r.t. eps regardless; no graph for the parameters
+        outer = torch.cat(concept_betas(translator, z_list, text_emb, [1] * len(z_list)), dim=2)  # dS/dz_cat (B, M, C)
+        betas = []
+        for layer, (a, end) in enumerate(zip(maps, ends, strict=True)):
+            beta = outer[:, :, end - a.shape[1] : end]
+            if layer < len(maps) - 1:
+                jac = _forward_jacobian(_later_pools(model, x.detach(), layers, layer), a, chunk_size)
+                beta = beta + outer[:, :, end:] @ jac.to(outer.dtype)
+            betas.append((beta / hw[layer]).detach())
+    return betas
+
+
 def concept_betas_total(
-    translator: nn.Module, feature_maps: Sequence[Tensor], text_emb: Tensor, chunk_size: int | None = None
+    translator: nn.Module,
+    feature_maps: Sequence[Tensor],
+    text_emb: Tensor,
+    chunk_size: int | None = None,
+    *,
+    backbone: tuple[nn.Module, Tensor, Sequence[str]] | None = None,
 ) -> list[Tensor]:
     """Grad-CAM weights beta (B, M, C_l) with the total derivative through the backbone.
 
@@ -170,22 +303,32 @@ def concept_betas_total(
     derivative), or J_z (with the translator's Jacobian dS/dz_cat, `concept_betas`). R one-hot
     cotangents go back in chunks of `chunk_size` rows (default `default_total_chunk`); peak memory
     is about chunk_size * B * sum_l C_l H_l W_l gradient values. Equals `concept_betas` when the
-    maps do not feed each other. Returns detached tensors.
+    maps do not feed each other.
+
+    backbone: (model, x, layer names) that gave the maps, each layer returning a (B, C, H, W)
+    map. With it, `total_basis` may pick forward mode instead — `concept_betas_channels`, one
+    JVP per channel of every layer but the last — when that needs fewer passes than R (the maps
+    then need no graph; chunk_size is its tangent rows per vmap). Returns detached tensors.
     """
     if not feature_maps:
         raise ValueError("feature_maps is empty")
+    chunk_given = chunk_size
+    z_list, _ = pool_features(feature_maps)
+    text = F.normalize(text_emb.to(z_list[0]), dim=-1)  # (M, D): D is the translator's width
+    tangents = None if backbone is None else sum(a.shape[1] for a in feature_maps[:-1])
+    basis = total_basis(text.shape[0], text.shape[1], sum(z.shape[1] for z in z_list), tangents)
+    if basis == "channels":
+        model, x, layers = backbone  # type: ignore[misc]  # tangents is set only with a backbone
+        return concept_betas_channels(model, x, layers, translator, feature_maps, text_emb, chunk_given)
     if not all(a.requires_grad for a in feature_maps):
         raise ValueError("feature_maps must be in an autograd graph (requires_grad); run the backbone with grad enabled")
     chunk_size = default_total_chunk(feature_maps) if chunk_size is None else chunk_size
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
-    z_list, _ = pool_features(feature_maps)
     with torch.enable_grad():
         z_cat = torch.cat(z_list, dim=1)
         emb = translator(z_cat)
-        text = F.normalize(text_emb.to(emb), dim=-1)
         scale, bias = _score_params(translator)
-        basis = total_basis(text.shape[0], emb.shape[1], z_cat.shape[1])
         out = {"scores": lambda: concept_scores(emb, text, scale, bias), "embedding": lambda: emb, "pools": lambda: z_cat}[basis]()
         jac = _spatial_jacobian(out, feature_maps, chunk_size)  # (B, R, C_l)
     if basis == "scores":
