@@ -6,9 +6,12 @@ comparison with the true effects needs every present concept, with its sign, so 
 recomputes the same masking AUC (explain.top_contributions -> association.class_contribution: the
 predicted class's relative probability drop as the concept's top `top_k` channels (by beta * z) are
 masked at its Top-1 layer, `contribution_fill`, `rule`) for each (image, present concept) pair:
-the betas as explain_batch computes them (`beta`, `beta_chunk`), the Top-1 layer read from the
-regions store's association scores. Negatives are kept whatever `negatives` says; the stores stay
-as the regions stage wrote them (evaluate and stats read those).
+the betas are explain_batch's (`beta` total: the spatial mean of dS^t/dA^l through the backbone, as
+regions.concept_betas_total; jacobian: regions.concept_betas), here one backward per block of pairs,
+each row an image with its own concept; the Top-1 layer is read from the regions store's association
+scores. A nonzero stored contribution is the same number (tests/test_compare_cefam.py) and is reused.
+Negatives are kept whatever `negatives` says; the stores stay as the regions stage wrote them
+(evaluate and stats read those).
 """
 
 from __future__ import annotations
