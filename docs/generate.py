@@ -181,6 +181,7 @@ COMPARE_FIELDS = [  # metrics/compare.json methods.<name>: causal fidelity (ours
     Field("accuracy_cost", "acc. cost"),
     Field("l0", "L0", ".1f"),
     Field("poscover80", "PosCover-80", ".2f"),
+    Field("c2.delta", "C² Δ_rand"),  # FaCT's C²-Score, every method with concept maps through its code (lib/compare/c2.py)
 ]
 COMPARE_CURVE_FIELDS = [  # metrics/compare.json methods.<name>.curves: deletion / insertion AUCs (ours; lib/compare/curves.py)
     Field("curves.concept.deletion", "concept deletion ↓"),

@@ -67,12 +67,12 @@ def test_a_block_follows_the_metrics_it_renders(tmp_path):
     assert fact["`gt_found`"] == "4" and fact["`c2`"] == "–"
     (tmp_path / "compare.json").write_text(json.dumps({"methods": {
         "salf": {"causal": {"own": {"spearman": 0.75, "top1": 0.5, "coverage": 1.0}, "backbone": {"spearman": 0.25}},
-                 "nra": 0.6, "l0": 4.0},
-        "rule": {"causal": {"own": {"spearman": -0.125}}},
+                 "nra": 0.6, "l0": 4.0, "c2": {"delta": 0.375}},
+        "rule": {"causal": {"own": {"spearman": -0.125}}, "c2": {"delta": None}},
     }}))
     lines = render("compare", Metrics(tmp_path)).splitlines()
-    assert lines[2] == "| SALF-CBM (`salf`) | 0.750 | – | 0.500 | – | – | 1.000 | 0.250 | 0.600 | – | – | – | 4.0 | – |"
-    assert lines[3] == "| the class rule's concepts (`rule`) | -0.125 | – | – | – | – | – | – | – | – | – | – | – | – |"
+    assert lines[2] == "| SALF-CBM (`salf`) | 0.750 | – | 0.500 | – | – | 1.000 | 0.250 | 0.600 | – | – | – | 4.0 | – | 0.375 |"
+    assert lines[3] == "| the class rule's concepts (`rule`) | -0.125 | – | – | – | – | – | – | – | – | – | – | – | – | – |"
     summary = render("compare_summary", Metrics(tmp_path)).splitlines()
     assert summary[2] == "| SALF-CBM (`salf`) | 0.750 | 0.500 | 1.000 | 0.250 | 0.600 | – | – |"
 

@@ -30,6 +30,8 @@ import pandas as pd
 import torch
 from rich.progress import Progress
 
+from lib.compare.c2 import c2_row, method_c2
+from lib.compare.cefam import signed_cefam
 from lib.compare.curves import CURVE_COLUMNS, add_curves, compare_curves, curve_values, write_curve_plots
 from lib.compare.explained_models import BACKBONE, FACT, SALF
 from lib.compare.figures import MethodPanel, comparison_figure, index_html
@@ -88,7 +90,8 @@ def _mass_in_masks(class_maps: torch.Tensor, masks: torch.Tensor) -> torch.Tenso
 def compared_methods(config: Params, layout: Layout, device: torch.device, truth: GroundTruth) -> list[ConceptMapMethod]:
     """The methods of evaluate's table that the comparison holds against the true effects."""
     methods, _ = build_methods(EvalContext(config, layout, device, truth), METHODS)
-    return [m for m in methods if m.name not in SKIP]
+    # CE-FAM: its contributions signed for every present concept, not the regions stage's top 8 (lib/compare/cefam.py)
+    return [signed_cefam(m, config, layout, device) if m.name == "cefam" else m for m in methods if m.name not in SKIP]
 
 
 def method_contributions(methods: Sequence[ConceptMapMethod], config: Params, layout: Layout, device: torch.device,
@@ -166,6 +169,7 @@ def run_compare(config: Params, layout: Layout, device: torch.device, progress: 
     by_tag = {name: tagged_effects(counterfactuals, tag) for tag, name in enumerate(TAGS)}
     methods = compared_methods(config, layout, device, truth)
     contributions = method_contributions(methods, config, layout, device, truth, rows, progress)
+    c2 = method_c2(config, layout, device, methods, rows)
 
     backbone = effects[..., models.index(BACKBONE)]
     predicted = counterfactuals["prediction"][:][:, models.index(BACKBONE)]
@@ -191,13 +195,15 @@ def run_compare(config: Params, layout: Layout, device: torch.device, progress: 
                 "spearman_by_tag": {tag: fidelity(values, by_tag[tag][..., models.index(model)])["spearman"] for tag in TAGS},
             },
             **_other_metrics(evaluate, stats, name),
+            "c2": c2_row(c2, name),
         }
         scatter.append(_scatter(name, values, own, config.evaluate.seed))
     for model in models:  # the oracle of each model: its own Δ as contributions (ρ = 1 through the same code)
         own = effects[..., models.index(model)]
         name = "oracle" if model == BACKBONE else f"oracle_{model}"
         table[name] = {"explains": model, "causal": {"own": fidelity(own, own), "backbone": fidelity(own, backbone),
-                                                    "spearman_by_tag": {}}, **_other_metrics(evaluate, stats, name)}
+                                                    "spearman_by_tag": {}}, **_other_metrics(evaluate, stats, name),
+                       "c2": c2_row(c2, name)}
 
     curves = compare_curves(config, layout, device, methods, contributions, rows, MASS_METHODS)
     add_curves(table, curves)
@@ -260,12 +266,12 @@ def _cell(value: float | None) -> str:
 def compare_table(table: dict[str, dict]) -> str:
     """The comparison as a Markdown table (metrics/compare.md)."""
     columns = ["explains", "ρ", "τ", "top-1", "sign", "absent", "coverage", "ρ backbone",
-               "NRA", "EPG", "Hit", "acc cost", "L0", "PosCover-80", *CURVE_COLUMNS]
+               "NRA", "EPG", "Hit", "acc cost", "L0", "PosCover-80", "C² Δ_rand", *CURVE_COLUMNS]
     lines = ["| method | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for name, row in table.items():
         own, bb = row["causal"]["own"], row["causal"]["backbone"]
         cells = [row["explains"], *(_cell(own[k]) for k in ("spearman", "kendall", "top1", "sign", "absent_share", "coverage")),
                  _cell(bb["spearman"]), *(_cell(row[k]) for k in ("nra", "epg", "hit", "accuracy_cost", "l0", "poscover80")),
-                 *(_cell(v) for v in curve_values(row))]
+                 _cell(row.get("c2", {}).get("delta")), *(_cell(v) for v in curve_values(row))]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
