@@ -86,16 +86,11 @@ class SignedCefam(ConceptMapMethod):
             values[image[pick], j[pick]] = self._block(batch.images[image[pick]], concept[pick], best[pick])
         return ConceptContributions(values, inner.concepts.to(device))
 
-    def _block(self, images: Tensor, concept: Tensor, best: Tensor) -> Tensor:
-        """Contributions (P,) of (image, concept) pairs, P <= BLOCK: uint8 images (P, H, W, 3), store concepts
-        (P,), Top-1 layers best (P,) (indices into the explained layers). One row per pair, padded to BLOCK
-        rows (repeats of the first, dropped after), the tails called on TAIL_CHUNK pairs at a time, also padded:
-        on the CPU each new batch shape costs a kernel setup far above a small batch's compute."""
-        n = len(images)
-        rows = torch.cat([torch.arange(n, device=images.device), torch.zeros(BLOCK - n, dtype=torch.long, device=images.device)])
-        images, concept, best = images[rows], concept[rows], best[rows]
-        settings = self.settings
-        total = settings.beta == "total"
+    def _pair_forward(self, images: Tensor, concept: Tensor) -> tuple[Tensor, list[Tensor], list, list[Tensor], list[Tensor]]:
+        """One row per (image, concept) pair: uint8 images (P, H, W, 3), store concepts (P,). Returns the
+        backbone's logits (P, outputs), the tapped maps, their prefixes, pooled features and each row's
+        own concept's betas (P, C_l) per translator layer (explain_batch's, for that concept only)."""
+        total = self.settings.beta == "total"
         x = self.preprocess(images)
         with torch.enable_grad() if total else torch.no_grad():
             logits, maps, prefixes = tapped_forward_with_prefixes(self.model, x.detach().requires_grad_(total), self.layers)
@@ -108,24 +103,70 @@ class SignedCefam(ConceptMapMethod):
             else:
                 index = torch.arange(len(concept), device=concept.device)
                 betas = [b[index, concept] for b in concept_betas(self.translator, z_list, self.text_emb, hw)]
-        last = len(self.layers) - 1  # its masked maps reach the head only through the pool: "spatial" would change nothing
-        fills = [None if settings.contribution_fill == "mean" or i == last else "spatial" for i in self.explained]
+        return logits.detach(), [a.detach() for a in maps], prefixes, [z.detach() for z in z_list], betas
+
+    def _padded(self, n: int, device: torch.device) -> Tensor:
+        """Row indices 0..n-1 padded to BLOCK with repeats of row 0: on the CPU each new batch shape costs a
+        kernel setup far above a small batch's compute."""
+        return torch.cat([torch.arange(n, device=device), torch.zeros(BLOCK - n, dtype=torch.long, device=device)])
+
+    def _block(self, images: Tensor, concept: Tensor, best: Tensor) -> Tensor:
+        """Contributions (P,) of (image, concept) pairs, P <= BLOCK: uint8 images (P, H, W, 3), store concepts
+        (P,), Top-1 layers best (P,) (indices into the explained layers). One row per pair, padded to BLOCK
+        rows (dropped after), the tails called on TAIL_CHUNK pairs at a time, also padded."""
+        n = len(images)
+        rows = self._padded(n, images.device)
+        images, concept, best = images[rows], concept[rows], best[rows]
+        settings = self.settings
+        logits, maps, prefixes, z_list, betas = self._pair_forward(images, concept)
         out = torch.empty(n, device=images.device)
         with torch.no_grad():
-            target = self.class_map.output_of(self.class_map.predict(logits.detach().float()))
-            maps = [maps[i].detach() for i in self.explained]
-            importance = [(betas[i] * z_list[i].detach())[:, None, :] for i in self.explained]
+            target = self.class_map.output_of(self.class_map.predict(logits.float()))
+            maps = [maps[i] for i in self.explained]
+            importance = [(betas[i] * z_list[i])[:, None, :] for i in self.explained]
             prefixes = [None if prefixes[i] is None else prefixes[i].detach() for i in self.explained]
             for layer in best[:n].unique().tolist():  # the pairs masked at each layer, padded to a multiple of TAIL_CHUNK
                 pick = (best[:n] == layer).nonzero()[:, 0]
                 pad = torch.cat([pick, pick[:1].expand(-len(pick) % TAIL_CHUNK)])
                 values = top_contributions(
                     self.tails, [a[pad] for a in maps], [imp[pad] for imp in importance], best[pad, None],
-                    torch.zeros(len(pad), 1, dtype=torch.long, device=pad.device), target[pad], k=settings.top_k, fills=fills,
-                    rule=settings.rule, chunk=TAIL_CHUNK, prefixes=[None if p is None else p[pad] for p in prefixes],
+                    torch.zeros(len(pad), 1, dtype=torch.long, device=pad.device), target[pad], k=settings.top_k,
+                    fills=self.fills, rule=settings.rule, chunk=TAIL_CHUNK, prefixes=[None if p is None else p[pad] for p in prefixes],
                 )
                 out[pick] = values[: len(pick), 0]
         return out
+
+    @property
+    def fills(self) -> list[str | None]:
+        """The association's fill per explained layer: a channel's own spatial mean ("spatial") before the
+        last layer, the paper's m^l (None) at the last (its maps reach the head only through the pool, where
+        "spatial" would change nothing) or everywhere under contribution_fill: mean."""
+        last = len(self.layers) - 1
+        return [None if self.settings.contribution_fill == "mean" or i == last else "spatial" for i in self.explained]
+
+    def top_channels(self, batch: EvalBatch, pairs: Tensor) -> tuple[Tensor, Tensor]:
+        """For the (image, ground-truth concept column) pairs (P, 2) of a batch: each pair's Top-1 layer (P,)
+        (an index into the explained layers) and the top_k channels there (P, k) by beta * z — the channels
+        CE-FAM's association and contribution mask for that concept in that image (-1 pads a layer narrower than k)."""
+        inner, k = self.inner, self.settings.top_k
+        device = batch.images.device
+        image, j = pairs[:, 0], pairs[:, 1]
+        concept = inner.columns.to(device)[j]
+        association = torch.from_numpy(read_rows(inner.store.group[REGION_ASSOCIATION], inner.store.rows(batch.index.cpu().numpy())))
+        best = association.to(device)[image, concept].argmax(dim=-1)
+        channels = torch.full((len(image), k), -1, dtype=torch.long, device=device)  # -1: a layer with fewer than k channels
+        for start in range(0, len(image), BLOCK):
+            pick = slice(start, start + BLOCK)
+            n = len(image[pick])
+            rows = self._padded(n, device)
+            _, _, _, z_list, betas = self._pair_forward(batch.images[image[pick]][rows], concept[pick][rows])
+            for position, layer in enumerate(self.explained):
+                at = (best[pick] == position).nonzero()[:, 0]
+                if len(at):
+                    importance = (betas[layer] * z_list[layer])[at]
+                    top = importance.topk(min(k, importance.shape[1]), dim=1).indices
+                    channels[start + at, : top.shape[1]] = top
+        return best, channels
 
 
 def signed_cefam(method: CefamMaps, config: Params, layout: Layout, device: torch.device) -> SignedCefam:

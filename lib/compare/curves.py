@@ -9,9 +9,9 @@ deletion / insertion curves of the XAI literature to the methods side by side:
   from all the method's scored concepts removed and puts them back in the same order. SALF-CBM
   removes concept m by zeroing its (standardised) activation c*[m] before the sparse layer; FaCT
   by dropping its matched latent j from the SAE's codes, x̂ − z_j ⊗ d_j, before the backbone's
-  tail. CE-FAM (its removal masks each concept's top channels at the concept's own Top-1 layer,
-  so removals of several concepts do not compose into one model) and the CAM methods (the
-  backbone has no concepts to remove) have none: N/A.
+  tail; CE-FAM by replacing the concept's top channels at its Top-1 layer as its association step
+  does, the replacements of several concepts applied together in one forward (`CefamRemoval`).
+  The CAM methods (the backbone has no concepts to remove) have none: N/A.
 * **pixel level**, in the backbone: the top `compare.pixel_fractions` of the pixels of the
   method's map of its most-credited concept (the class map for the CAM methods) are deleted, and
   the backbone's logit of its original prediction recorded. The primary fill keeps the image in
@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lib.compare.cefam import SignedCefam
 from lib.compare.explained_models import ExplainedModels, load_explained_models
 from lib.core.errors import UserError
 from lib.core.layout import Layout
@@ -58,6 +59,7 @@ __all__ = [
     "BLUR_SIGMA",
     "CURVE_COLUMNS",
     "FILLS",
+    "CefamRemoval",
     "ConceptRemoval",
     "CurveResult",
     "add_curves",
@@ -171,12 +173,77 @@ class FactRemoval:
         return original, scores[b:].reshape(b, -1, scores.shape[1]).gather(2, output[:, None, None].expand(b, removed.shape[1], 1))[..., 0]
 
 
+@dataclass
+class CefamRemoval:
+    """CE-FAM: concept k removed = its top_k channels (by beta * z) at its Top-1 layer replaced as its
+    association step replaces them (a channel's own spatial mean before the last layer, the paper's m^l
+    at the last: SignedCefam.fills). The replacements of several concepts compose in one forward of the
+    backbone: a hook on each explained layer replaces the union of the removed concepts' channels there
+    (a later layer's fill is computed on its maps as the earlier replacements left them)."""
+
+    method: SignedCefam
+
+    @torch.no_grad()
+    def logits(self, batch: EvalBatch, removed: Tensor) -> tuple[Tensor, Tensor]:
+        m = self.method
+        device = batch.images.device
+        b, s = removed.shape[:2]
+        members = removed[:, :, m.inner.concepts.to(device)].to(device)  # (B, S, M'): the method's columns
+        pairs = members.any(dim=1).nonzero()  # (P, 2): (image, column) removed in some state
+        best, channels = m.top_channels(batch, pairs)
+        names = [m.layers[i] for i in m.explained]
+        logits = m.model(m.preprocess(batch.images)).float()
+        target = m.class_map.output_of(m.class_map.predict(logits))
+        original = logits.gather(1, target[:, None])[:, 0]
+        per_chunk = max(1, FORWARD_CHUNK // s)
+        out = []
+        for start in range(0, b, per_chunk):
+            span = slice(start, min(start + per_chunk, b))
+            mine = (pairs[:, 0] >= span.start) & (pairs[:, 0] < span.stop)
+            hooks = [
+                m.model.get_submodule(name).register_forward_hook(
+                    self._replacer(pairs[mine & (best == position)], channels[mine & (best == position)], members, span, fill))
+                for position, (name, fill) in enumerate(zip(names, m.fills, strict=True))
+            ]
+            try:
+                images = batch.images[span, None].expand(-1, s, *batch.images.shape[1:]).reshape(-1, *batch.images.shape[1:])
+                scores = m.model(m.preprocess(images)).float().reshape(span.stop - span.start, s, -1)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            out.append(scores.gather(2, target[span, None, None].expand(-1, s, 1))[..., 0])
+        return original, torch.cat(out)
+
+    @staticmethod
+    def _replacer(pairs: Tensor, channels: Tensor, members: Tensor, span: slice, fill: str | None):
+        """A forward hook replacing, in each (image, state) row of the span's batch, the channels of the
+        pairs (image, column) (their top channels (P, k), -1: none) whose concept that state removes."""
+
+        def hook(_module, _inputs, output: Tensor) -> Tensor:
+            n, s = span.stop - span.start, members.shape[1]
+            c = output.shape[1]
+            onehot = torch.zeros(len(pairs), c + 1, device=output.device)
+            onehot.scatter_(1, torch.where(channels < 0, c, channels), 1.0)  # column c collects the padding
+            state = members[pairs[:, 0], :, pairs[:, 1]].float()  # (P, S): which states remove the pair's concept
+            replace = torch.zeros(n, s, c, device=output.device)
+            replace.index_put_((pairs[:, 0] - span.start,), state[:, :, None] * onehot[:, None, :c], accumulate=True)
+            if fill == "spatial":
+                filled = output.mean(dim=(2, 3), keepdim=True)
+            else:  # m^l: the image's mean over channels of its pooled features
+                filled = output.mean(dim=(1, 2, 3), keepdim=True)
+            return torch.where(replace.reshape(n * s, c, 1, 1) > 0, filled, output)
+
+        return hook
+
+
 def concept_removal(method: ConceptMapMethod) -> ConceptRemoval | None:
     """The removal operator of a method's own model, or None where it has none (module docstring)."""
     if isinstance(method, SalfMaps):
         return SalfRemoval(method)
     if isinstance(method, FactMaps):
         return FactRemoval(method)
+    if isinstance(method, SignedCefam):
+        return CefamRemoval(method)
     return None
 
 
