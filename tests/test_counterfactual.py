@@ -224,3 +224,12 @@ def test_counterfactual_stages_write_stubs_on_data_without_a_renderer(tmp_path):
     assert "no scene renderer" in json.loads(layout.compare_metrics.read_text())["skipped"]
     assert layout.compare_scatter.read_text().strip() == "method,contribution,true_effect"
     assert layout.compare_table.read_text().startswith("skipped:") and report.details() == ""
+
+
+def test_failure_images_pick_each_methods_lowest_rho_image():
+    from lib.compare.stage import failure_images
+
+    effects = np.array([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
+    tracks = np.array([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0], [1.0, 3.0, 2.0]])  # ρ 1, -1, 0.5
+    unscored = np.full((3, 3), np.nan)
+    assert failure_images({"a": (tracks, effects), "b": (np.roll(tracks, 1, axis=0), effects), "none": (unscored, effects)}) == {"a": 1, "b": 2}

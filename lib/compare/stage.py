@@ -46,7 +46,7 @@ from lib.data.manifest import read_dataset_info
 from lib.evaluate.adapters import METHODS
 from lib.evaluate.registry import ConceptMapMethod, EvalBatch, EvalContext, build_methods
 from lib.evaluate.truth import GroundTruth
-from lib.metrics.causal import fidelity, true_effects
+from lib.metrics.causal import fidelity, spearman, true_effects
 
 __all__ = ["CompareReport", "run_compare"]
 
@@ -212,18 +212,35 @@ def run_compare(config: Params, layout: Layout, device: torch.device, progress: 
     write_text(layout.compare_table, compare_table(table) + "\n")
     write_csv(layout.compare_scatter, pd.concat(scatter))
     write_curve_plots(layout, curves)
-    write_figures(config, layout, device, truth, methods, rows, contributions, backbone, table)
+    failures = failure_images({m.name: (contributions[m.name], effects[..., models.index(EXPLAINS.get(m.name, BACKBONE))])
+                               for m in methods if m.name in contributions and EXPLAINS.get(m.name, BACKBONE) in models})
+    write_figures(config, layout, device, truth, methods, rows, contributions, backbone, table, failures)
     return CompareReport(table, layout.compare_metrics)
 
 
+def failure_images(scored: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, int]:
+    """{method: the position of the compared image where its contributions track the true effects of the
+    model it explains worst (lowest per-image Spearman ρ; ties: the first)} from {method: (contributions,
+    effects)}, both (N, K); methods with no finite ρ are left out."""
+    out = {}
+    for name, (values, effects) in scored.items():
+        rho = spearman(values, effects)
+        if np.isfinite(rho).any():
+            out[name] = int(np.nanargmin(rho))
+    return out
+
+
 def write_figures(config: Params, layout: Layout, device: torch.device, truth: GroundTruth, methods: Sequence[ConceptMapMethod],
-                  rows: np.ndarray, contributions: dict[str, np.ndarray], effects: np.ndarray, table: dict[str, dict]) -> None:
-    """The side-by-side PNGs of compare.n_figures seeded images of the split, and index.html beside them."""
+                  rows: np.ndarray, contributions: dict[str, np.ndarray], effects: np.ndarray, table: dict[str, dict],
+                  failures: dict[str, int]) -> None:
+    """The side-by-side PNGs of compare.n_figures seeded images of the split and of each method's worst image
+    (`failure_images`), and index.html beside them."""
     folder = layout.compare_figures
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("*.png"):  # a run with fewer figures leaves none of the last run's
         old.unlink()
-    picked = np.sort(np.random.default_rng(config.evaluate.seed).permutation(len(rows))[: config.compare.n_figures])
+    sample = np.random.default_rng(config.evaluate.seed).permutation(len(rows))[: config.compare.n_figures]
+    picked = np.unique(np.concatenate([sample, np.fromiter(failures.values(), np.int64, len(failures))]))
     store = open_store(layout.images)
     images = np.stack([store["images"][int(rows[i])] for i in picked]) if len(picked) else np.zeros((0, 1, 1, 3), np.uint8)
     batch = EvalBatch(torch.from_numpy(rows[picked]).to(device), torch.from_numpy(images).to(device),
@@ -248,15 +265,18 @@ def write_figures(config: Params, layout: Layout, device: torch.device, truth: G
         for i, row in enumerate(picked):
             panels[i].append(MethodPanel(method.name, contributions[method.name][row], None if dense is None else dense[i],
                                          None if class_maps is None else class_maps[i]))
-    names = []
+    names = {}
     for i, row in enumerate(picked):
         label = int(batch.labels[i])
-        figure = comparison_figure(images[i], truth.concept_names, effects[row], f"image {int(rows[row])}: {truth.class_names[label]}",
-                                   panels[i])
-        name = f"image_{int(rows[row]):05d}.png"
-        write_figure(folder / name, figure)
-        names.append(name)
-    write_text(folder / "index.html", index_html("conceptrace: the methods side by side", compare_table(table), {"Images": names}))
+        worst = [name for name, position in failures.items() if position == row]
+        note = f" (lowest ρ of {', '.join(worst)})" if worst else ""
+        figure = comparison_figure(images[i], truth.concept_names, effects[row],
+                                   f"image {int(rows[row])}: {truth.class_names[label]}{note}", panels[i])
+        names[int(row)] = f"image_{int(rows[row]):05d}.png"
+        write_figure(folder / names[int(row)], figure)
+    sections = {"Images": [names[int(i)] for i in np.sort(sample)],
+                "Each method's worst image (lowest ρ against the model it explains)": [names[i] for i in failures.values()]}
+    write_text(folder / "index.html", index_html("conceptrace: the methods side by side", compare_table(table), sections))
 
 
 def _cell(value: float | None) -> str:
