@@ -50,6 +50,18 @@ def test_bcos_contributions_are_the_frozen_tails_in_explanation_mode_only(layer:
     assert on["spliced_error"].equal(off["spliced_error"])  # the logits themselves do not depend on the mode
 
 
+def test_a_sampled_reference_checks_the_first_images_only_and_still_fails_with_explanation_mode_off():
+    """fact.completeness_check_images: the first n images of a batch get the per-concept error (the same
+    values as a full check), the rest NaN; the sampled check still catches explanation mode off."""
+    backbone, sae, feats = _toy("bcos", "layer3")
+    full = explain_batch(backbone, sae, feats, explanation_mode=False)
+    sampled = explain_batch(backbone, sae, feats, explanation_mode=False, reference_images=3)
+    assert torch.isnan(sampled["concept_error"][3:]).all()
+    torch.testing.assert_close(sampled["concept_error"][:3], full["concept_error"][:3])
+    assert sampled["concept_error"][:3].max() >= 0.1
+    assert sampled["completeness"].equal(full["completeness"])
+
+
 def test_the_reference_is_independent_of_autograd_and_covers_relu_tails():
     """On the toy CNN the tail after layer2 (ReLU block with BatchNorm shifts) is piecewise affine:
     frozen at x̂ (ReLU gates), concept j's logit minus the frozen tail's offset is its gradient x

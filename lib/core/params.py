@@ -494,6 +494,7 @@ class FactParams(Section):
     positions_budget: PositiveInt = 36864  # per image min(budget // C, H * W) positions (FaCT: 72 x 512)
     sae: FactSaeParams = FactSaeParams()
     completeness_tol: PositiveFloat = 1e-4  # largest relative completeness error accepted on a dynamic-linear (B-cos) tail
+    completeness_check_images: PositiveInt | None = None  # images per batch held against the frozen-tail reference (None: all)
     c2: FactC2Params = FactC2Params()
     match_threshold: Annotated[float, Field(ge=-1, le=1)] = 0.5  # a ground-truth concept "found" a latent above this val correlation
     explain: FactExplainParams = FactExplainParams()

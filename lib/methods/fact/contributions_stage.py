@@ -98,7 +98,8 @@ def check_contributions(config: Params) -> None:
     check_featurizer(config)
 
 
-def explain_batch(backbone: FactBackbone, sae: BiasFreeTopKSAE, acts: Tensor, explanation_mode: bool = True) -> dict[str, Tensor]:
+def explain_batch(backbone: FactBackbone, sae: BiasFreeTopKSAE, acts: Tensor, explanation_mode: bool = True,
+                  reference_images: int | None = None) -> dict[str, Tensor]:
     """Presence, contributions, the spliced model's predicted class, and three checks per image (B,),
     for feature maps acts (B, C, H, W) of the SAE's layer (b: the tail's logit bias, c: the explained
     output; float64):
@@ -106,7 +107,9 @@ def explain_batch(backbone: FactBackbone, sae: BiasFreeTopKSAE, acts: Tensor, ex
     - "concept_error": max_j |C_j - C_j^ref| / max_j |C_j^ref|, C_j^ref computed without autograd by
       the tail frozen at x̂ (lib/methods/fact/completeness.py; NaN where the tail has no frozen form);
     - "spliced_error": |(y_c(x̂) - b) - (y_c(acts) - b)| / |y_c(acts) - b|, the SAE's effect on the logit.
-    `explanation_mode` False is for tests: the C_j then differentiate the B-cos scales too."""
+    `explanation_mode` False is for tests: the C_j then differentiate the B-cos scales too.
+    reference_images: only the batch's first n images get "concept_error" (the others NaN): the frozen tail
+    runs once per concept, the batch's costliest part (fact.completeness_check_images)."""
     with torch.no_grad():
         codes, x_hat = splice(sae, acts)
         predicted, target = backbone.explained_output(backbone.tail(x_hat))
@@ -114,11 +117,13 @@ def explain_batch(backbone: FactBackbone, sae: BiasFreeTopKSAE, acts: Tensor, ex
         unspliced = backbone.unbiased_logits(acts).gather(1, target[:, None])[:, 0]
     out = concept_contributions(backbone.tail, sae, acts, target, explanation_mode=explanation_mode)
     error = (out.contributions.double().sum(dim=1) - reference).abs() / reference.abs().clamp_min(_TINY)
+    concept_error = torch.full_like(error, float("nan"))
+    n = len(acts) if reference_images is None else min(reference_images, len(acts))
     try:
-        frozen = frozen_contributions(backbone.tail64, x_hat, codes, sae.atoms, target)
-        concept_error = (out.contributions.double() - frozen).abs().amax(dim=1) / frozen.abs().amax(dim=1).clamp_min(_TINY)
+        frozen = frozen_contributions(backbone.tail64, x_hat[:n], codes[:n], sae.atoms, target[:n])
+        concept_error[:n] = (out.contributions[:n].double() - frozen).abs().amax(dim=1) / frozen.abs().amax(dim=1).clamp_min(_TINY)
     except NotImplementedError:
-        concept_error = torch.full_like(error, float("nan"))
+        pass  # no frozen form of this tail: NaN
     return {
         PRESENCE: out.presence, CONTRIBUTION: out.contributions, PRED_MODEL: predicted, "completeness": error,
         "concept_error": concept_error, "spliced_error": (reference - unspliced).abs() / unspliced.abs().clamp_min(_TINY),
@@ -223,7 +228,7 @@ def run_contributions(
             for start in range(0, len(block_rows), settings.batch_size):
                 chunk = block_rows[start : start + settings.batch_size]
                 acts = torch.from_numpy(read_rows(feats, chunk)).to(device, torch.float32)
-                part = explain_batch(backbone, sae, acts)
+                part = explain_batch(backbone, sae, acts, reference_images=settings.completeness_check_images)
                 part[PRED_BACKBONE], _ = backbone.explained_output(torch.from_numpy(read_rows(stored_logits, chunk)).to(device))
                 top.add(part[PRESENCE], torch.from_numpy(chunk))
                 parts.append(part)
@@ -249,7 +254,8 @@ def run_contributions(
     fve = fraction_of_variance_explained(sae, (v.to(device) for v in feature_vectors(feats, rows, settings.batch_size)))
     checks = {name: np.concatenate([e[name] for e in errors]) for name in _CHECKS}
     completeness = float(checks["completeness"].max())
-    concept_error = None if np.isnan(checks["concept_error"]).any() else float(checks["concept_error"].max())
+    checked = checks["concept_error"][np.isfinite(checks["concept_error"])]  # NaN: not checked, or no frozen form
+    concept_error = float(checked.max()) if checked.size else None
     if backbone.dynamic_linear and completeness > settings.completeness_tol:
         raise RuntimeError(
             f"contributions are incomplete on a dynamic-linear backbone: max relative error {completeness:.3e} > "
@@ -274,6 +280,7 @@ def run_contributions(
         "acc_spliced": None if backbone.class_map is None else correct_model / len(rows),
         "completeness_max_rel_err": completeness,
         "completeness_concept_max_err": concept_error,
+        "completeness_concept_images": int(checked.size),  # images held against the frozen-tail reference
         "spliced_logit_max_rel_err": float(checks["spliced_error"].max()),
         "spliced_logit_mean_rel_err": float(checks["spliced_error"].mean()),
         "dynamic_linear": backbone.dynamic_linear,
