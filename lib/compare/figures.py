@@ -47,7 +47,7 @@ def comparison_figure(image: np.ndarray, concept_names: Sequence[str], effects: 
     fig = Figure(figsize=(2.0 * (TOP_CONCEPTS + 1), 1.9 * rows), layout="constrained")
     axes = fig.subplots(rows, TOP_CONCEPTS + 1, squeeze=False)
     axes[0, 0].imshow(image)
-    axes[0, 0].set_title(title, fontsize=8)
+    axes[0, 0].set_title(title, fontsize=8, loc="left")  # may run past the small image axis, to the right
     axes[0, 0].set_axis_off()
     bars = fig.add_subplot(axes[0, 1].get_gridspec()[0, 1:])
     for ax in axes[0, 1:]:
