@@ -232,4 +232,5 @@ def test_failure_images_pick_each_methods_lowest_rho_image():
     effects = np.array([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
     tracks = np.array([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0], [1.0, 3.0, 2.0]])  # ρ 1, -1, 0.5
     unscored = np.full((3, 3), np.nan)
-    assert failure_images({"a": (tracks, effects), "b": (np.roll(tracks, 1, axis=0), effects), "none": (unscored, effects)}) == {"a": 1, "b": 2}
+    scored = {"a": (tracks, effects), "b": (np.roll(tracks, 1, axis=0), effects), "none": (unscored, effects)}
+    assert failure_images(scored) == {"a": 1, "b": 2}
