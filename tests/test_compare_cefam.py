@@ -1,8 +1,12 @@
-"""compare's CE-FAM contributions (lib/compare/cefam.py): the regions stage's code path, signed, every present concept.
-
-Reads the toy pipeline's outputs (dvc checkout); skipped where they are missing."""
+"""compare's CE-FAM contributions (lib/compare/cefam.py): the regions stage's code path, signed, every present
+concept; and its concept removal (lib/compare/curves.py). On the tiny CE-FAM project of test_cefam_stages
+(random CLIP and CNN, translator and regions run by the stages), so they run without the DVC outputs."""
 
 from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,29 +15,37 @@ import torch
 from lib.core.layout import Layout
 from lib.core.params import load_params
 from lib.core.stores import open_store
-from lib.data.manifest import read_dataset_info
+from lib.data.manifest import read_dataset_info, read_manifest, split_indices
 from lib.evaluate.adapters.cefam import FACTORIES
 from lib.evaluate.registry import EvalBatch, EvalContext
 from lib.evaluate.truth import GroundTruth
+from tests.stage_cli import invoke, merge_params
+from tests.test_cefam_stages import project  # noqa: F401  (the module-scoped fixture: the stages run once here)
 
 
 @pytest.fixture(scope="module")
-def setup():
-    config = load_params("params.yaml")
-    layout = Layout.from_params(config)
-    needed = (layout.cefam_regions, layout.concept_stats("cefam"), layout.cefam_translator, layout.counterfactuals, layout.concepts)
-    if not all(path.exists() for path in needed):
-        pytest.skip("the toy pipeline's CE-FAM outputs are not checked out (dvc checkout)")
+def setup(project: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: F811
+    """The project's regions rerun with a contribution for every concept (negatives still dropped, as the
+    authors'), so the store holds enough positives to compare with."""
     from lib.compare.cefam import signed_cefam
 
+    root = tmp_path_factory.mktemp("compare_cefam") / "project"
+    shutil.copytree(project, root)
+    regions = {**load_params(root / "params.yaml").cefam.regions.model_dump(mode="json"), "contribution_concepts": 100}
+    merge_params(root, cefam={**load_params(root / "params.yaml").cefam.model_dump(mode="json"), "regions": regions})
+    result = invoke(root, "regions")
+    assert result.exit_code == 0, result.output
+    config = load_params(root / "params.yaml")
+    layout = Layout.from_params(config, base=root / "data")
     device = torch.device("cpu")
     truth = GroundTruth.from_info(read_dataset_info(layout.dataset_info))
     inner = FACTORIES["cefam"](EvalContext(config, layout, device, truth))
-    rows = open_store(layout.counterfactuals)["image"][:][:6]
+    rows = split_indices(read_manifest(layout.manifest), config.evaluate.split)
     store = open_store(layout.images)
     batch = EvalBatch(torch.from_numpy(rows), torch.from_numpy(store["images"].get_orthogonal_selection((rows,))),
                       torch.from_numpy(store["labels"].get_orthogonal_selection((rows,))))
-    method = signed_cefam(inner, config, layout, device)
+    with contextlib.chdir(root):  # backbone.weights is relative to the project
+        method = signed_cefam(inner, config, layout, device)
     method.reuse_stored = False  # recompute every pair, the stored ones included
     present = store["masks"].get_orthogonal_selection((rows,))[:, inner.concepts.numpy()].any(axis=(2, 3))
     return method.concept_contributions(batch).values.numpy(), inner.concept_contributions(batch).values.numpy(), present, method, batch
